@@ -1,0 +1,1 @@
+"""The edge agent: programs one edge node from its mounted mesh.yaml."""

@@ -1,0 +1,1 @@
+"""The cloud connector: terminates every edge tunnel and bridges it into flannel."""

@@ -1,0 +1,43 @@
+"""What a running lab owns, on disk, so ``lab status`` and ``lab down`` work from another process.
+
+``lab down`` stops exactly the PIDs recorded here and deletes exactly the
+namespaces with the recorded prefix: never anything found by name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_DIR = Path(os.environ.get("FABMESH_LAB_DIR", "/var/lib/fabmesh-lab"))
+
+
+class LabState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    prefix: str
+    directory: str
+    pids: dict[str, int] = {}
+    kubeconfig: str | None = None
+    report: dict = {}
+
+    @classmethod
+    def path(cls, directory: Path) -> Path:
+        return directory / "state.json"
+
+    @classmethod
+    def load(cls, directory: Path) -> LabState | None:
+        try:
+            return cls.model_validate_json(cls.path(directory).read_text())
+        except FileNotFoundError:
+            return None
+
+    def save(self) -> None:
+        path = self.path(Path(self.directory))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.model_dump(), indent=2))
+        tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Shared model of the mesh: the schema operator, agents and connector agree on."""

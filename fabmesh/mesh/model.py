@@ -1,0 +1,143 @@
+"""The mesh as plain data: what the operator decides and what an agent or connector applies.
+
+``NodeMesh`` is the versioned schema of ``mesh.yaml`` (the ConfigMap an agent
+mounts) and of the connector's configuration. Models are strict and frozen:
+unknown keys are errors (a typo in a hand-edited file must not be ignored), and
+lists are kept sorted by the planner so the same input always serialises to the
+same bytes, which is what makes "write only when content changed" possible.
+
+Private keys never appear here: they travel in the node's Secret only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+API_VERSION = "fabmesh.io/v1alpha1"
+
+
+def _cidr(value: str) -> str:
+    return str(ipaddress.ip_network(value, strict=True))
+
+
+def _ip(value: str) -> str:
+    return str(ipaddress.ip_address(value))
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+IP = Annotated[str, AfterValidator(_ip)]
+DNS1123 = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+
+
+class Role(StrEnum):
+    EDGE = "edge"
+    CONNECTOR = "connector"
+    CLOUD = "cloud"
+
+
+class Backend(StrEnum):
+    KERNEL = "kernel"
+    LIBIPSEC = "libipsec"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TunnelSettings(_Model):
+    """Cluster-wide IPsec settings; every tunnel of a node uses the same ones."""
+
+    ike_proposals: tuple[str, ...] = ("aes256gcm16-prfsha256-ecp256", "aes128gcm16-prfsha256-x25519")
+    esp_proposals: tuple[str, ...] = ("aes256gcm16", "aes128gcm16")
+    dpd_delay_s: int = Field(default=10, ge=1, le=3600)
+    rekey_time_s: int = Field(default=4 * 3600, ge=60)
+    backend: Backend = Backend.KERNEL
+    # Userspace/kernel ESP in UDP adds ~60-70 bytes; 1400 leaves room under a 1500 path MTU.
+    mtu: int = Field(default=1400, ge=576, le=9000)
+    # Force UDP encapsulation: edges sit behind NAT, and libipsec only does ESP-in-UDP.
+    encap: bool = True
+
+
+class NodeSettings(_Model):
+    """Where an agent puts things on its node."""
+
+    bridge: str = Field(default="fabmesh0", max_length=15)
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_conf_name: str = "10-fabmesh.conflist"
+    route_table: int = Field(default=2620, ge=1, le=2**31 - 1)
+    resync_period_s: int = Field(default=30, ge=1)
+
+
+class Peer(_Model):
+    """One tunnel, seen from the node that owns the config."""
+
+    name: DNS1123
+    role: Role
+    identity: str  # the peer's certificate identity (its node name, in CN and SAN)
+    endpoint: IP | None = None  # None: accept from any address (an edge behind NAT)
+    subnets: tuple[Cidr, ...]  # what lives behind the peer, routed into this tunnel (remote TS)
+    local_subnets: tuple[Cidr, ...]  # what this node offers through this tunnel (local TS)
+    initiate: bool  # exactly one side of a pair initiates; the other only responds
+
+
+class RelayRoute(_Model):
+    """Subnets of an edge with no common community, reached through a connector tunnel."""
+
+    node: DNS1123
+    subnets: tuple[Cidr, ...]
+    via: DNS1123
+
+
+class LocalNode(_Model):
+    name: DNS1123
+    role: Role
+    address: IP  # the node's InternalIP
+    endpoint: IP  # address it runs IKE from (ExternalIP where it has one)
+    pod_cidr: Cidr | None = None
+    communities: tuple[str, ...] = ()
+
+
+class NodeMesh(_Model):
+    """The full desired state for one node (``mesh.yaml``)."""
+
+    api_version: Literal["fabmesh.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["NodeMesh"] = "NodeMesh"
+    node: LocalNode
+    local_subnets: tuple[Cidr, ...]  # what this node announces into its tunnels
+    mesh_cidrs: tuple[Cidr, ...]  # every CIDR inside the mesh: never SNAT between these
+    peers: tuple[Peer, ...] = ()
+    relays: tuple[RelayRoute, ...] = ()
+    ca_cert: str = Field(alias="caCert")
+    tunnel: TunnelSettings = TunnelSettings()
+    settings: NodeSettings = NodeSettings()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+class MeshConfigError(ValueError):
+    """A mesh.yaml that cannot be used; says which field and why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        super().__init__(f"{source}: {field}: {reason}")
+        self.source, self.field, self.reason = source, field, reason
+
+
+def parse_node_mesh(text: str, source: str = "mesh.yaml") -> NodeMesh:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MeshConfigError(source, "<document>", f"not YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MeshConfigError(source, "<document>", "expected a mapping")
+    try:
+        return NodeMesh.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "<document>"
+        raise MeshConfigError(source, field, first["msg"]) from exc

@@ -1,0 +1,1 @@
+"""A thin, typed netlink driver (links, addresses, routes, rules) over pyroute2."""

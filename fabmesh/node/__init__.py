@@ -1,0 +1,1 @@
+"""Programming one node from its NodeMesh: shared by the edge agent and the cloud connector."""

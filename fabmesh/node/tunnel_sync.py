@@ -1,0 +1,118 @@
+"""Bring charon's loaded connections to the desired set, touching only what differs.
+
+``list-conns`` does not echo everything ``load-conn`` took (proposals, for one),
+so charon cannot tell us whether a loaded connection still matches. We keep a
+digest of what we loaded per connection in a small state file, together with
+charon's start time (``stats`` -> ``uptime.since``). A different start time means
+charon restarted and lost everything: reload all. A lost state file costs one
+harmless reload. A connection whose digest is unchanged is never reloaded, so
+a healthy tunnel is never disturbed.
+
+A changed connection is terminated before it is reloaded: charon does not
+re-narrow an established CHILD_SA's traffic selectors on ``load-conn``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fabmesh.strongswan.driver import Charon
+
+log = logging.getLogger(__name__)
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key_pem: str
+    ca_pem: str
+
+    def digest(self) -> str:
+        return digest([self.key_pem, self.ca_pem])
+
+
+@dataclass
+class TunnelChanges:
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    initiated: list[str] = field(default_factory=list)
+    credentials: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded or self.unloaded or self.initiated or self.credentials)
+
+
+class TunnelSync:
+    def __init__(self, connect: Callable[[], Charon], state_file: Path, node: str = "") -> None:
+        self._connect = connect
+        self._state_file = state_file
+        self._node = node
+        self.writes = 0
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self._state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, sort_keys=True))
+        tmp.replace(self._state_file)
+
+    def apply(self, desired: Mapping[str, dict[str, Any]], creds: Credentials,
+              initiators: set[str]) -> TunnelChanges:
+        changes = TunnelChanges()
+        with self._connect() as charon:
+            since = charon.stats().get("uptime", {}).get("since", "")
+            state = self._read_state()
+            if state.get("charon_since") != since:
+                state = {"charon_since": since, "conns": {}, "creds": ""}
+            if state.get("creds") != creds.digest():
+                charon.load_key(creds.key_pem)
+                charon.load_cert(creds.ca_pem, ca=True)
+                self.writes += 2
+                state["creds"] = creds.digest()
+                changes.credentials = True
+                log.info("node=%s action=load-credentials", self._node)
+            loaded = set(charon.conns())
+            recorded: dict[str, str] = state.setdefault("conns", {})
+            for name in sorted(loaded - set(desired)):
+                charon.unload_conn(name)
+                charon.terminate_ike(name)
+                self.writes += 2
+                recorded.pop(name, None)
+                changes.unloaded.append(name)
+                log.info("node=%s action=unload-conn peer=%s", self._node, name)
+            for name, conn in sorted(desired.items()):
+                want = digest(conn)
+                if name in loaded and recorded.get(name) == want:
+                    continue
+                if name in loaded:
+                    charon.terminate_ike(name)
+                    self.writes += 1
+                charon.load_conn(name, conn)
+                self.writes += 1
+                recorded[name] = want
+                changes.loaded.append(name)
+                log.info("node=%s action=load-conn peer=%s initiate=%s", self._node, name,
+                         name in initiators)
+            self._write_state(state)
+            sas = charon.sas()
+            for name in sorted(initiators):
+                if name in desired and name not in sas:
+                    charon.initiate(name, name)
+                    self.writes += 1
+                    changes.initiated.append(name)
+                    log.info("node=%s action=initiate peer=%s reason=no-ike-sa", self._node, name)
+        return changes

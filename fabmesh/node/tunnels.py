@@ -1,0 +1,64 @@
+"""How each peer of a ``NodeMesh`` becomes one charon connection (a VICI ``load-conn`` message).
+
+Pure: the agent and the connector both call :func:`desired_connections` and
+hand the result to the VICI reconciler, which loads only what differs.
+
+Choices, and why:
+* One connection per peer, named after the peer, with one CHILD_SA carrying
+  exactly the tunnel's subnets on both sides. Exact traffic selectors (rather
+  than one wide 0/0 tunnel) keep direct community tunnels and the connector
+  tunnel from overlapping, so the kernel or libipsec never has to guess.
+* Only one side of a pair initiates, and it does so explicitly over VICI
+  whenever it has no IKE_SA (``start_action = start`` fires once at load, and a
+  NO_PROPOSAL_CHOSEN from a peer that has not loaded us yet is final). It then
+  restarts on DPD timeout and on close; the responder only answers, so a pair
+  never builds two IKE_SAs. ``trap`` is avoided: with kernel-libipsec a trap
+  policy never starts the tunnel.
+* The remote identity must equal the peer's node name *and* chain to the
+  cluster CA (``cacerts``): a certificate from elsewhere, or for a node that
+  has left the mesh (its connection is gone), gets no tunnel.
+* ``unique = replace``: an edge that reboots and reconnects replaces its stale
+  IKE_SA on the connector instead of stacking a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabmesh.mesh.model import NodeMesh, Peer
+
+
+def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
+    tunnel = mesh.tunnel
+    child: dict[str, Any] = {
+        "mode": "tunnel",
+        "local_ts": list(peer.local_subnets),
+        "remote_ts": list(peer.subnets),
+        "esp_proposals": list(tunnel.esp_proposals),
+        "rekey_time": f"{tunnel.rekey_time_s // 4}s",
+        # Initiation is explicit (TunnelSync.apply), so a peer that was not ready gets retried.
+        "start_action": "none",
+        "dpd_action": "restart" if peer.initiate else "clear",
+        "close_action": "start" if peer.initiate else "none",
+    }
+    return {
+        "version": "2",
+        "local_addrs": [mesh.node.endpoint],
+        "remote_addrs": [peer.endpoint] if peer.endpoint else ["%any"],
+        "proposals": list(tunnel.ike_proposals),
+        "encap": "yes" if tunnel.encap else "no",
+        "dpd_delay": f"{tunnel.dpd_delay_s}s",
+        "rekey_time": f"{tunnel.rekey_time_s}s",
+        "unique": "replace",
+        "mobike": "no",
+        # An initiator keeps trying (0 = forever): its peer may simply not be up yet.
+        "keyingtries": "0" if peer.initiate else "1",
+        "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
+        "remote": {"auth": "pubkey", "id": peer.identity, "cacerts": [mesh.ca_cert]},
+        "children": {peer.name: child},
+    }
+
+
+def desired_connections(mesh: NodeMesh, cert_pem: str) -> dict[str, dict[str, Any]]:
+    """Connection name -> load-conn body, for every peer, in name order."""
+    return {peer.name: connection(mesh, peer, cert_pem) for peer in sorted(mesh.peers, key=lambda p: p.name)}

@@ -1,0 +1,1 @@
+"""The fabmesh operator: watches Nodes and writes every edge node's configuration."""

@@ -1,0 +1,1 @@
+"""Everything fabmesh knows about strongSwan: its configuration file and the VICI driver."""

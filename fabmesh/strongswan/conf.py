@@ -1,0 +1,63 @@
+"""Render the ``strongswan.conf`` a fabmesh-managed charon runs with.
+
+fabmesh talks to charon only over VICI, so the file just picks the plugins and
+the IPsec backend. Two backends exist:
+
+* ``kernel``: ESP in the Linux kernel (xfrm states and policies). Production.
+* ``libipsec``: ESP in userspace over a TUN device (``kernel-libipsec``). Needed
+  where the kernel has no ESP (CONFIG_INET_ESP unset), as on the CI machines.
+  Quirks handled here: the plugin must be loaded *before* ``kernel-netlink`` so
+  it takes the IPsec half while netlink keeps the networking half; AES-GCM needs
+  the ``gcm`` plugin; ``allow_peer_ts`` lets a traffic selector contain the
+  IKE peer's own address without routing the tunnel into itself.
+
+We load an explicit plugin list (``load_modular = no``) so a stray file in
+``/etc/strongswan.d`` can never change what a node runs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+
+class Backend(StrEnum):
+    KERNEL = "kernel"
+    LIBIPSEC = "libipsec"
+
+
+_COMMON_PLUGINS = (
+    "random nonce openssl aes sha1 sha2 hmac kdf gcm pem pkcs1 pkcs8 x509 revocation "
+    "constraints pubkey curve25519"
+)
+
+
+def plugin_list(backend: Backend) -> str:
+    kernel = "kernel-libipsec kernel-netlink" if backend is Backend.LIBIPSEC else "kernel-netlink"
+    return f"{_COMMON_PLUGINS} {kernel} socket-default vici"
+
+
+def render_strongswan_conf(
+    *,
+    backend: Backend,
+    vici_socket: Path,
+    log_file: Path | None = None,
+    install_routes: bool = False,
+    log_level: int = 1,
+) -> str:
+    """Return the text of strongswan.conf.
+
+    ``install_routes`` stays off for fabmesh agents: the agent owns its routes.
+    """
+    env = Environment(loader=PackageLoader("fabmesh.strongswan", "templates"),
+                      undefined=StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("strongswan.conf.j2").render(
+        plugins=plugin_list(backend),
+        libipsec=backend is Backend.LIBIPSEC,
+        vici_socket=str(vici_socket),
+        log_file=str(log_file) if log_file else None,
+        install_routes="yes" if install_routes else "no",
+        log_level=log_level,
+    )

@@ -1,0 +1,164 @@
+"""Build and cache the Kubernetes binaries the tests and the lab run for real.
+
+No registry here ships kube-apiserver, so we build it (and etcd, kubectl and
+helm) from Go modules at pinned releases. ``k8s.io/kubernetes`` cannot be
+``go install``-ed directly: its go.mod points every ``k8s.io/*`` staging module
+at ``./staging/...`` with replace lines, which ``go install pkg@version``
+refuses. So we build from a throwaway module whose go.mod pins those staging
+modules to the matching ``v0.x`` tags. etcd is built in the same module, so
+it gets the exact etcd release this Kubernetes release was tested against.
+
+The result is laid out the way ``KUBEBUILDER_ASSETS`` expects (one directory
+holding ``kube-apiserver``, ``etcd``, ``kubectl``), plus ``helm``. When
+``KUBEBUILDER_ASSETS`` is set and complete, it is used as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KUBERNETES_VERSION = "v1.37.2"
+HELM_VERSION = "v3.22.0"
+BINARIES = ("kube-apiserver", "etcd", "kubectl")
+
+
+class AssetError(RuntimeError):
+    """A build step failed; the message names the step and how to rerun it."""
+
+
+@dataclass(frozen=True)
+class Assets:
+    directory: Path
+    helm: Path
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fabmesh"
+
+
+def _staging_version(kube_version: str) -> str:
+    major_minor_patch = kube_version.lstrip("v").split(".")
+    return "v0." + ".".join(major_minor_patch[1:])
+
+
+def _run(step: str, cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    print(f"[fabmesh assets] {step}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise AssetError(
+            f"step '{step}' failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}\n"
+            f"rerun with: python -m fabmesh.testenv.assets"
+        )
+    return proc.stdout
+
+
+def _go_env() -> dict[str, str]:
+    if shutil.which("go") is None:
+        raise AssetError("step 'find go' failed: no 'go' on PATH; install Go >= 1.26 and rerun "
+                         "python -m fabmesh.testenv.assets")
+    env = dict(os.environ)
+    env.setdefault("CGO_ENABLED", "0")
+    env.setdefault("GOFLAGS", "-buildvcs=false")
+    return env
+
+
+def _staging_modules(kube_version: str, env: dict[str, str]) -> list[str]:
+    out = _run("download k8s.io/kubernetes", ["go", "mod", "download", "-json",
+                                              f"k8s.io/kubernetes@{kube_version}"], env=env)
+    gomod = Path(re.search(r'"GoMod":\s*"([^"]+)"', out).group(1))  # type: ignore[union-attr]
+    return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod.read_text(), re.M)))
+
+
+def _build_kubernetes(dest: Path, kube_version: str) -> None:
+    env = _go_env()
+    staging = _staging_version(kube_version)
+    modules = _staging_modules(kube_version, env)
+    with tempfile.TemporaryDirectory(prefix="fabmesh-k8s-build-") as tmp:
+        work = Path(tmp)
+        lines = ["module fabmesh.io/k8s-build", "", "go 1.26", "",
+                 f"require k8s.io/kubernetes {kube_version}", ""]
+        lines += [f"replace {m} => {m} {staging}" for m in modules]
+        (work / "go.mod").write_text("\n".join(lines) + "\n")
+        (work / "tools.go").write_text(
+            "//go:build tools\n\npackage tools\n\nimport (\n"
+            '\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
+            '\t_ "k8s.io/kubernetes/cmd/kubectl"\n'
+            '\t_ "go.etcd.io/etcd/server/v3"\n)\n'
+        )
+        _run("resolve modules", ["go", "mod", "tidy", "-e"], cwd=work, env=env)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, pkg in (("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+                          ("etcd", "go.etcd.io/etcd/server/v3"),
+                          ("kubectl", "k8s.io/kubernetes/cmd/kubectl")):
+            if (dest / name).exists():
+                continue
+            tmp_out = dest / f".{name}.tmp"
+            _run(f"build {name}", ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp_out), pkg],
+                 cwd=work, env=env)
+            tmp_out.rename(dest / name)
+
+
+def _build_helm(dest: Path, helm_version: str) -> Path:
+    target = dest / "helm"
+    if target.exists():
+        return target
+    env = _go_env()
+    env["GOBIN"] = str(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _run("build helm", ["go", "install", f"helm.sh/helm/v3/cmd/helm@{helm_version}"], env=env)
+    return target
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / b).is_file() and os.access(directory / b, os.X_OK) for b in BINARIES)
+
+
+def ensure_assets(kube_version: str = KUBERNETES_VERSION, helm_version: str = HELM_VERSION) -> Assets:
+    """Return the binaries, building whatever is missing (idempotent, cached)."""
+    override = os.environ.get("KUBEBUILDER_ASSETS")
+    if override and _complete(Path(override)):
+        directory = Path(override)
+    else:
+        if override:
+            print(f"[fabmesh assets] KUBEBUILDER_ASSETS={override} lacks one of {BINARIES}; "
+                  "using the fabmesh cache instead", file=sys.stderr)
+        directory = cache_root() / f"k8s-{kube_version}"
+        if not _complete(directory):
+            _build_kubernetes(directory, kube_version)
+    helm = _build_helm(cache_root() / f"helm-{helm_version}", helm_version)
+    return Assets(directory=directory, helm=helm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fabmesh.testenv.assets",
+        description="Build (once) and print the kube-apiserver/etcd/kubectl/helm binaries fabmesh tests use.",
+    )
+    parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
+    parser.add_argument("--helm-version", default=HELM_VERSION)
+    args = parser.parse_args(argv)
+    try:
+        assets = ensure_assets(args.kubernetes_version, args.helm_version)
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"KUBEBUILDER_ASSETS={assets.directory}")
+    print(f"HELM={assets.helm}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

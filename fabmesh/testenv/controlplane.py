@@ -1,0 +1,212 @@
+"""A real etcd + kube-apiserver on loopback, for the api tier and the lab.
+
+The apiserver runs with RBAC authorization on (so RBAC tests mean something),
+TLS with a serving certificate made by fabmesh's own PKI, an admin bearer token
+in ``system:masters`` (``--token-auth-file``), and a service-account signing key
+so the TokenRequest API can mint tokens for least-privilege clients.
+
+There is no kube-controller-manager: nothing garbage-collects owner references
+and no controller creates a namespace's ``default`` ServiceAccount. The
+``ServiceAccount`` admission plugin is therefore off (as in controller-runtime's
+envtest), and fabmesh deletes what it owns explicitly instead of relying on GC.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fabmesh.pki.authority import issue_leaf, new_ca
+from fabmesh.testenv.assets import Assets, ensure_assets
+from fabmesh.testenv.hosts import stop_pid, wait_for
+
+SERVICE_CIDR = "10.96.0.0/12"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ControlPlane:
+    """Start with :meth:`start`, stop with :meth:`stop` (by PID)."""
+
+    directory: Path
+    assets: Assets | None = None
+    pids: list[int] = field(default_factory=list)
+    url: str = ""
+    token: str = ""
+    ca_pem: str = ""
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
+
+    def start(self) -> ControlPlane:
+        self.assets = self.assets or ensure_assets()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        etcd_url = self._start_etcd()
+        self._start_apiserver(etcd_url)
+        self._write_kubeconfig(self.kubeconfig, user="admin", token=self.token)
+        return self
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.directory / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        self.pids.append(proc.pid)
+        (self.directory / f"{name}.pid").write_text(str(proc.pid))
+        return proc
+
+    def _start_etcd(self) -> str:
+        assert self.assets
+        client, peer = free_port(), free_port()
+        url = f"http://127.0.0.1:{client}"
+        proc = self._spawn("etcd", [
+            str(self.assets.path("etcd")), "--data-dir", str(self.directory / "etcd"),
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/health"), timeout=30,
+                 what="etcd /health")
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited ({proc.returncode}); see {self.directory / 'etcd.log'}")
+        return url
+
+    def _start_apiserver(self, etcd_url: str) -> None:
+        assert self.assets
+        now = datetime.datetime.now(datetime.UTC)
+        ca = new_ca("fabmesh-testenv-ca", now=now)
+        serving = issue_leaf(ca, name="localhost", addresses=["127.0.0.1"], now=now)
+        certs = self.directory / "pki"
+        certs.mkdir(exist_ok=True)
+        (certs / "ca.crt").write_text(ca.cert_pem)
+        (certs / "apiserver.crt").write_text(serving.cert_pem)
+        (certs / "apiserver.key").write_text(serving.key_pem)
+        (certs / "apiserver.key").chmod(0o600)
+        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (certs / "sa.key").write_bytes(sa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (certs / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        self.token = secrets.token_hex(24)
+        (certs / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        self.ca_pem = ca.cert_pem
+        port = free_port()
+        self.url = f"https://127.0.0.1:{port}"
+        proc = self._spawn("kube-apiserver", [
+            str(self.assets.path("kube-apiserver")),
+            "--etcd-servers", etcd_url,
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(port),
+            "--tls-cert-file", str(certs / "apiserver.crt"),
+            "--tls-private-key-file", str(certs / "apiserver.key"),
+            "--client-ca-file", str(certs / "ca.crt"),
+            "--token-auth-file", str(certs / "tokens.csv"),
+            "--authorization-mode", "RBAC",
+            "--service-cluster-ip-range", SERVICE_CIDR,
+            "--service-account-issuer", "https://kubernetes.default.svc",
+            "--service-account-key-file", str(certs / "sa.pub"),
+            "--service-account-signing-key-file", str(certs / "sa.key"),
+            "--disable-admission-plugins", "ServiceAccount",
+            "--allow-privileged=true",
+            # Loopback may not be published as the kubernetes Service endpoint; nothing here needs it.
+            "--endpoint-reconciler-type", "none",
+            "--cert-dir", str(certs),
+            "--v", "1",
+        ])
+        context = ssl.create_default_context(cadata=ca.cert_pem)
+        wait_for(lambda: proc.poll() is not None
+                 or _http_ok(f"{self.url}/readyz", token=self.token, context=context),
+                 timeout=90, interval=0.2, what="kube-apiserver /readyz")
+        if proc.poll() is not None:
+            raise RuntimeError(f"kube-apiserver exited ({proc.returncode}); "
+                               f"see {self.directory / 'kube-apiserver.log'}")
+
+    def _write_kubeconfig(self, path: Path, *, user: str, token: str, namespace: str = "default") -> None:
+        config = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "fabmesh", "cluster": {
+                "server": self.url,
+                "certificate-authority-data": base64.b64encode(self.ca_pem.encode()).decode()}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": user, "context": {"cluster": "fabmesh", "user": user,
+                                                    "namespace": namespace}}],
+            "current-context": user,
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+
+    def kubeconfig_for_token(self, name: str, token: str, namespace: str = "default") -> Path:
+        """A kubeconfig for a least-privilege identity (e.g. a ServiceAccount token)."""
+        path = self.directory / f"kubeconfig-{name}"
+        self._write_kubeconfig(path, user=name, token=token, namespace=namespace)
+        return path
+
+    def stop(self) -> None:
+        for pid in reversed(self.pids):
+            stop_pid(pid, timeout=10)
+        self.pids.clear()
+
+
+def _http_ok(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> bool:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def control_plane(directory: Path) -> Iterator[ControlPlane]:
+    cp = ControlPlane(directory=directory)
+    try:
+        yield cp.start()
+    finally:
+        cp.stop()
+
+
+def main() -> int:
+    """Start a control plane in the foreground until interrupted (for manual poking)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m fabmesh.testenv.controlplane",
+                                     description="Run etcd + kube-apiserver on loopback until Ctrl-C.")
+    parser.add_argument("--dir", type=Path, default=None, help="state directory (default: a temp dir)")
+    args = parser.parse_args()
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="fabmesh-cp-"))
+    with control_plane(directory) as cp:
+        print(json.dumps({"kubeconfig": str(cp.kubeconfig), "url": cp.url, "pid": os.getpid()}), flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install everything fabmesh's tests and lab need, idempotently; cached between runs.
+#   Debian packages (strongSwan with kernel-libipsec, iproute2, iptables, ipset, CNI plugins, iperf3)
+#   a Python venv at .venv with fabmesh and its pinned dependencies
+#   kube-apiserver, etcd, kubectl (built from Go modules) and helm, under ~/.cache/fabmesh
+# Rerun this script after any failure: every step says what it ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root: network namespaces, iptables and charon need it (sudo $0)"
+
+DEBS=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
+      iproute2 iptables ipset containernetworking-plugins iperf3 iputils-ping socat procps python3-venv)
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt-get install ${missing[*]}"
+  apt-get update -qq || die "step 'apt-get update' failed; rerun scripts/install-deps.sh"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "step 'apt-get install ${missing[*]}' failed; rerun scripts/install-deps.sh"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  step "create .venv with $PY"
+  "$PY" -m venv .venv || die "step 'python3 -m venv .venv' failed (is python3-venv installed?)"
+fi
+stamp=.venv/.fabmesh-deps-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  step "pip install -e .[test]"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]' || die "step 'pip install -e .[test]' failed; rerun scripts/install-deps.sh"
+  rm -f .venv/.fabmesh-deps-*; touch "$stamp"
+fi
+
+command -v go >/dev/null || die "no Go toolchain on PATH: kube-apiserver is built from Go modules (install Go >= 1.26)"
+step "kube-apiserver, etcd, kubectl and helm (built once, cached in ~/.cache/fabmesh)"
+.venv/bin/python -m fabmesh.testenv.assets
