@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 API_VERSION = "fabmesh.io/v1alpha1"
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def _cidr(value: str) -> str:
@@ -78,19 +79,15 @@ class Peer(_Model):
 
     name: DNS1123
     role: Role
-    identity: str  # the peer's certificate identity (its node name, in CN and SAN)
+    identity: str = ""  # the peer's certificate identity; "" = its name (in CN and SAN)
     endpoint: IP | None = None  # None: accept from any address (an edge behind NAT)
     subnets: tuple[Cidr, ...]  # what lives behind the peer, routed into this tunnel (remote TS)
-    local_subnets: tuple[Cidr, ...]  # what this node offers through this tunnel (local TS)
-    initiate: bool  # exactly one side of a pair initiates; the other only responds
+    local_subnets: tuple[Cidr, ...] = ()  # local TS of this tunnel; () = the node's local_subnets
+    initiate: bool = False  # exactly one side of a pair initiates; the other only responds
 
-
-class RelayRoute(_Model):
-    """Subnets of an edge with no common community, reached through a connector tunnel."""
-
-    node: DNS1123
-    subnets: tuple[Cidr, ...]
-    via: DNS1123
+    @property
+    def id(self) -> str:
+        return self.identity or self.name
 
 
 class LocalNode(_Model):
@@ -111,13 +108,44 @@ class NodeMesh(_Model):
     local_subnets: tuple[Cidr, ...]  # what this node announces into its tunnels
     mesh_cidrs: tuple[Cidr, ...]  # every CIDR inside the mesh: never SNAT between these
     peers: tuple[Peer, ...] = ()
-    relays: tuple[RelayRoute, ...] = ()
     ca_cert: str = Field(alias="caCert")
     tunnel: TunnelSettings = TunnelSettings()
     settings: NodeSettings = NodeSettings()
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+        return dump_yaml(self)
+
+    def local_ts(self, peer: Peer) -> tuple[str, ...]:
+        return peer.local_subnets or self.local_subnets
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """Compact, deterministic YAML: defaults left out, flow-style lists of scalars."""
+    data = model.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    if "api_version" in type(model).model_fields:  # versioned documents say what they are, first
+        data = {"apiVersion": model.api_version, "kind": model.kind, **data}  # type: ignore[attr-defined]
+    return yaml.dump(data, Dumper=_CompactDumper, sort_keys=False, width=4096)
+
+
+class _CompactDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(item, str | int | float | bool) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_CompactDumper.add_representer(list, _represent_list)
+
+
+class PeerShard(_Model):
+    """One slice of the connector's peers (``peers.yaml``), so 10,000 edges fit ConfigMap limits."""
+
+    api_version: Literal["fabmesh.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["PeerShard"] = "PeerShard"
+    shard: int = Field(ge=0)
+    peers: tuple[Peer, ...] = ()
 
 
 class MeshConfigError(ValueError):
@@ -129,6 +157,14 @@ class MeshConfigError(ValueError):
 
 
 def parse_node_mesh(text: str, source: str = "mesh.yaml") -> NodeMesh:
+    return _parse(NodeMesh, text, source)
+
+
+def parse_peer_shard(text: str, source: str = "peers.yaml") -> PeerShard:
+    return _parse(PeerShard, text, source)
+
+
+def _parse(model: type[_M], text: str, source: str) -> _M:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -136,7 +172,7 @@ def parse_node_mesh(text: str, source: str = "mesh.yaml") -> NodeMesh:
     if not isinstance(data, dict):
         raise MeshConfigError(source, "<document>", "expected a mapping")
     try:
-        return NodeMesh.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "<document>"

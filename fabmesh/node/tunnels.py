@@ -32,7 +32,7 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
     tunnel = mesh.tunnel
     child: dict[str, Any] = {
         "mode": "tunnel",
-        "local_ts": list(peer.local_subnets),
+        "local_ts": list(mesh.local_ts(peer)),
         "remote_ts": list(peer.subnets),
         "esp_proposals": list(tunnel.esp_proposals),
         "rekey_time": f"{tunnel.rekey_time_s // 4}s",
@@ -54,7 +54,7 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         # An initiator keeps trying (0 = forever): its peer may simply not be up yet.
         "keyingtries": "0" if peer.initiate else "1",
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
-        "remote": {"auth": "pubkey", "id": peer.identity, "cacerts": [mesh.ca_cert]},
+        "remote": {"auth": "pubkey", "id": peer.id, "cacerts": [mesh.ca_cert]},
         "children": {peer.name: child},
     }
 

@@ -1,0 +1,1 @@
+"""Thin Kubernetes access shared by the operator and the kubectl plugin."""

@@ -1,0 +1,122 @@
+"""A thin JSON client for the few Kubernetes calls fabmesh makes, on the official ``kubernetes`` package.
+
+The generated client validates every body into pydantic models and back; at
+10,000 Nodes that is most of a resync's CPU, and we want plain dicts anyway (the
+planner reads JSON). So we reuse the package's ``ApiClient`` for what it is good
+at (kubeconfig, TLS, auth, retries) and send and receive JSON ourselves.
+Watches and leader election use the package as it is.
+
+Every write is counted in :attr:`Kube.writes` by verb and kind, which is how
+tests prove that a resync with nothing changed writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+from urllib.parse import urlencode
+
+from kubernetes import client, config
+
+JSON = dict[str, Any]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(f"{status} {reason}: {body[:300]}")
+        self.status, self.reason, self.body = status, reason, body
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+
+def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """From a kubeconfig path, else in-cluster, else ``~/.kube/config``."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    group = {"leases": "/apis/coordination.k8s.io/v1"}.get(kind, "/api/v1")
+    path = group + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:
+        self.api = api
+        self.timeout = timeout
+        self.writes: Counter[str] = Counter()
+
+    def _call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
+              content_type: str = "application/json") -> JSON:
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        _, url, headers, payload, _ = self.api.param_serialize(
+            method=method, resource_path=path, header_params=headers,
+            body=body, auth_settings=["BearerToken"])
+        response = self.api.call_api(method, url, header_params=headers, body=payload,
+                                     _request_timeout=self.timeout)
+        response.read()
+        text = response.data.decode() if response.data else ""
+        if not 200 <= response.status < 300:
+            raise ApiError(response.status, response.reason or "", text)
+        return json.loads(text) if text else {}
+
+    def _count(self, verb: str, kind: str) -> None:
+        self.writes[f"{verb}:{kind}"] += 1
+
+    def list(self, kind: str, namespace: str | None = None, labels: str | None = None) -> list[JSON]:
+        query = {"labelSelector": labels} if labels else None
+        return self._call("GET", _path(kind, namespace), query=query).get("items", [])
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> JSON | None:
+        try:
+            return self._call("GET", _path(kind, namespace, name))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def create(self, kind: str, body: JSON, namespace: str | None = None) -> JSON:
+        self._count("create", kind)
+        return self._call("POST", _path(kind, namespace), body)
+
+    def replace(self, kind: str, body: JSON, namespace: str | None = None) -> JSON:
+        """PUT; the body's ``metadata.resourceVersion`` makes it a compare-and-swap (409 on a race)."""
+        self._count("update", kind)
+        return self._call("PUT", _path(kind, namespace, body["metadata"]["name"]), body)
+
+    def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None) -> JSON:
+        self._count("patch", kind)
+        return self._call("PATCH", _path(kind, namespace, name), patch,
+                          content_type="application/merge-patch+json")
+
+    def delete(self, kind: str, name: str, namespace: str | None = None,
+               grace_period_s: int | None = None) -> bool:
+        """Delete; ``grace_period_s=0`` force-deletes a Pod whose kubelet will never confirm."""
+        self._count("delete", kind)
+        query = {"gracePeriodSeconds": str(grace_period_s)} if grace_period_s is not None else None
+        try:
+            self._call("DELETE", _path(kind, namespace, name), query=query)
+        except ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+        return True

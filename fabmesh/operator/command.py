@@ -1,0 +1,47 @@
+"""``fabmesh operator``: run the operator against a cluster, or plan once from an inventory file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fabmesh.operator.settings import SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=(
+        f"{help_text}. Watches Nodes and writes, per edge node, ConfigMap fabmesh-agent-<node> "
+        "(mesh.yaml), Secret fabmesh-tls-<node> and an agent Pod; plus the connector's config. "
+        "Leader-elected: run several replicas."))
+    parser.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
+    parser.add_argument("--config", type=Path,
+                        help="settings YAML (see docs/operator.md; default: built-in defaults)")
+    parser.add_argument("--identity", help="leader-election identity (default: hostname-pid)")
+    parser.add_argument("--once", action="store_true",
+                        help="run one reconcile pass without leader election, print a summary, exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"fabmesh operator: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from fabmesh.kube.client import Kube, load_api_client
+    from fabmesh.operator.loop import OperatorLoop
+    from fabmesh.operator.reconcile import Reconciler
+
+    api = load_api_client(args.kubeconfig)
+    if args.once:
+        kube = Kube(api)
+        result = Reconciler(kube, settings).run_once()
+        print(json.dumps({"edges": sorted(result.plan.edges), "errors": [str(e) for e in result.errors],
+                          "writes": dict(kube.writes)}, indent=2))
+        return 1 if result.retry else 0
+    return OperatorLoop(api, settings, args.identity).run()

@@ -1,0 +1,177 @@
+"""The operator's brain: from Nodes and settings to every node's mesh, as plain data.
+
+``plan()`` is pure and deterministic (sorted everywhere), so the same cluster
+always yields byte-identical configs and an unchanged resync writes nothing.
+
+Topology:
+* An edge peers with the active connector (it initiates: edges sit behind NAT)
+  and with every edge it shares a community with (the smaller name initiates).
+* The connector tunnel of an edge carries the cloud pod CIDRs, the Service
+  CIDR, the cloud nodes' addresses and the *whole edge pool*. The pool is what
+  relays edges that share no community through the connector, at a constant
+  config size per edge (listing each relayed edge would make the connector's
+  config quadratic). Direct community tunnels carry the peer's exact /24 and
+  win by specificity: charon gives narrower traffic selectors higher policy
+  priority, and routes follow the longest prefix.
+* Each edge offers its pod CIDR and its own InternalIP (/32), so the cloud
+  reaches kubelet (:10250) on edge nodes for ``kubectl logs/exec``.
+* The active connector is the first connector node by name; more than one
+  connector is accepted, the others stay idle until failover is built.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
+from fabmesh.operator.inventory import (
+    FLANNEL_KEYS,
+    FLANNEL_PREFIX,
+    POD_CIDR_ANNOTATION,
+    InvalidNode,
+    NodeInfo,
+)
+from fabmesh.operator.ipam import Claim, plan_cidrs
+from fabmesh.operator.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class NodePatch:
+    """What the operator records on a Node object (only keys that must change are applied)."""
+
+    annotations: dict[str, str] = field(default_factory=dict)
+    spec_pod_cidr: str | None = None
+
+
+@dataclass
+class MeshPlan:
+    errors: list[InvalidNode] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    cidrs: dict[str, str] = field(default_factory=dict)
+    allocated: dict[str, str] = field(default_factory=dict)
+    ipam_record: dict[str, str] = field(default_factory=dict)
+    edges: dict[str, NodeMesh] = field(default_factory=dict)
+    connector: NodeMesh | None = None  # header only: peers live in the shards
+    connector_shards: dict[int, tuple[Peer, ...]] = field(default_factory=dict)
+    cert_addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    node_patches: dict[str, NodePatch] = field(default_factory=dict)
+
+    def connector_mesh(self) -> NodeMesh | None:
+        """The connector's full mesh: its header plus every shard's peers."""
+        if self.connector is None:
+            return None
+        peers = tuple(sorted((p for s in self.connector_shards.values() for p in s), key=lambda p: p.name))
+        return self.connector.model_copy(update={"peers": peers})
+
+
+def shard_of(name: str, shards: int) -> int:
+    return zlib.crc32(name.encode()) % shards
+
+
+def _host(ip: str) -> str:
+    return str(ipaddress.ip_network(ip))
+
+
+def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
+         recorded: Mapping[str, str] | None = None) -> MeshPlan:
+    """Everything the operator should write, given the cluster as it is.
+
+    ``recorded`` is the IPAM record (node -> CIDR) kept in the operator's own
+    ConfigMap: the durable truth for allocations not yet mirrored on a Node.
+    """
+    result = MeshPlan()
+    recorded = dict(recorded or {})
+    by_name = {n.name: n for n in sorted(nodes, key=lambda n: n.name)}
+    edges = [n for n in by_name.values() if n.role is Role.EDGE]
+    connectors = [n for n in by_name.values() if n.role is Role.CONNECTOR]
+    cloud = [n for n in by_name.values() if n.role is not Role.EDGE]
+
+    claims = [Claim(node=n.name, spec_pod_cidr=n.spec_pod_cidr,
+                    annotation=n.pod_cidr_annotation or recorded.get(n.name), created=n.created)
+              for n in by_name.values()]
+    ipam = plan_cidrs(settings.edge_pod_pool, settings.edge_pod_prefix_len, claims,
+                      want=[n.name for n in edges],
+                      reserved=(*settings.cloud_pod_cidrs, settings.service_cidr))
+    for error in ipam.errors:
+        result.errors.append(InvalidNode(error.node, error.field, error.reason))
+    result.cidrs = {**ipam.assigned, **ipam.allocated}
+    result.allocated = dict(ipam.allocated)
+    # Keep the record of every existing node (even one in error: its CIDR stays taken);
+    # a deleted node's entry is dropped, which frees its CIDR.
+    result.ipam_record = {n: c for n, c in recorded.items() if n in by_name} | result.cidrs
+
+    ready = [n for n in edges if n.name in result.cidrs]
+    connector = connectors[0] if connectors else None
+    if connector is None and ready:
+        result.warnings.append("no node carries the connector label "
+                               f"{settings.connector_label}: edges reach only their community peers")
+
+    cloud_hosts = settings.cloud_node_cidrs or tuple(
+        sorted({_host(n.internal_ip) for n in cloud if n.internal_ip != "0.0.0.0"}))
+    cloud_side = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, *cloud_hosts}))
+    mesh_cidrs = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, settings.edge_pod_pool}))
+    to_connector = tuple(sorted({*cloud_side, settings.edge_pod_pool}))
+
+    members: dict[str, list[NodeInfo]] = defaultdict(list)
+    for node in ready:
+        for community in node.communities:
+            members[community].append(node)
+
+    flannel = {}
+    if connector is not None:
+        missing = [k for k in FLANNEL_KEYS if k not in connector.flannel]
+        if missing:
+            result.errors.append(InvalidNode(
+                connector.name, f"metadata.annotations[{FLANNEL_PREFIX}{missing[0]}]",
+                "the connector has no flannel annotations yet: cloud nodes cannot route edge pod "
+                "CIDRs to it (is flanneld running there?)"))
+        else:
+            flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
+
+    for node in ready:
+        cidr = result.cidrs[node.name]
+        local = tuple(sorted({cidr, _host(node.internal_ip)}))
+        peers: dict[str, Peer] = {}
+        if connector is not None:
+            peers[connector.name] = Peer(name=connector.name, role=Role.CONNECTOR,
+                                         endpoint=connector.endpoint, subnets=to_connector, initiate=True)
+        for community in node.communities:
+            for other in members[community]:
+                if other.name == node.name or other.name in peers:
+                    continue
+                peers[other.name] = Peer(
+                    name=other.name, role=Role.EDGE, endpoint=other.endpoint,
+                    subnets=tuple(sorted({result.cidrs[other.name], _host(other.internal_ip)})),
+                    initiate=node.name < other.name)
+        result.edges[node.name] = NodeMesh(
+            node=LocalNode(name=node.name, role=Role.EDGE, address=node.internal_ip,
+                           endpoint=node.endpoint, pod_cidr=cidr, communities=node.communities),
+            local_subnets=local, mesh_cidrs=mesh_cidrs,
+            peers=tuple(peers[k] for k in sorted(peers)),
+            caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
+        result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
+        annotations = {POD_CIDR_ANNOTATION: cidr, **flannel}
+        patch = NodePatch(
+            annotations={k: v for k, v in annotations.items() if node.annotations.get(k) != v},
+            spec_pod_cidr=cidr if not node.spec_pod_cidr else None)
+        if patch.annotations or patch.spec_pod_cidr:
+            result.node_patches[node.name] = patch
+
+    if connector is not None:
+        result.cert_addresses[connector.name] = tuple(sorted({connector.internal_ip, connector.endpoint}))
+        result.connector = NodeMesh(
+            node=LocalNode(name=connector.name, role=Role.CONNECTOR, address=connector.internal_ip,
+                           endpoint=connector.endpoint),
+            local_subnets=to_connector, mesh_cidrs=mesh_cidrs, peers=(),
+            caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
+        shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}
+        for node in ready:
+            shards[shard_of(node.name, settings.connector_shards)].append(Peer(
+                name=node.name, role=Role.EDGE,
+                subnets=tuple(sorted({result.cidrs[node.name], _host(node.internal_ip)}))))
+        result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
+    return result

@@ -1,0 +1,89 @@
+"""Make a test or lab cluster look like one the Helm chart was installed into, minus the images.
+
+The chart is rendered with the real ``helm template``; the RBAC objects it
+ships are applied to the real API server; a token for the operator's
+ServiceAccount (TokenRequest) becomes a kubeconfig. The operator then runs as a
+local process with exactly the rights it will have in production, not as admin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fabmesh.kube.client import ApiError, Kube
+from fabmesh.testenv.controlplane import ControlPlane
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "fabmesh"
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+_PLURAL = {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles",
+           "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings",
+           "Namespace": "namespaces"}
+_RBAC_GROUP = "/apis/rbac.authorization.k8s.io/v1"
+
+
+def render_chart(helm: Path, namespace: str, values: dict[str, Any] | None = None,
+                 chart: Path = CHART) -> list[dict[str, Any]]:
+    cmd = [str(helm), "template", "fabmesh", str(chart), "--namespace", namespace]
+    if values:
+        cmd += ["--values", "-"]
+    out = subprocess.run(cmd, input=yaml.safe_dump(values or {}), capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def _url(kind: str, namespace: str | None, name: str | None = None) -> str:
+    base = _RBAC_GROUP if kind.startswith(("Cluster", "Role")) else "/api/v1"
+    path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{_PLURAL[kind]}"
+    return path + (f"/{name}" if name else "")
+
+
+def apply(kube: Kube, obj: dict[str, Any]) -> None:
+    """Create, or replace when it exists (RBAC objects have no immutable fields that matter here)."""
+    kind = obj["kind"]
+    namespace = obj["metadata"].get("namespace") if not kind.startswith("Cluster") else None
+    try:
+        kube._call("POST", _url(kind, namespace), obj)
+    except ApiError as exc:
+        if not exc.conflict:
+            raise
+        current = kube._call("GET", _url(kind, namespace, obj["metadata"]["name"]))
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        kube._call("PUT", _url(kind, namespace, obj["metadata"]["name"]), obj)
+
+
+def ensure_namespace(kube: Kube, name: str) -> None:
+    try:
+        kube.create("namespaces", {"metadata": {"name": name}})
+    except ApiError as exc:
+        if not exc.conflict:
+            raise
+
+
+def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
+    """Apply the chart's RBAC for ``namespace`` and return a kubeconfig for the operator's SA."""
+    assert cp.assets is not None
+    ensure_namespace(kube, namespace)
+    for obj in render_chart(cp.assets.helm, namespace):
+        if obj["kind"] in RBAC_KINDS:
+            apply(kube, obj)
+    token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/fabmesh-operator/token",
+                       {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                        "spec": {"audiences": ["https://kubernetes.default.svc"],
+                                 "expirationSeconds": 86400}})["status"]["token"]
+    return cp.kubeconfig_for_token(f"operator-{namespace}", token, namespace)
+
+
+def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path) -> subprocess.Popen[bytes]:
+    """The real operator entry point as its own process (stop it by PID)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"operator-{identity}.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fabmesh.cli", "operator", "--kubeconfig", str(kubeconfig),
+             "--config", str(settings), "--identity", identity],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})

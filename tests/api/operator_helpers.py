@@ -1,0 +1,129 @@
+"""Arrange Nodes and read back what the operator wrote (shared by the operator's api tests)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fabmesh.kube.client import Kube
+from fabmesh.mesh.model import NodeMesh, parse_node_mesh, parse_peer_shard
+from fabmesh.operator import objects as o
+from fabmesh.operator.inventory import read_node
+from fabmesh.operator.plan import plan
+from fabmesh.testenv.hosts import wait_for
+from tests.api.conftest import OperatorEnv
+
+EDGE = "node-role.kubernetes.io/edge"
+CONNECTOR = "fabmesh.io/connector"
+FLANNEL = {
+    "flannel.alpha.coreos.com/backend-type": "vxlan",
+    "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
+    "flannel.alpha.coreos.com/public-ip": "198.51.100.1",
+}
+
+
+def node(name: str, ip: str | None, labels: dict[str, str] | None = None,
+         annotations: dict[str, str] | None = None, pod_cidr: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
+                            "spec": {}, "status": {"addresses": []}}
+    if ip:
+        body["status"]["addresses"].append({"type": "InternalIP", "address": ip})
+    if pod_cidr:
+        body["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
+    return body
+
+
+def edge(name: str, ip: str, *communities: str, **kwargs: Any) -> dict[str, Any]:
+    labels = {EDGE: "", **{f"community.fabmesh.io/{c}": "" for c in communities}}
+    return node(name, ip, labels, **kwargs)
+
+
+def cloud_nodes() -> list[dict[str, Any]]:
+    return [node("connector-1", "198.51.100.1", {CONNECTOR: ""}, dict(FLANNEL)),
+            node("cloud-2", "198.51.100.2")]
+
+
+def create_nodes(kube: Kube, nodes: list[dict[str, Any]], workers: int = 8) -> None:
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda n: kube.create("nodes", n), nodes))
+
+
+def edge_ip(i: int) -> str:
+    return f"192.0.{2 + i // 250}.{1 + i % 250}"
+
+
+def configmaps(env: OperatorEnv) -> dict[str, dict[str, Any]]:
+    return {c["metadata"]["name"]: c for c in env.kube.list("configmaps", env.namespace)}
+
+
+def secrets(env: OperatorEnv) -> dict[str, dict[str, Any]]:
+    return {s["metadata"]["name"]: s for s in env.kube.list("secrets", env.namespace)}
+
+
+def pods(env: OperatorEnv) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in env.kube.list("pods", env.namespace)}
+
+
+def nodes(env: OperatorEnv) -> dict[str, dict[str, Any]]:
+    return {n["metadata"]["name"]: n for n in env.kube.list("nodes")}
+
+
+def mesh_of(cm: dict[str, Any]) -> NodeMesh:
+    return parse_node_mesh(cm["data"]["mesh.yaml"])
+
+
+def secret_text(secret: dict[str, Any], key: str) -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def converged(env: OperatorEnv, edges: set[str]) -> bool:
+    cms, secs, ps, ns = configmaps(env), secrets(env), pods(env), nodes(env)
+    for name in edges:
+        if o.agent_configmap_name(name) not in cms or o.tls_secret_name(name) not in secs:
+            return False
+        if o.agent_pod_name(name) not in ps:
+            return False
+        annotations = ns[name]["metadata"].get("annotations") or {}
+        if "fabmesh.io/status" not in annotations or not ns[name]["spec"].get("podCIDR"):
+            return False
+    shard_peers = {p.name for name, cm in cms.items() if name.startswith("fabmesh-connector-peers-")
+                   for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
+    return shard_peers == edges
+
+
+def wait_converged(env: OperatorEnv, edges: set[str], timeout: float = 90) -> None:
+    def done() -> bool:
+        if env.processes and all(p.poll() is not None for p in env.processes):
+            raise AssertionError(f"no operator is running; its log:\n{env.logs()[-4000:]}")
+        return converged(env, edges)
+
+    try:
+        wait_for(done, timeout=timeout, interval=0.5, what="operator convergence")
+    except TimeoutError:
+        raise AssertionError(f"operator did not converge; its log:\n{env.logs()[-4000:]}") from None
+
+
+def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
+    """What plan() says every agent ConfigMap should hold, given the cluster as it is now."""
+    infos = [i for i in (read_node(n, env.settings) for n in nodes(env).values()) if not hasattr(i, "reason")]
+    cms = configmaps(env)
+    recorded = json.loads(cms[o.IPAM_CONFIGMAP]["data"]["allocations.json"])
+    ca = secret_text(secrets(env)[o.CA_SECRET], "tls.crt")
+    mesh = plan(infos, env.settings, ca, recorded)  # type: ignore[arg-type]
+    return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
+
+
+def resource_versions(env: OperatorEnv) -> dict[str, str]:
+    versions = {}
+    for kind, items in (("cm", configmaps(env)), ("secret", secrets(env)), ("pod", pods(env)),
+                        ("node", nodes(env))):
+        for name, obj in items.items():
+            versions[f"{kind}/{name}"] = obj["metadata"]["resourceVersion"]
+    return versions
+
+
+def events_for(env: OperatorEnv, name: str) -> list[dict[str, Any]]:
+    return [e for e in env.kube.list("events", "default")
+            if e["involvedObject"]["name"] == name and e["reason"] == "FabmeshInvalidNode"]

@@ -1,0 +1,227 @@
+"""The operator against a real kube-apiserver, running as its own process with the chart's RBAC."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fabmesh.mesh.model import Role
+from fabmesh.operator import objects as o
+from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
+from fabmesh.testenv.hosts import wait_for
+from tests.api.conftest import OperatorEnv, write_settings
+from tests.api.operator_helpers import (
+    CONNECTOR,
+    EDGE,
+    cloud_nodes,
+    configmaps,
+    converged,
+    create_nodes,
+    desired_from_cluster,
+    edge,
+    edge_ip,
+    events_for,
+    mesh_of,
+    node,
+    nodes,
+    pods,
+    resource_versions,
+    secret_text,
+    secrets,
+    wait_converged,
+)
+
+pytestmark = pytest.mark.api
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+def _burst(count: int) -> list[dict]:
+    return [edge(f"edge-{i:03d}", edge_ip(i), f"c{i % 10}") for i in range(count)]
+
+
+def test_burst_of_200_edges_gets_unique_cidrs_and_certificates_that_verify(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, cloud_nodes())
+    env.start()
+    create_nodes(env.kube, _burst(200))
+    names = {f"edge-{i:03d}" for i in range(200)}
+    wait_converged(env, names)
+
+    all_nodes, cms, secs = nodes(env), configmaps(env), secrets(env)
+    cidrs = [all_nodes[n]["spec"]["podCIDR"] for n in names]
+    assert len(set(cidrs)) == 200
+    ca = secret_text(secs[o.CA_SECRET], "tls.crt")
+    for name in names:
+        meta = all_nodes[name]["metadata"]
+        assert meta["annotations"]["fabmesh.io/pod-cidr"] == all_nodes[name]["spec"]["podCIDR"]
+        assert meta["annotations"]["flannel.alpha.coreos.com/public-ip"] == "198.51.100.1"
+        secret = secs[o.tls_secret_name(name)]
+        cert, key = secret_text(secret, "tls.crt"), secret_text(secret, "tls.key")
+        verify_leaf(ca, cert, now=datetime.datetime.now(datetime.UTC))
+        assert key_matches_cert(cert, key)
+        info = describe(cert)
+        assert info.common_name == name and name in info.dns_names
+        assert all_nodes[name]["status"]["addresses"][0]["address"] in info.ip_addresses
+        mesh = mesh_of(cms[o.agent_configmap_name(name)])
+        assert mesh.node.pod_cidr == all_nodes[name]["spec"]["podCIDR"]
+        assert "PRIVATE KEY" not in cms[o.agent_configmap_name(name)]["data"]["mesh.yaml"]
+        community = mesh.node.communities[0]
+        expected_peers = {"connector-1"} | {n for n in names if n != name and
+                                            f"community.fabmesh.io/{community}" in all_nodes[n]["metadata"]["labels"]}
+        assert {p.name for p in mesh.peers} == expected_peers
+        assert [p.role for p in mesh.peers if p.name == "connector-1"] == [Role.CONNECTOR]
+    connector_secret = secs[o.CONNECTOR_SECRET]
+    assert describe(secret_text(connector_secret, "tls.crt")).common_name == "connector-1"
+
+
+def test_sigkill_mid_burst_never_hands_out_a_cidr_twice(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, cloud_nodes())
+    first = env.start("op-a")
+    burst = threading.Thread(target=create_nodes, args=(env.kube, _burst(200), 4))
+    burst.start()
+    wait_for(lambda: len([c for c in configmaps(env) if c.startswith("fabmesh-agent-")]) >= 20,
+             timeout=60, interval=0.2, what="the operator to be mid-burst")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    burst.join()
+    env.start("op-b")
+    names = {f"edge-{i:03d}" for i in range(200)}
+    wait_converged(env, names)
+
+    all_nodes = nodes(env)
+    cidrs = [all_nodes[n]["spec"]["podCIDR"] for n in names]
+    assert len(set(cidrs)) == len(cidrs) == 200
+    record = configmaps(env)[o.IPAM_CONFIGMAP]["data"]["allocations.json"]
+    assert all(all_nodes[n]["spec"]["podCIDR"] in record for n in names)
+    # Nothing orphaned, and the end state is exactly what a fresh plan of this cluster says.
+    desired = desired_from_cluster(env)
+    actual = {k: v["data"]["mesh.yaml"] for k, v in configmaps(env).items() if k.startswith("fabmesh-agent-")}
+    assert actual == desired
+    assert {k for k in secrets(env) if k.startswith("fabmesh-tls-")} == {o.tls_secret_name(n) for n in names}
+
+
+def test_resync_with_nothing_changed_writes_nothing(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), *_burst(20)])
+    env.start()
+    wait_converged(env, {f"edge-{i:03d}" for i in range(20)})
+    before = resource_versions(env)
+    time.sleep(3 * env.settings.resync_period_s)  # several periodic full resyncs happen here
+    assert resource_versions(env) == before
+    # And a pass made by a separate process with the same rights sends no write request at all.
+    once = subprocess.run([sys.executable, "-m", "fabmesh.cli", "operator", "--once", "--kubeconfig",
+                           str(env.kubeconfig), "--config", str(env.settings_file)],
+                          capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0, once.stderr
+    assert json.loads(once.stdout)["writes"] == {}
+
+
+def test_relabel_into_community_rewrites_only_the_affected_configmaps(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a"),
+                            edge("e3", "192.0.2.3"), edge("e4", "192.0.2.4", "b"), edge("e5", "192.0.2.5", "b")])
+    env.start()
+    wait_converged(env, {"e1", "e2", "e3", "e4", "e5"})
+    before = {k: v["metadata"]["resourceVersion"] for k, v in configmaps(env).items()}
+    env.kube.merge_patch("nodes", "e3", {"metadata": {"labels": {"community.fabmesh.io/a": ""}}})
+    wait_for(lambda: "e3" in {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers},
+             timeout=30, what="e1 to gain e3 as a peer")
+    time.sleep(2 * env.settings.resync_period_s)
+    after = {k: v["metadata"]["resourceVersion"] for k, v in configmaps(env).items()}
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {"fabmesh-agent-e1", "fabmesh-agent-e2", "fabmesh-agent-e3"}
+    e3 = mesh_of(configmaps(env)["fabmesh-agent-e3"])
+    assert {p.name for p in e3.peers} == {"connector-1", "e1", "e2"}
+    assert [p.initiate for p in e3.peers if p.name in ("e1", "e2")] == [False, False]
+
+
+def test_deleted_node_loses_its_objects_and_no_peer_lists_it(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a")])
+    env.start()
+    wait_converged(env, {"e1", "e2"})
+    freed = nodes(env)["e2"]["spec"]["podCIDR"]
+    env.kube.delete("nodes", "e2")
+    wait_for(lambda: "fabmesh-agent-e2" not in configmaps(env) and "fabmesh-tls-e2" not in secrets(env)
+             and o.agent_pod_name("e2") not in pods(env), timeout=30, what="e2's objects to go")
+    wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"connector-1"},
+             timeout=30, what="e1 to forget e2")
+    connector_peers = "".join(c["data"].get("peers.yaml", "") for c in configmaps(env).values())
+    assert "e2" not in connector_peers
+    assert freed not in configmaps(env)[o.IPAM_CONFIGMAP]["data"]["allocations.json"]
+
+
+def test_standby_takes_over_after_the_leader_is_killed(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+    procs = {"op-a": env.start("op-a")}
+    wait_converged(env, {"e1"})
+    procs["op-b"] = env.start("op-b")
+    lease = env.kube._call("GET", f"/apis/coordination.k8s.io/v1/namespaces/{env.namespace}/leases/"
+                                  f"{env.settings.leader_election.lease_name}")
+    leader = lease["spec"]["holderIdentity"]
+    assert leader == "op-a"
+    os.kill(procs[leader].pid, signal.SIGKILL)
+    procs[leader].wait()
+    create_nodes(env.kube, [edge("e2", "192.0.2.2")])
+    wait_converged(env, {"e1", "e2"}, timeout=60)
+    lease = env.kube._call("GET", f"/apis/coordination.k8s.io/v1/namespaces/{env.namespace}/leases/"
+                                  f"{env.settings.leader_election.lease_name}")
+    assert lease["spec"]["holderIdentity"] == "op-b"
+
+
+BAD = [
+    ("bad-community", edge("bad-community", "192.0.2.10", "Bad_Name"),
+     "metadata.labels[community.fabmesh.io/Bad_Name]"),
+    ("both-roles", node("both-roles", "192.0.2.11", {EDGE: "", CONNECTOR: ""}),
+     "metadata.labels[fabmesh.io/connector]"),
+    ("bad-annotation", edge("bad-annotation", "192.0.2.12", annotations={"fabmesh.io/pod-cidr": "ten.dot/24"}),
+     "metadata.annotations[fabmesh.io/pod-cidr]"),
+    ("outside-pool", edge("outside-pool", "192.0.2.13", pod_cidr="172.31.0.0/24"), "spec.podCIDR"),
+    ("no-address", node("no-address", None, {EDGE: ""}), "status.addresses"),
+]
+
+
+def test_each_bad_input_gets_an_event_naming_the_field_and_good_nodes_are_unaffected(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("good-1", "192.0.2.1", "a"), edge("good-2", "192.0.2.2", "a"),
+                            edge("dup-first", "192.0.2.3", pod_cidr="10.233.200.0/24")])
+    env.start()
+    wait_converged(env, {"good-1", "good-2", "dup-first"})
+    before = {k: v["metadata"]["resourceVersion"] for k, v in configmaps(env).items() if "good" in k}
+    create_nodes(env.kube, [n for _, n, _ in BAD])
+    env.kube.create("nodes", edge("dup-second", "192.0.2.4", pod_cidr="10.233.200.0/24"))
+    expected = {name: field for name, _, field in BAD} | {"dup-second": "spec.podCIDR"}
+    for name, field in expected.items():
+        wait_for(lambda n=name: events_for(env, n), timeout=30, what=f"an Event on {name}")
+        messages = [e["message"] for e in events_for(env, name)]
+        assert any(m.startswith(field) for m in messages), (name, messages)
+        assert o.agent_configmap_name(name) not in configmaps(env)
+    time.sleep(env.settings.resync_period_s)
+    after = {k: v["metadata"]["resourceVersion"] for k, v in configmaps(env).items() if "good" in k}
+    assert after == before
+    assert converged(env, {"good-1", "good-2", "dup-first"})
+    assert nodes(env)["dup-first"]["spec"]["podCIDR"] == "10.233.200.0/24"
+
+
+def test_exhausted_pool_gets_an_event_and_allocated_nodes_keep_their_cidrs(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.settings = write_settings(env.settings_file, env.namespace, edge_pod_pool="10.233.0.0/23")
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1"), edge("e2", "192.0.2.2")])
+    env.start()
+    wait_converged(env, {"e1", "e2"})
+    env.kube.create("nodes", edge("e3", "192.0.2.3"))
+    wait_for(lambda: events_for(env, "e3"), timeout=30, what="an Event on e3")
+    assert events_for(env, "e3")[0]["message"].startswith("pool")
+    assert {nodes(env)[n]["spec"]["podCIDR"] for n in ("e1", "e2")} == {"10.233.0.0/24", "10.233.1.0/24"}

@@ -1,0 +1,154 @@
+"""plan(): from Nodes and settings to every node's mesh, table-driven."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fabmesh.mesh.model import Role
+from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
+from fabmesh.operator.plan import MeshPlan, plan, shard_of
+from fabmesh.operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = OperatorSettings()
+FLANNEL = {"flannel.alpha.coreos.com/backend-type": "vxlan",
+           "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
+           "flannel.alpha.coreos.com/public-ip": "198.51.100.1"}
+
+
+def raw(name: str, ip: str | None, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+        pod_cidr: str | None = None, external: str | None = None, created: str = "") -> dict[str, Any]:
+    addresses = ([{"type": "InternalIP", "address": ip}] if ip else []) + \
+        ([{"type": "ExternalIP", "address": external}] if external else [])
+    return {"metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {},
+                         "creationTimestamp": created},
+            "spec": {"podCIDR": pod_cidr} if pod_cidr else {}, "status": {"addresses": addresses}}
+
+
+def edge(name: str, ip: str, *communities: str, **kw: Any) -> dict[str, Any]:
+    labels = {"node-role.kubernetes.io/edge": "", **{f"community.fabmesh.io/{c}": "" for c in communities}}
+    return raw(name, ip, labels, **kw)
+
+
+CONNECTOR = raw("conn", "198.51.100.1", {"fabmesh.io/connector": ""}, FLANNEL)
+CLOUD = raw("cloud", "198.51.100.2")
+
+
+def run(*objs: dict[str, Any], recorded: dict[str, str] | None = None) -> tuple[MeshPlan, list[InvalidNode]]:
+    infos: list[NodeInfo] = []
+    invalid: list[InvalidNode] = []
+    for obj in objs:
+        info = read_node(obj, SETTINGS)
+        (invalid if isinstance(info, InvalidNode) else infos).append(info)  # type: ignore[arg-type]
+    return plan(infos, SETTINGS, "CA", recorded), invalid
+
+
+def peers(result: MeshPlan, node: str) -> dict[str, bool]:
+    return {p.name: p.initiate for p in result.edges[node].peers}
+
+
+CASES = {
+    "edge-peers-with-connector-and-community": (
+        [CONNECTOR, CLOUD, edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a"), edge("e3", "192.0.2.3")],
+        {"e1": {"conn": True, "e2": True}, "e2": {"conn": True, "e1": False}, "e3": {"conn": True}},
+    ),
+    "several-communities-union-without-duplicates": (
+        [CONNECTOR, edge("e1", "192.0.2.1", "a", "b"), edge("e2", "192.0.2.2", "a", "b"), edge("e3", "192.0.2.3", "b")],
+        {"e1": {"conn": True, "e2": True, "e3": True}, "e2": {"conn": True, "e1": False, "e3": True},
+         "e3": {"conn": True, "e1": False, "e2": False}},
+    ),
+    "no-connector-only-community-peers": (
+        [edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a")],
+        {"e1": {"e2": True}, "e2": {"e1": False}},
+    ),
+}
+
+
+@pytest.mark.parametrize("nodes,expected", CASES.values(), ids=CASES.keys())
+def test_peers_follow_connector_and_shared_communities(nodes: list[dict[str, Any]],
+                                                       expected: dict[str, dict[str, bool]]) -> None:
+    result, _ = run(*nodes)
+    assert {n: peers(result, n) for n in result.edges} == expected
+
+
+def test_connector_tunnel_carries_cloud_service_cloud_hosts_and_the_edge_pool_for_relay() -> None:
+    result, _ = run(CONNECTOR, CLOUD, edge("e1", "192.0.2.1"), edge("e3", "192.0.2.3"))
+    connector_peer = next(p for p in result.edges["e1"].peers if p.name == "conn")
+    assert connector_peer.subnets == ("10.233.0.0/16", "10.244.0.0/16", "10.96.0.0/12",
+                                      "198.51.100.1/32", "198.51.100.2/32")
+    assert connector_peer.endpoint == "198.51.100.1" and connector_peer.role is Role.CONNECTOR
+    assert result.edges["e1"].local_subnets == ("10.233.0.0/24", "192.0.2.1/32")
+    # The connector offers the same subnets back, and lists every edge's own subnets.
+    mesh = result.connector_mesh()
+    assert mesh is not None and mesh.local_subnets == connector_peer.subnets
+    assert {p.name: p.subnets for p in mesh.peers} == {"e1": ("10.233.0.0/24", "192.0.2.1/32"),
+                                                      "e3": ("10.233.1.0/24", "192.0.2.3/32")}
+    assert all(p.endpoint is None and not p.initiate for p in mesh.peers)
+
+
+def test_same_input_in_any_order_gives_identical_configs() -> None:
+    nodes = [CONNECTOR, CLOUD, *(edge(f"e{i}", f"192.0.2.{i}", f"c{i % 3}") for i in range(1, 30))]
+    forward, _ = run(*nodes)
+    backward, _ = run(*reversed(nodes))
+    assert {n: m.to_yaml() for n, m in forward.edges.items()} == {n: m.to_yaml() for n, m in backward.edges.items()}
+    assert forward.connector_shards == backward.connector_shards
+
+
+def test_recorded_allocation_is_kept_even_before_it_reaches_the_node() -> None:
+    result, _ = run(CONNECTOR, edge("e1", "192.0.2.1"), recorded={"e1": "10.233.7.0/24"})
+    assert result.cidrs == {"e1": "10.233.7.0/24"} and result.allocated == {}
+    assert result.node_patches["e1"].spec_pod_cidr == "10.233.7.0/24"
+
+
+def test_deleted_node_is_dropped_from_the_ipam_record() -> None:
+    result, _ = run(CONNECTOR, edge("e1", "192.0.2.1"), recorded={"e1": "10.233.0.0/24", "gone": "10.233.9.0/24"})
+    assert result.ipam_record == {"e1": "10.233.0.0/24"}
+
+
+def test_edge_gets_the_connectors_flannel_annotations_and_only_changed_keys_are_patched() -> None:
+    result, _ = run(CONNECTOR, edge("e1", "192.0.2.1", annotations={**FLANNEL}))
+    patch = result.node_patches["e1"]
+    assert set(patch.annotations) == {"fabmesh.io/pod-cidr"}
+    assert patch.spec_pod_cidr == "10.233.0.0/24"
+
+
+def test_connector_without_flannel_annotations_is_an_error_on_the_connector() -> None:
+    result, _ = run(raw("conn", "198.51.100.1", {"fabmesh.io/connector": ""}), edge("e1", "192.0.2.1"))
+    assert [(e.node, e.field.split("[")[0]) for e in result.errors] == [("conn", "metadata.annotations")]
+    assert "e1" in result.edges and "fabmesh.io/pod-cidr" in result.node_patches["e1"].annotations
+
+
+def test_external_ip_is_the_tunnel_endpoint_and_is_in_the_certificate() -> None:
+    result, _ = run(CONNECTOR, edge("e1", "192.168.1.10", "a", external="203.0.113.10"),
+                    edge("e2", "192.0.2.2", "a"))
+    e1_seen_from_e2 = next(p for p in result.edges["e2"].peers if p.name == "e1")
+    assert e1_seen_from_e2.endpoint == "203.0.113.10"
+    assert result.cert_addresses["e1"] == ("192.168.1.10", "203.0.113.10")
+
+
+BAD = {
+    "uppercase-community": (edge("x", "192.0.2.9", "Bad"), "metadata.labels[community.fabmesh.io/Bad]"),
+    "edge-and-connector": (raw("x", "192.0.2.9", {"node-role.kubernetes.io/edge": "", "fabmesh.io/connector": ""}),
+                           "metadata.labels[fabmesh.io/connector]"),
+    "no-internal-ip": (edge("x", None), "status.addresses"),  # type: ignore[arg-type]
+    "malformed-ip": (edge("x", "999.1.1.1"), "status.addresses[0]"),
+}
+
+
+@pytest.mark.parametrize("bad,field", BAD.values(), ids=BAD.keys())
+def test_bad_node_is_reported_with_its_field_and_the_others_are_planned(bad: dict[str, Any], field: str) -> None:
+    result, invalid = run(CONNECTOR, edge("good", "192.0.2.1"), bad)
+    assert [(e.node, e.field) for e in invalid] == [("x", field)]
+    assert set(result.edges) == {"good"}
+
+
+def test_connector_shards_are_stable_and_one_new_edge_touches_one_shard() -> None:
+    nodes = [CONNECTOR, *(edge(f"e{i}", f"192.0.2.{i}") for i in range(1, 60))]
+    before, _ = run(*nodes)
+    after, _ = run(*nodes, edge("new", "192.0.2.200"), recorded=before.ipam_record)
+    changed = {i for i in after.connector_shards if after.connector_shards[i] != before.connector_shards[i]}
+    assert changed == {shard_of("new", SETTINGS.connector_shards)}
+    assert {n for n in before.edges if before.edges[n] != after.edges[n]} == set()
