@@ -15,15 +15,38 @@ from pydantic import BaseModel, ConfigDict
 DEFAULT_DIR = Path(os.environ.get("FABMESH_LAB_DIR", "/var/lib/fabmesh-lab"))
 
 
+class LabHost(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: str  # connector | cloud | edge
+    netns: str
+    wan_ip: str
+    node_ip: str
+    communities: list[str] = []
+    pod_cidr: str | None = None
+
+
+class LabPod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    node: str
+    ip: str
+    netns: str
+
+
 class LabState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = 1
+    version: int = 2
     prefix: str
     directory: str
     pids: dict[str, int] = {}
     kubeconfig: str | None = None
-    report: dict = {}
+    operator_namespace: str = "fabmesh-system"
+    hosts: list[LabHost] = []
+    pods: list[LabPod] = []
 
     @classmethod
     def path(cls, directory: Path) -> Path:
@@ -41,3 +64,6 @@ class LabState(BaseModel):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.model_dump(), indent=2))
         tmp.replace(path)
+
+    def host(self, name: str) -> LabHost:
+        return next(h for h in self.hosts if h.name == name)

@@ -243,6 +243,29 @@ class Netlink:
             changes.append(self._changed(f"action=set-up dev={name}"))
         return changes
 
+    def addresses(self) -> list[str]:
+        """Every address configured in the namespace (IPv4 and IPv6), as plain strings."""
+        found = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for m in self._dump(_Object.ADDR, family=family):
+                address = m.get("local") or m.get("address")
+                if address:
+                    found.append(str(ipaddress.ip_address(address)))
+        return sorted(found)
+
+    def ensure_host_address(self, device: str, address: str) -> list[str]:
+        """Put ``address`` (as a host /32 or /128) on ``device`` unless it is there already."""
+        index = self.link_index(device)
+        if index is None:
+            raise NetlinkError(f"address {address}: device {device} does not exist")
+        interface = ipaddress.ip_interface(address)
+        host = ipaddress.ip_interface(f"{interface.ip}/{interface.max_prefixlen}")
+        if self._has_address(index, host):
+            return []
+        self._write_tolerating(f"{device}: add address {host}", {errno.EEXIST}, _Object.ADDR, _Verb.ADD,
+                               index=index, address=str(host.ip), prefixlen=host.network.prefixlen)
+        return [self._changed(f"action=add-address dev={device} address={host}")]
+
     # -- routes --------------------------------------------------------------------------------
 
     def routes(self, table: int) -> list[Route]:
@@ -484,7 +507,7 @@ class Netlink:
         return _reason(exc)
 
     def _changed(self, what: str) -> str:
-        log.info("netns=%s %s", self.netns or "-", what)
+        log.debug("netns=%s %s", self.netns or "-", what)
         return what
 
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fabmesh.strongswan.driver import Charon
-
-log = logging.getLogger(__name__)
 
 
 def digest(value: Any) -> str:
@@ -84,7 +81,6 @@ class TunnelSync:
                 self.writes += 2
                 state["creds"] = creds.digest()
                 changes.credentials = True
-                log.info("node=%s action=load-credentials", self._node)
             loaded = set(charon.conns())
             recorded: dict[str, str] = state.setdefault("conns", {})
             for name in sorted(loaded - set(desired)):
@@ -93,7 +89,6 @@ class TunnelSync:
                 self.writes += 2
                 recorded.pop(name, None)
                 changes.unloaded.append(name)
-                log.info("node=%s action=unload-conn peer=%s", self._node, name)
             for name, conn in sorted(desired.items()):
                 want = digest(conn)
                 if name in loaded and recorded.get(name) == want:
@@ -105,14 +100,18 @@ class TunnelSync:
                 self.writes += 1
                 recorded[name] = want
                 changes.loaded.append(name)
-                log.info("node=%s action=load-conn peer=%s initiate=%s", self._node, name,
-                         name in initiators)
             self._write_state(state)
             sas = charon.sas()
             for name in sorted(initiators):
-                if name in desired and name not in sas:
+                if name in desired and _needs_initiate(sas.get(name)):
                     charon.initiate(name, name)
                     self.writes += 1
                     changes.initiated.append(name)
-                    log.info("node=%s action=initiate peer=%s reason=no-ike-sa", self._node, name)
         return changes
+
+
+def _needs_initiate(sa: dict[str, Any] | None) -> bool:
+    """No IKE_SA, or an established one without any CHILD_SA (e.g. TS_UNACCEPTABLE earlier)."""
+    if sa is None:
+        return True
+    return sa.get("state") == "ESTABLISHED" and not sa.get("child-sas")

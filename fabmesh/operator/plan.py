@@ -7,14 +7,16 @@ Topology:
 * An edge peers with the active connector (it initiates: edges sit behind NAT)
   and with every edge it shares a community with (the smaller name initiates).
 * The connector tunnel of an edge carries the cloud pod CIDRs, the Service
-  CIDR, the cloud nodes' addresses and the *whole edge pool*. The pool is what
+  CIDR, any configured cloud host ranges and the *whole edge pool*. The pool is what
   relays edges that share no community through the connector, at a constant
   config size per edge (listing each relayed edge would make the connector's
   config quadratic). Direct community tunnels carry the peer's exact /24 and
   win by specificity: charon gives narrower traffic selectors higher policy
   priority, and routes follow the longest prefix.
 * Each edge offers its pod CIDR and its own InternalIP (/32), so the cloud
-  reaches kubelet (:10250) on edge nodes for ``kubectl logs/exec``.
+  reaches kubelet (:10250) on edge nodes for ``kubectl logs/exec``. Cloud hosts
+  talk to edges from their flannel address (inside the cloud pod CIDR): the
+  connector routes with that source, flannel.1 on other cloud nodes has it.
 * The active connector is the first connector node by name; more than one
   connector is accepted, the others stay idle until failover is built.
 """
@@ -88,7 +90,6 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     by_name = {n.name: n for n in sorted(nodes, key=lambda n: n.name)}
     edges = [n for n in by_name.values() if n.role is Role.EDGE]
     connectors = [n for n in by_name.values() if n.role is Role.CONNECTOR]
-    cloud = [n for n in by_name.values() if n.role is not Role.EDGE]
 
     claims = [Claim(node=n.name, spec_pod_cidr=n.spec_pod_cidr,
                     annotation=n.pod_cidr_annotation or recorded.get(n.name), created=n.created)
@@ -110,9 +111,7 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         result.warnings.append("no node carries the connector label "
                                f"{settings.connector_label}: edges reach only their community peers")
 
-    cloud_hosts = settings.cloud_node_cidrs or tuple(
-        sorted({_host(n.internal_ip) for n in cloud if n.internal_ip != "0.0.0.0"}))
-    cloud_side = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, *cloud_hosts}))
+    cloud_side = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, *settings.cloud_node_cidrs}))
     mesh_cidrs = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, settings.edge_pod_pool}))
     to_connector = tuple(sorted({*cloud_side, settings.edge_pod_pool}))
 
@@ -164,8 +163,9 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     if connector is not None:
         result.cert_addresses[connector.name] = tuple(sorted({connector.internal_ip, connector.endpoint}))
         result.connector = NodeMesh(
+            # The connector's cloud pod CIDR gives it a source address inside the tunnels' selectors.
             node=LocalNode(name=connector.name, role=Role.CONNECTOR, address=connector.internal_ip,
-                           endpoint=connector.endpoint),
+                           endpoint=connector.endpoint, pod_cidr=connector.spec_pod_cidr),
             local_subnets=to_connector, mesh_cidrs=mesh_cidrs, peers=(),
             caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}

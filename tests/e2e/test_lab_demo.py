@@ -20,22 +20,26 @@ def _fabmesh(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
-def test_lab_up_reports_every_pair_reachable_and_down_removes_everything(tmp_path: Path) -> None:
+def test_lab_up_json_reports_a_full_matrix_and_down_removes_everything(tmp_path: Path) -> None:
     require_root_tools("ip", "/usr/lib/ipsec/charon")
-    lab = tmp_path / "lab"
-    up = _fabmesh("lab", "--dir", str(lab), "up", "--json")
+    directory = tmp_path / "lab"
+    up = _fabmesh("lab", "--dir", str(directory), "up", "--json")
     try:
-        assert up.returncode == 0, up.stderr
+        assert up.returncode == 0, up.stderr[-3000:]
         report = json.loads(up.stdout)
-        assert {p["name"] for p in report["pods"]} == {"pod-a", "pod-b"}
-        assert report["pairs"] and all(p["ok"] for p in report["pairs"])
-        status = _fabmesh("lab", "--dir", str(lab), "status", "--json")
-        assert status.returncode == 0 and json.loads(status.stdout)["pairs"] == report["pairs"]
-        pids = json.loads((lab / "state.json").read_text())["pids"].values()
+        assert Path(report["kubeconfig"]).exists()
+        assert {p["node"] for p in report["pods"]} == {"connector-1", "cloud-2", "edge-1", "edge-2", "edge-3"}
+        assert len(report["pairs"]) == 20 and all(p["ok"] for p in report["pairs"])
+        paths = {(p["src"], p["dst"]): p["path"] for p in report["pairs"]}
+        assert paths[("pod-edge-1", "pod-edge-2")] == "direct"
+        assert paths[("pod-edge-1", "pod-edge-3")] == "relayed"
+        assert paths[("pod-cloud-2", "pod-edge-3")] == "cloud"
+        status = _fabmesh("lab", "--dir", str(directory), "status", "--json", "--wait", "10")
+        assert status.returncode == 0 and all(p["ok"] for p in json.loads(status.stdout)["pairs"])
+        pids = json.loads((directory / "state.json").read_text())["pids"].values()
     finally:
-        down = _fabmesh("lab", "--dir", str(lab), "down")
+        down = _fabmesh("lab", "--dir", str(directory), "down")
     assert down.returncode == 0, down.stderr
     assert owned_namespaces(report["prefix"]) == []
     assert not any(Path(f"/proc/{pid}/exe").exists() for pid in pids)
-    again = _fabmesh("lab", "--dir", str(lab), "down")
-    assert again.returncode == 0
+    assert _fabmesh("lab", "--dir", str(directory), "down").returncode == 0

@@ -74,11 +74,10 @@ def test_peers_follow_connector_and_shared_communities(nodes: list[dict[str, Any
     assert {n: peers(result, n) for n in result.edges} == expected
 
 
-def test_connector_tunnel_carries_cloud_service_cloud_hosts_and_the_edge_pool_for_relay() -> None:
+def test_connector_tunnel_carries_cloud_pods_services_and_the_edge_pool_for_relay() -> None:
     result, _ = run(CONNECTOR, CLOUD, edge("e1", "192.0.2.1"), edge("e3", "192.0.2.3"))
     connector_peer = next(p for p in result.edges["e1"].peers if p.name == "conn")
-    assert connector_peer.subnets == ("10.233.0.0/16", "10.244.0.0/16", "10.96.0.0/12",
-                                      "198.51.100.1/32", "198.51.100.2/32")
+    assert connector_peer.subnets == ("10.233.0.0/16", "10.244.0.0/16", "10.96.0.0/12")
     assert connector_peer.endpoint == "198.51.100.1" and connector_peer.role is Role.CONNECTOR
     assert result.edges["e1"].local_subnets == ("10.233.0.0/24", "192.0.2.1/32")
     # The connector offers the same subnets back, and lists every edge's own subnets.
@@ -87,6 +86,13 @@ def test_connector_tunnel_carries_cloud_service_cloud_hosts_and_the_edge_pool_fo
     assert {p.name: p.subnets for p in mesh.peers} == {"e1": ("10.233.0.0/24", "192.0.2.1/32"),
                                                       "e3": ("10.233.1.0/24", "192.0.2.3/32")}
     assert all(p.endpoint is None and not p.initiate for p in mesh.peers)
+
+
+def test_configured_cloud_host_ranges_join_the_connector_tunnel() -> None:
+    settings = SETTINGS.model_copy(update={"cloud_node_cidrs": ("172.20.0.0/16",)})
+    infos = [read_node(n, settings) for n in (CONNECTOR, edge("e1", "192.0.2.1"))]
+    result = plan(infos, settings, "CA")  # type: ignore[arg-type]
+    assert "172.20.0.0/16" in next(p for p in result.edges["e1"].peers if p.name == "conn").subnets
 
 
 def test_same_input_in_any_order_gives_identical_configs() -> None:

@@ -1,0 +1,243 @@
+"""Bring a whole hybrid cluster up in network namespaces, check it, and take it down.
+
+Real parts only: etcd + kube-apiserver, the real operator process with the
+chart's RBAC, one charon per tunnel host (userspace ESP), the real agent and
+connector processes inside their hosts' namespaces, pods added by the real CNI
+plugins with the conflist the agent wrote, flannel-style VXLAN between cloud
+hosts programmed from the Node annotations the operator writes
+(:mod:`fabmesh.lab.nodesim`, which also projects ConfigMaps and Secrets like
+kubelet).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab.state import LabHost, LabPod, LabState
+from fabmesh.lab.topology import LabRole, Topology
+from fabmesh.testenv import cni
+from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
+from fabmesh.testenv.controlplane import ControlPlane
+from fabmesh.testenv.hosts import Host, Network, owned_namespaces, sh, stop_pid, unique_prefix, wait_for
+
+log = logging.getLogger("fabmesh.lab")
+FLANNEL = "flannel.alpha.coreos.com/"
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _spawn(state: LabState, name: str, argv: list[str], netns: str | None = None) -> int:
+    logs = Path(state.directory) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + argv
+    with open(logs / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state.pids[name] = proc.pid
+    state.save()
+    return proc.pid
+
+
+def _fabmesh(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fabmesh.cli", *args]
+
+
+def _setup_cloud_host(host: Host, pod_cidr: str) -> str:
+    """flannel.1 as flanneld's vxlan backend makes it; returns its VtepMAC."""
+    net = ipaddress.ip_network(pod_cidr)
+    host.run("ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", host.wan_ip, "dev", "wan0",
+             "dstport", "8472", "nolearning")
+    host.run("ip", "addr", "add", f"{net.network_address}/32", "dev", "flannel.1")
+    host.run("ip", "link", "set", "flannel.1", "mtu", "1450", "up")
+    return json.loads(host.run("ip", "-j", "link", "show", "flannel.1").stdout)[0]["address"]
+
+
+def _cloud_conflist(path: Path, pod_cidr: str, ipam_dir: Path) -> None:
+    net = ipaddress.ip_network(pod_cidr)
+    conf = {"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "mtu": 1450,
+         "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
+                  "ranges": [[{"subnet": str(net), "gateway": str(net.network_address + 1)}]],
+                  "routes": [{"dst": "0.0.0.0/0"}]}},
+        {"type": "loopback"}]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(conf, indent=2))
+
+
+def _node_object(host: LabHost, topo_labels: dict[str, str], annotations: dict[str, str],
+                 external_ip: str | None) -> dict[str, Any]:
+    addresses = [{"type": "InternalIP", "address": host.node_ip}]
+    if external_ip:
+        addresses.append({"type": "ExternalIP", "address": external_ip})
+    body: dict[str, Any] = {"metadata": {"name": host.name, "labels": topo_labels, "annotations": annotations},
+                            "spec": {}, "status": {"addresses": addresses}}
+    if host.role != "edge" and host.pod_cidr:
+        body["spec"] = {"podCIDR": host.pod_cidr, "podCIDRs": [host.pod_cidr]}
+    return body
+
+
+def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
+    return {
+        "namespace": namespace,
+        "edge_pod_pool": topology.edge_pod_pool,
+        "cloud_pod_cidrs": [topology.cloud_pod_cidr],
+        "service_cidr": topology.service_cidr,
+        "resync_period_s": 10,
+        "tunnel": {"backend": "libipsec"},
+        "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
+        # The lab runs agents as processes (no kubelet), so the operator's agent Pods are off.
+        "agent_pods": {"enabled": False},
+    }
+
+
+def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120) -> LabState:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory))
+    state.save()
+    progress("starting etcd and kube-apiserver")
+    cp = ControlPlane(directory=directory / "controlplane").start()
+    state.pids.update({f"controlplane-{i}": pid for i, pid in enumerate(cp.pids)})
+    state.kubeconfig = str(cp.kubeconfig)
+    state.save()
+    admin = Kube(load_api_client(str(cp.kubeconfig)))
+
+    progress("creating hosts (network namespaces)")
+    net = Network(prefix=state.prefix, directory=directory / "hosts", wan_cidr=topology.wan_cidr).create()
+    hosts: dict[str, Host] = {}
+    macs: dict[str, str] = {}
+    cloud_index = edge_index = 0
+    for i, node in enumerate(topology.nodes):
+        host = net.add_host(node.name, topology.wan_ip(i))
+        hosts[node.name] = host
+        if node.role is LabRole.EDGE:
+            node_ip = topology.edge_ip(edge_index)
+            edge_index += 1
+            host.run("ip", "addr", "add", f"{node_ip}/32", "dev", "lo")
+            state.hosts.append(LabHost(name=node.name, role="edge", netns=host.netns, wan_ip=host.wan_ip,
+                                       node_ip=node_ip, communities=list(node.communities)))
+        else:
+            pod_cidr = topology.cloud_pod_subnet(cloud_index)
+            cloud_index += 1
+            macs[node.name] = _setup_cloud_host(host, pod_cidr)
+            state.hosts.append(LabHost(name=node.name, role=node.role.value, netns=host.netns, wan_ip=host.wan_ip,
+                                       node_ip=host.wan_ip, pod_cidr=pod_cidr))
+    state.save()
+
+    progress("registering Nodes and installing the operator's RBAC")
+    namespace = state.operator_namespace
+    op_kubeconfig = install_operator_rbac(cp, admin, namespace)
+    for h in state.hosts:
+        labels: dict[str, str] = {}
+        annotations: dict[str, str] = {}
+        if h.role == "edge":
+            labels["node-role.kubernetes.io/edge"] = ""
+            labels.update({f"community.fabmesh.io/{c}": "" for c in h.communities})
+        else:
+            if h.role == "connector":
+                labels["fabmesh.io/connector"] = ""
+            annotations = {FLANNEL + "backend-type": "vxlan", FLANNEL + "public-ip": h.wan_ip,
+                           FLANNEL + "backend-data": json.dumps({"VNI": 1, "VtepMAC": macs[h.name]})}
+        admin.create("nodes", _node_object(h, labels, annotations, h.wan_ip if h.role == "edge" else None))
+
+    progress("starting the operator")
+    settings_file = directory / "operator.yaml"
+    settings_file.write_text(yaml.safe_dump(operator_settings(topology, namespace)))
+    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
+    state.save()
+
+    progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
+    _spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
+    for h in state.hosts:
+        host = hosts[h.name]
+        if h.role == "cloud":
+            continue
+        state.pids[f"charon-{h.name}"] = host.start_charon().pid
+        base = host.directory
+        common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
+                  "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
+                  "--metrics-port", "9100", "--metrics-address", h.wan_ip]
+        if h.role == "connector":
+            _spawn(state, f"connector-{h.name}", _fabmesh("connector", *common), host.netns)
+        else:
+            _spawn(state, f"agent-{h.name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),
+                                                      "--ipam-data-dir", str(base / "ipam")), host.netns)
+    state.save()
+
+    progress("adding pods with the CNI plugins")
+    for h in state.hosts:
+        base = hosts[h.name].directory
+        if h.role == "edge":
+            conflist = base / "cni" / "10-fabmesh.conflist"
+            wait_for(conflist.exists, timeout=timeout, interval=0.2, what=f"the agent's CNI config on {h.name}")
+        else:
+            conflist = base / "cni" / "10-flannel.conflist"
+            _cloud_conflist(conflist, h.pod_cidr or "", base / "ipam")
+        pod = cni.add_pod(conflist, h.netns, "pod")
+        state.pods.append(LabPod(name=f"pod-{h.name}", node=h.name, ip=pod.ip, netns=pod.netns))
+        if h.role == "edge":
+            h.pod_cidr = str(ipaddress.ip_network(f"{pod.ip}/24", strict=False))
+    state.save()
+    return state
+
+
+def path_between(state: LabState, src: str, dst: str) -> str:
+    a, b = state.host(src), state.host(dst)
+    if a.role == "edge" and b.role == "edge":
+        return "direct" if set(a.communities) & set(b.communities) else "relayed"
+    return "cloud"
+
+
+def ping(netns: str, ip: str, timeout_s: int = 1) -> bool:
+    return sh("ping", "-n", "-q", "-c", "1", "-W", str(timeout_s), ip, ns=netns, check=False).returncode == 0
+
+
+def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
+    """Ping every pod from every pod; with ``wait``, retry failing pairs until they pass or time runs out."""
+    deadline = time.monotonic() + wait
+    results: dict[tuple[str, str], bool] = {}
+    while True:
+        for src in state.pods:
+            for dst in state.pods:
+                if src is dst or results.get((src.name, dst.name)):
+                    continue
+                results[(src.name, dst.name)] = ping(src.netns, dst.ip)
+        if all(results.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
+    node_of = {p.name: p.node for p in state.pods}
+    pairs = [{"src": s, "dst": d, "ok": ok, "path": path_between(state, node_of[s], node_of[d])}
+             for (s, d), ok in results.items()]
+    return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
+            "nodes": [{"name": h.name, "role": h.role, "communities": h.communities, "wan_ip": h.wan_ip,
+                       "node_ip": h.node_ip} for h in state.hosts]}
+
+
+def down(directory: Path) -> str | None:
+    state = LabState.load(directory)
+    if state is None:
+        return None
+    for name, pid in sorted(state.pids.items(), key=lambda kv: kv[0].startswith("controlplane")):
+        stop_pid(pid, timeout=10)
+        log.debug("stopped %s pid=%d", name, pid)
+    for netns in owned_namespaces(state.prefix):
+        sh("ip", "netns", "del", netns, check=False)
+    shutil.rmtree(directory, ignore_errors=True)
+    return state.prefix
+

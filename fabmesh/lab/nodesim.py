@@ -1,0 +1,161 @@
+"""What kubelet and flanneld would do on each lab host, driven by the real API server.
+
+* kubelet's volume projection: each node's ConfigMap and Secret are written to
+  ``<host>/mesh`` and ``<host>/tls`` the way kubelet does it: files in a
+  timestamped directory, published by an atomic rename of the ``..data``
+  symlink, the stable names being links through ``..data``.
+* flanneld's vxlan backend on cloud hosts: for every *other* Node with flannel
+  annotations and a ``spec.podCIDR``, a route ``podCIDR via <podCIDR net> dev
+  flannel.1 onlink``, a permanent neighbour ``<podCIDR net> -> VtepMAC`` and an
+  FDB entry ``VtepMAC -> public-ip``. Edge Nodes carry the *connector's*
+  annotations (the operator put them there), so this is what proves the
+  bridging: cloud hosts send edge-bound traffic to the connector's VTEP.
+  Like flanneld, a host skips leases whose public-ip is its own.
+
+Run as ``python -m fabmesh.lab.nodesim --dir LAB_DIR``: it polls the API every
+second until killed (by PID, by ``fabmesh lab down``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab.state import LabState
+from fabmesh.operator import objects as o
+from fabmesh.testenv.hosts import sh
+
+log = logging.getLogger("fabmesh.lab.nodesim")
+FLANNEL = "flannel.alpha.coreos.com/"
+
+
+def project(directory: Path, files: dict[str, str]) -> bool:
+    """Publish ``files`` in ``directory`` like kubelet (atomic ``..data`` swap); False if unchanged."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "..data"
+    if data.is_symlink():
+        current = directory / os.readlink(data)
+        existing = {p.name: p.read_text() for p in current.iterdir()} if current.is_dir() else {}
+        if existing == files:
+            return False
+    stamp = datetime.datetime.now(datetime.UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
+    fresh = directory / stamp
+    fresh.mkdir()
+    for name, text in files.items():
+        (fresh / name).write_text(text)
+    tmp = directory / "..data_tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(stamp)
+    old = os.readlink(data) if data.is_symlink() else None
+    os.replace(tmp, data)
+    for name in files:
+        link = directory / name
+        if not link.is_symlink():
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"..data/{name}")
+    for stale in directory.iterdir():
+        if stale.is_symlink() and not stale.name.startswith("..") and stale.name not in files:
+            stale.unlink()
+    if old:
+        shutil.rmtree(directory / old, ignore_errors=True)
+    return True
+
+
+def _secret_files(secret: dict[str, Any] | None) -> dict[str, str]:
+    return {k: o.unb64(v) for k, v in ((secret or {}).get("data") or {}).items()}
+
+
+def project_all(kube: Kube, state: LabState) -> None:
+    ns = state.operator_namespace
+    cms = {c["metadata"]["name"]: c for c in kube.list("configmaps", ns)}
+    secrets = {s["metadata"]["name"]: s for s in kube.list("secrets", ns)}
+    for host in state.hosts:
+        base = Path(state.directory) / "hosts" / host.name
+        if host.role == "edge":
+            cm, secret = cms.get(o.agent_configmap_name(host.name)), secrets.get(o.tls_secret_name(host.name))
+            mesh_files = dict((cm or {}).get("data") or {})
+        elif host.role == "connector":
+            cm, secret = cms.get(o.CONNECTOR_CONFIGMAP), secrets.get(o.CONNECTOR_SECRET)
+            mesh_files = dict((cm or {}).get("data") or {})
+            for name, shard in cms.items():
+                if name.startswith("fabmesh-connector-peers-"):
+                    mesh_files[f"peers-{name.rsplit('-', 1)[1]}.yaml"] = shard["data"]["peers.yaml"]
+        else:
+            continue
+        if cm is None or secret is None:
+            continue  # like kubelet: the Pod waits until both exist
+        if project(base / "mesh", mesh_files):
+            log.info("node=%s action=project configmap", host.name)
+        if project(base / "tls", _secret_files(secret)):
+            log.info("node=%s action=project secret", host.name)
+
+
+def flannel_entries(nodes: list[dict[str, Any]], own_ip: str) -> dict[str, tuple[str, str, str]]:
+    """podCIDR -> (vtep address, VtepMAC, public-ip) for every other node's lease (pure)."""
+    entries = {}
+    for node in nodes:
+        annotations = node["metadata"].get("annotations") or {}
+        cidr = (node.get("spec") or {}).get("podCIDR")
+        public_ip = annotations.get(FLANNEL + "public-ip")
+        backend = annotations.get(FLANNEL + "backend-data")
+        if not (cidr and public_ip and backend) or public_ip == own_ip:
+            continue
+        try:
+            mac = json.loads(backend)["VtepMAC"]
+        except (ValueError, KeyError):
+            continue
+        entries[cidr] = (str(ipaddress.ip_network(cidr).network_address), mac, public_ip)
+    return entries
+
+
+def program_flannel(netns: str, entries: dict[str, tuple[str, str, str]]) -> None:
+    current = json.loads(sh("ip", "-j", "route", "show", "dev", "flannel.1", ns=netns).stdout or "[]")
+    for route in current:
+        if route.get("dst") not in entries and "/" in route.get("dst", ""):
+            sh("ip", "route", "del", route["dst"], "dev", "flannel.1", ns=netns, check=False)
+    for cidr, (vtep, mac, public_ip) in sorted(entries.items()):
+        sh("ip", "neigh", "replace", vtep, "lladdr", mac, "dev", "flannel.1", "nud", "permanent", ns=netns)
+        sh("bridge", "fdb", "replace", mac, "dev", "flannel.1", "dst", public_ip, ns=netns)
+        sh("ip", "route", "replace", cidr, "via", vtep, "dev", "flannel.1", "onlink", ns=netns)
+
+
+def sync_once(kube: Kube, state: LabState) -> None:
+    project_all(kube, state)
+    nodes = kube.list("nodes")
+    for host in state.hosts:
+        if host.role in ("cloud", "connector"):
+            program_flannel(host.netns, flannel_entries(nodes, host.wan_ip))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m fabmesh.lab.nodesim",
+                                     description="kubelet projection and flanneld routes for a running lab")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--once", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    state = LabState.load(args.dir)
+    if state is None or state.kubeconfig is None:
+        parser.error(f"no running lab in {args.dir}")
+    kube = Kube(load_api_client(state.kubeconfig))
+    while True:
+        try:
+            sync_once(kube, state)
+        except Exception as exc:  # the API may be down for a moment; try again
+            log.warning("sync failed: %s", exc)
+        if args.once:
+            return 0
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

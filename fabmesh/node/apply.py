@@ -1,0 +1,154 @@
+"""Apply a ``NodeState`` to the node: each resource through its own reconciler, only what differs.
+
+Each step is independent: one failing (charon not up yet, a device missing)
+is reported and the others still run, and the next pass retries it. Order:
+sysctls, bridge, CNI config, ipsets (before the rules that name them),
+iptables, tunnels over VICI (creates libipsec's TUN device), rule and routes.
+
+Writes are counted per resource; a pass over an unchanged node writes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabmesh.firewall.ipset import IPSets
+from fabmesh.firewall.iptables import IPTables
+from fabmesh.netlink.driver import Netlink
+from fabmesh.node.desired import RULE_PRIORITY, NodeState
+from fabmesh.node.tunnel_sync import Credentials, TunnelSync
+from fabmesh.strongswan.driver import Charon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyReport:
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def write_atomically(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` via rename, so a reader never sees half a file; False if unchanged."""
+    try:
+        if path.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+class NodeApplier:
+    """Holds one reconciler per resource for the life of the process (they cache normal forms)."""
+
+    def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None,
+                 proc_sys: Path = Path("/proc/sys")) -> None:
+        self.node = node
+        self.cni_conf_path = cni_conf_path
+        self.proc_sys = proc_sys
+        self.iptables = IPTables(None, 4)
+        self.ipsets = IPSets(None)
+        self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json", node)
+        self.file_writes = 0
+        self.sysctl_writes = 0
+        self.netlink_writes = 0
+
+    def writes(self) -> Counter[str]:
+        return Counter({"netlink": self.netlink_writes, "iptables": self.iptables.writes,
+                        "ipset": self.ipsets.writes, "vici": self.tunnels.writes,
+                        "files": self.file_writes, "sysctl": self.sysctl_writes})
+
+    def _step(self, report: ApplyReport, what: str, fn: Callable[[], list[str]]) -> None:
+        try:
+            for change in fn():
+                report.changes.append(change)
+                log.info("node=%s %s", self.node, change)
+        except Exception as exc:  # one failing resource must not stop the others
+            report.errors.append(f"{what}: {exc}")
+            log.warning("node=%s step=%s failed (retrying next pass): %s", self.node, what, exc)
+
+    def apply(self, state: NodeState, creds: Credentials) -> ApplyReport:
+        report = ApplyReport()
+        self._step(report, "sysctl", self._sysctls)
+        if state.bridge:
+            self._step(report, "bridge", lambda: self._bridge(state))
+        if state.conflist and self.cni_conf_path:
+            self._step(report, "cni", lambda: self._cni(state.conflist or ""))
+        self._step(report, "ipset", lambda: self.ipsets.set(state.ipsets, prefix="FABMESH-"))
+        self._step(report, "iptables", lambda: self.iptables.set(state.chains, state.jumps, prefix="FABMESH-"))
+        if state.anchors:
+            self._step(report, "anchors", lambda: self._anchors(state))
+        self._step(report, "tunnels", lambda: self._tunnels(state, creds))
+        self._step(report, "routes", lambda: self._routes(state))
+        return report
+
+    def _sysctls(self) -> list[str]:
+        path = self.proc_sys / "net/ipv4/ip_forward"
+        if path.read_text().strip() == "1":
+            return []
+        path.write_text("1")
+        self.sysctl_writes += 1
+        return ["action=sysctl net.ipv4.ip_forward=1"]
+
+    def _bridge(self, state: NodeState) -> list[str]:
+        assert state.bridge
+        name, address, mtu = state.bridge
+        with Netlink(None) as nl:
+            before = nl.writes
+            changes = nl.ensure_bridge(name, address, mtu)
+            self.netlink_writes += nl.writes - before
+        return [f"action=bridge {c}" for c in changes]
+
+    def _anchors(self, state: NodeState) -> list[str]:
+        changes: list[str] = []
+        with Netlink(None) as nl:
+            present = [ipaddress.ip_address(a) for a in nl.addresses()]
+            before = nl.writes
+            for subnet in state.anchors:
+                net = ipaddress.ip_network(subnet)
+                if any(a in net for a in present):
+                    continue
+                changes += nl.ensure_host_address("lo", str(net.network_address))
+            self.netlink_writes += nl.writes - before
+        return changes
+
+    def _cni(self, conflist: str) -> list[str]:
+        assert self.cni_conf_path
+        if not write_atomically(self.cni_conf_path, conflist):
+            return []
+        self.file_writes += 1
+        return [f"action=write-cni-config path={self.cni_conf_path}"]
+
+    def _tunnels(self, state: NodeState, creds: Credentials) -> list[str]:
+        changes = self.tunnels.apply(state.connections, creds, set(state.initiators))
+        return ([*(f"action=load-conn peer={n}" for n in changes.loaded),
+                 *(f"action=unload-conn peer={n}" for n in changes.unloaded),
+                 *(f"action=initiate peer={n}" for n in changes.initiated)]
+                + (["action=load-credentials"] if changes.credentials else []))
+
+    def _routes(self, state: NodeState) -> list[str]:
+        with Netlink(None) as nl:
+            before = nl.writes
+            try:
+                added_rule = nl.ensure_rule(state.route_table, RULE_PRIORITY)
+                changes = nl.set_routes(state.route_table, state.routes)
+            finally:
+                self.netlink_writes += nl.writes - before
+        return (([f"action=add-rule table={state.route_table} priority={RULE_PRIORITY}"]
+                 if added_rule else [])
+                + [f"action=add-route {r.key()}" for r in changes.added]
+                + [f"action=del-route {r.key()}" for r in changes.removed])

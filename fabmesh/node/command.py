@@ -1,0 +1,100 @@
+"""Command-line wiring shared by ``fabmesh agent`` and ``fabmesh connector``: flags, run, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fabmesh.node.loop import NodeLoop, NodeLoopOptions
+
+
+def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
+    parser.add_argument("--config-dir", type=Path, default=Path("/etc/fabmesh/mesh"),
+                        help="mounted ConfigMap with mesh.yaml%s (default: /etc/fabmesh/mesh)"
+                        % ("" if edge else " and peers-*.yaml shards"))
+    parser.add_argument("--tls-dir", type=Path, default=Path("/etc/fabmesh/tls"),
+                        help="mounted Secret with tls.crt, tls.key, ca.crt (default: /etc/fabmesh/tls)")
+    parser.add_argument("--vici-socket", type=Path, default=Path("/var/run/fabmesh/charon.vici"),
+                        help="charon's VICI socket (default: /var/run/fabmesh/charon.vici)")
+    parser.add_argument("--state-dir", type=Path, default=Path("/var/run/fabmesh"),
+                        help="where the loop keeps what it loaded into charon (default: /var/run/fabmesh)")
+    parser.add_argument("--uplink", help="device IKE leaves by; needed with the kernel backend")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (default: off)")
+    parser.add_argument("--metrics-address", default="0.0.0.0", help="metrics bind address (default: 0.0.0.0)")
+    if edge:
+        parser.add_argument("--cni-conf-dir", type=Path, default=None,
+                            help="override mesh.yaml's settings.cni_conf_dir (where the conflist goes)")
+        parser.add_argument("--ipam-data-dir", default=None,
+                            help="host-local IPAM state directory (default: the plugin's /var/lib/cni/networks)")
+
+
+def options(args: argparse.Namespace) -> NodeLoopOptions:
+    return NodeLoopOptions(
+        config_dir=args.config_dir, tls_dir=args.tls_dir, vici_socket=args.vici_socket,
+        state_dir=args.state_dir, cni_conf_dir=getattr(args, "cni_conf_dir", None),
+        ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
+        metrics_address=args.metrics_address, metrics_port=args.metrics_port)
+
+
+def run(args: argparse.Namespace) -> int:
+    return NodeLoop(options(args)).run()
+
+
+def status(args: argparse.Namespace) -> int:
+    """Peers, SAs and routes of the local node, read from charon and the kernel."""
+    from fabmesh.node.config import load
+    from fabmesh.strongswan.driver import Charon, ViciError
+
+    report: dict[str, object] = {}
+    try:
+        config = load(args.config_dir, args.tls_dir)
+        report["node"] = config.mesh.node.model_dump(mode="json")
+        peers = {p.name: {"role": p.role.value, "subnets": list(p.subnets), "initiate": p.initiate}
+                 for p in config.mesh.peers}
+        table = config.mesh.settings.route_table
+    except Exception as exc:
+        print(f"cannot read the node's config: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with Charon(args.vici_socket, timeout=5) as charon:
+            sas = charon.sas()
+    except ViciError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        sas = {}
+    for name, peer in peers.items():
+        sa = sas.get(name, {})
+        children = list(sa.get("child-sas", {}).values())
+        peer.update(state=sa.get("state", "DOWN"), remote=sa.get("remote-host"),
+                    bytes_in=sum(int(c.get("bytes-in", 0)) for c in children),
+                    bytes_out=sum(int(c.get("bytes-out", 0)) for c in children))
+    report["peers"] = peers
+    routes = subprocess.run(["ip", "-j", "route", "show", "table", str(table)], capture_output=True, text=True)
+    report["routes"] = json.loads(routes.stdout or "[]")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"node {report['node']['name']} ({report['node']['role']})")  # type: ignore[index]
+    print(f"{'PEER':<24}{'ROLE':<11}{'STATE':<13}{'REMOTE':<17}{'IN':>12}{'OUT':>12}  SUBNETS")
+    for name, peer in peers.items():
+        print(f"{name:<24}{peer['role']:<11}{peer['state']:<13}{peer['remote'] or '-':<17}"
+              f"{peer['bytes_in']:>12}{peer['bytes_out']:>12}  {','.join(peer['subnets'])}")
+    print(f"routes in table {table}:")
+    for route in report["routes"]:  # type: ignore[union-attr]
+        print(f"  {route.get('dst')} dev {route.get('dev')} src {route.get('prefsrc', '-')}")
+    return 0
+
+
+def register_node_command(sub: argparse._SubParsersAction, name: str, help_text: str, *, edge: bool) -> None:
+    parser = sub.add_parser(name, help=help_text, description=f"{help_text}. Needs no Kubernetes credentials: "
+                            "it reads the mounted ConfigMap and Secret only.")
+    add_node_flags(parser, edge=edge)
+    parser.set_defaults(func=run)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.add_parser("run", help="run the reconcile loop (the default)").set_defaults(func=run)
+    st = verbs.add_parser("status", help="print peers, SAs and routes of the local node")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=status)

@@ -1,0 +1,153 @@
+"""Everything one node should look like, computed from its ``NodeMesh`` (pure).
+
+The agent (edge) and the connector (cloud) share this; the differences are
+data: an edge has a pod CIDR (so a bridge, a CNI config and a MASQUERADE rule
+for traffic leaving the mesh), the connector does not.
+
+Routing: our routes live in a table of our own (``settings.route_table``),
+looked up by one ``ip rule`` before ``main``. Each peer subnet goes to the
+tunnel device: libipsec's TUN (``ipsec0``) or, with kernel ESP, the uplink
+(the xfrm policy then takes the packet). Two exceptions keep the tunnels from
+swallowing traffic they must not carry:
+* the node's own pod CIDR goes to its bridge (the edge pool, routed to the
+  connector for relaying, contains it);
+* a subnet holding a peer's IKE endpoint is not routed into a tunnel, or the
+  tunnel's own UDP packets would be routed into it (the endpoint stays
+  reachable directly, which IKE needs anyway).
+
+iptables, all in ``FABMESH-*`` chains jumped to first:
+* filter FORWARD: mesh to mesh is accepted (before any default DROP),
+* nat POSTROUTING: mesh to mesh is ACCEPTed, which ends NAT processing, so no
+  later MASQUERADE (flannel's, kube-proxy's) can rewrite a pod source IP;
+  pods leaving the mesh are masqueraded (edges only),
+* mangle FORWARD/OUTPUT: TCP SYNs into the mesh get their MSS clamped to the
+  tunnel MTU (an MTU mistake costs several times the throughput).
+Rules are written exactly as ``iptables-save`` prints them, so a restarted
+agent compares equal and writes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabmesh.firewall.ipset import IPSet
+from fabmesh.firewall.iptables import Chain, Jump
+from fabmesh.mesh.model import Backend, NodeMesh, Role
+from fabmesh.netlink.driver import Route
+from fabmesh.node.cni import gateway
+from fabmesh.node.tunnels import desired_connections
+
+MESH_SET = "FABMESH-MESH"
+RULE_PRIORITY = 100
+LIBIPSEC_DEVICE = "ipsec0"
+IP_OVERHEAD = 40  # IPv4 + TCP headers, for MSS from MTU
+
+
+@dataclass(frozen=True)
+class NodeState:
+    bridge: tuple[str, str, int] | None  # name, gateway CIDR, MTU
+    conflist: str | None
+    routes: tuple[Route, ...]
+    route_table: int
+    ipsets: tuple[IPSet, ...]
+    chains: tuple[Chain, ...]
+    jumps: tuple[Jump, ...]
+    connections: dict[str, dict[str, Any]] = field(hash=False)
+    initiators: frozenset[str] = frozenset()
+    skipped: tuple[str, ...] = ()  # human notes about subnets deliberately not routed
+    anchors: tuple[str, ...] = ()  # local subnets that need a local address (libipsec), see below
+
+
+def _contains(cidr: str, address: str) -> bool:
+    return ipaddress.ip_address(address) in ipaddress.ip_network(cidr)
+
+
+def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
+                  conflist: str | None = None, ike_remotes: frozenset[str] = frozenset()) -> NodeState:
+    """``uplink`` is the device IKE leaves by (needed for the kernel backend only).
+
+    ``ike_remotes`` are the peer addresses charon currently talks IKE with (from
+    ``list-sas``): behind NAT they are only known at run time, and must never be
+    routed into a tunnel either.
+    """
+    settings, table = mesh.settings, mesh.settings.route_table
+    device = LIBIPSEC_DEVICE if mesh.tunnel.backend is Backend.LIBIPSEC else uplink
+    if device is None:
+        raise ValueError("the kernel backend needs the uplink device to route tunnel traffic")
+    own = {mesh.node.address, mesh.node.endpoint}
+    endpoints = {p.endpoint for p in mesh.peers if p.endpoint} | own | set(ike_remotes)
+    src = _source(mesh)
+    routes: dict[str, Route] = {}
+    skipped: list[str] = []
+    local = set(mesh.local_subnets)
+    for peer in sorted(mesh.peers, key=lambda p: p.name):
+        for subnet in peer.subnets:
+            blocked = sorted(e for e in endpoints if _contains(subnet, e))
+            if blocked:
+                skipped.append(f"{subnet} (peer {peer.name}) holds IKE endpoint {blocked[0]}: not routed")
+                continue
+            if subnet in local or subnet in routes:
+                continue
+            routes[subnet] = Route(dst=subnet, dev=device, table=table, src=src)
+    bridge = None
+    if mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
+        prefix = ipaddress.ip_network(mesh.node.pod_cidr).prefixlen
+        bridge = (settings.bridge, f"{gateway(mesh.node.pod_cidr)}/{prefix}", mesh.tunnel.mtu)
+        routes[mesh.node.pod_cidr] = Route(dst=mesh.node.pod_cidr, dev=settings.bridge, table=table, src=src)
+
+    # kernel-libipsec installs a route per outbound policy and refuses the whole CHILD_SA when
+    # no local address lies inside a local traffic selector (connector: Service CIDR, edge pool).
+    # The applier gives such subnets an anchor address (their network address, never a pod's
+    # or a Service's) on lo; the kernel backend has no such requirement.
+    anchors: set[str] = set()
+    if mesh.tunnel.backend is Backend.LIBIPSEC:
+        anchors = {s for p in mesh.peers for s in mesh.local_ts(p)}
+    members = set(mesh.mesh_cidrs) | local | {s for p in mesh.peers for s in p.subnets}
+    ipsets = (IPSet(name=MESH_SET, family="inet", members=frozenset(members)),)
+    return NodeState(
+        bridge=bridge, conflist=conflist if bridge else None,
+        routes=tuple(sorted(routes.values())), route_table=table, ipsets=ipsets,
+        chains=_chains(mesh), jumps=_jumps(),
+        connections=desired_connections(mesh, cert_pem),
+        initiators=frozenset(p.name for p in mesh.peers if p.initiate), skipped=tuple(skipped),
+        anchors=tuple(sorted(anchors)))
+
+
+def _source(mesh: NodeMesh) -> str:
+    """Source address for traffic this host itself sends into the tunnels: inside the local selectors.
+
+    An edge uses its bridge gateway; the connector its flannel.1 address (the network address
+    of its cloud pod CIDR, which flanneld's vxlan backend assigns). Not the node address: that is
+    the IKE endpoint, which must stay outside the tunnels.
+    """
+    if mesh.node.pod_cidr is None:
+        return mesh.node.address
+    if mesh.node.role is Role.EDGE:
+        return gateway(mesh.node.pod_cidr)
+    return str(ipaddress.ip_network(mesh.node.pod_cidr).network_address)
+
+
+def _chains(mesh: NodeMesh) -> tuple[Chain, ...]:
+    both = f"-m set --match-set {MESH_SET} src -m set --match-set {MESH_SET} dst"
+    nat = [f"{both} -j ACCEPT"]
+    if mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
+        nat.append(f"-s {mesh.node.pod_cidr} -m set ! --match-set {MESH_SET} dst -j MASQUERADE")
+    mss = mesh.tunnel.mtu - IP_OVERHEAD
+    return (
+        Chain("filter", "FABMESH-FORWARD", (f"{both} -j ACCEPT",)),
+        Chain("nat", "FABMESH-POSTROUTING", tuple(nat)),
+        Chain("mangle", "FABMESH-MSS",
+              (f"-p tcp -m set --match-set {MESH_SET} dst -m tcp --tcp-flags SYN,RST SYN "
+               f"-j TCPMSS --set-mss {mss}",)),
+    )
+
+
+def _jumps() -> tuple[Jump, ...]:
+    return (
+        Jump("filter", "FORWARD", "FABMESH-FORWARD"),
+        Jump("nat", "POSTROUTING", "FABMESH-POSTROUTING"),
+        Jump("mangle", "FORWARD", "FABMESH-MSS"),
+        Jump("mangle", "OUTPUT", "FABMESH-MSS"),
+    )

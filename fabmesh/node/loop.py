@@ -1,0 +1,166 @@
+"""The node loop shared by the edge agent and the connector: observe files, plan, apply, repeat.
+
+A pass runs when the mounted config changes (kubelet's ``..data`` swap), when
+charon's VICI socket is recreated (charon restarted and lost everything), every
+``resync_period_s`` as a safety net, and after ``RETRY_S`` while something is
+not right yet (a failed step, an initiator without an IKE_SA).
+
+A missing or malformed config keeps the last good state: it is logged, counted
+in ``fabmesh_config_errors_total``, and nothing is torn down. Stopping the loop
+(SIGTERM) leaves the data plane as it is, so restarting the agent loses no
+packet.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fabmesh.mesh.model import MeshConfigError
+from fabmesh.node.apply import NodeApplier
+from fabmesh.node.cni import render_conflist
+from fabmesh.node.config import NodeConfig, fingerprint, load
+from fabmesh.node.desired import desired_state
+from fabmesh.strongswan.driver import Charon, ViciError
+
+log = logging.getLogger(__name__)
+RETRY_S = 2.0
+POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class NodeLoopOptions:
+    config_dir: Path
+    tls_dir: Path
+    vici_socket: Path
+    state_dir: Path
+    cni_conf_dir: Path | None = None  # None: from mesh.yaml settings; the connector has none
+    ipam_data_dir: str | None = None
+    uplink: str | None = None
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int | None = None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.passes = Counter("fabmesh_reconcile_total", "Reconcile passes by result", ["result"],
+                              registry=self.registry)
+        self.duration = Histogram("fabmesh_reconcile_duration_seconds", "Reconcile pass duration",
+                                  registry=self.registry)
+        self.config_errors = Counter("fabmesh_config_errors_total",
+                                     "Mounted configs that could not be used (last good state kept)",
+                                     registry=self.registry)
+        self.writes = Gauge("fabmesh_writes", "Writes made so far, by resource", ["resource"],
+                            registry=self.registry)
+        self.tunnel_up = Gauge("fabmesh_tunnel_up", "1 when the peer's IKE_SA is established", ["peer"],
+                               registry=self.registry)
+        self.tunnel_bytes = Gauge("fabmesh_tunnel_bytes", "Bytes through the peer's CHILD_SAs (from list-sas)",
+                                  ["peer", "direction"], registry=self.registry)
+
+
+class NodeLoop:
+    def __init__(self, options: NodeLoopOptions) -> None:
+        self.options = options
+        self.metrics = Metrics()
+        self.stop = threading.Event()
+        self.last_good: NodeConfig | None = None
+        self.applier: NodeApplier | None = None
+        self.healthy = False
+
+    def _cni_path(self, config: NodeConfig) -> Path | None:
+        if config.mesh.node.pod_cidr is None:
+            return None
+        directory = self.options.cni_conf_dir or Path(config.mesh.settings.cni_conf_dir)
+        return directory / config.mesh.settings.cni_conf_name
+
+    def _read(self) -> NodeConfig | None:
+        try:
+            config = load(self.options.config_dir, self.options.tls_dir)
+        except MeshConfigError as exc:
+            self.metrics.config_errors.inc()
+            log.error("config unusable, keeping the last good state: %s", exc)
+            return self.last_good
+        if self.last_good is None or config != self.last_good:
+            log.info("node=%s config loaded peers=%d", config.mesh.node.name, len(config.mesh.peers))
+        self.last_good = config
+        return config
+
+    def _observe_sas(self) -> dict[str, dict]:
+        try:
+            with Charon(self.options.vici_socket, timeout=5) as charon:
+                return charon.sas()
+        except ViciError:
+            return {}
+
+    def run_pass(self) -> bool:
+        """One observe-plan-apply pass; True when the node is fully as desired."""
+        config = self._read()
+        if config is None:
+            return False
+        started = time.monotonic()
+        if self.applier is None:
+            self.applier = NodeApplier(config.mesh.node.name, self.options.vici_socket, self.options.state_dir,
+                                       self._cni_path(config))
+        sas = self._observe_sas()
+        remotes = frozenset(sa.get("remote-host", "") for sa in sas.values()) - {""}
+        conflist = render_conflist(config.mesh, self.options.ipam_data_dir) if config.mesh.node.pod_cidr else None
+        state = desired_state(config.mesh, config.cert_pem, uplink=self.options.uplink, conflist=conflist,
+                              ike_remotes=remotes)
+        report = self.applier.apply(state, config.creds)
+        sas = self._observe_sas()
+        self._export(config, sas)
+        missing = [p for p in state.initiators if sas.get(p, {}).get("state") != "ESTABLISHED"]
+        self.healthy = report.ok and not missing
+        self.metrics.passes.labels("ok" if report.ok else "error").inc()
+        self.metrics.duration.observe(time.monotonic() - started)
+        return self.healthy
+
+    def _export(self, config: NodeConfig, sas: dict[str, dict]) -> None:
+        assert self.applier
+        for resource, count in self.applier.writes().items():
+            self.metrics.writes.labels(resource).set(count)
+        for peer in config.mesh.peers:
+            sa = sas.get(peer.name, {})
+            self.metrics.tunnel_up.labels(peer.name).set(1 if sa.get("state") == "ESTABLISHED" else 0)
+            children = sa.get("child-sas", {}).values()
+            self.metrics.tunnel_bytes.labels(peer.name, "in").set(sum(int(c.get("bytes-in", 0)) for c in children))
+            self.metrics.tunnel_bytes.labels(peer.name, "out").set(sum(int(c.get("bytes-out", 0)) for c in children))
+
+    def _socket_mark(self) -> tuple[int, float] | None:
+        try:
+            st = self.options.vici_socket.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_ctime)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        if self.options.metrics_port is not None:
+            start_http_server(self.options.metrics_port, self.options.metrics_address, registry=self.metrics.registry)
+        self.options.state_dir.mkdir(parents=True, exist_ok=True)
+        while not self.stop.is_set():
+            files = fingerprint(self.options.config_dir, self.options.tls_dir)
+            socket_mark = self._socket_mark()
+            try:
+                ok = self.run_pass()
+            except Exception:
+                log.exception("reconcile pass failed; retrying")
+                ok = False
+            period = self.last_good.mesh.settings.resync_period_s if self.last_good else RETRY_S
+            deadline = time.monotonic() + (period if ok else RETRY_S)
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                if fingerprint(self.options.config_dir, self.options.tls_dir) != files:
+                    break
+                if self._socket_mark() != socket_mark:
+                    break
+                self.stop.wait(POLL_S)
+        log.info("stopping; the data plane is left as it is")
+        return 0
