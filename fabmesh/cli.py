@@ -36,9 +36,9 @@ def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser(names: Sequence[str] = tuple(SUBCOMMANDS)) -> argparse.ArgumentParser:
+def build_parser(names: Sequence[str] = tuple(SUBCOMMANDS), prog: str = "fabmesh") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fabmesh",
+        prog=prog,
         description="fabmesh: an IPsec (IKEv2, X.509) edge mesh for hybrid Kubernetes clusters.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -67,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def kubectl_plugin(argv: Sequence[str] | None = None) -> int:
     """``kubectl fabmesh status|doctor|graph``: the same commands, under kubectl's plugin name."""
-    parser = build_parser(("status", "doctor", "graph"))
-    parser.prog = "kubectl fabmesh"
+    parser = build_parser(("status", "doctor", "graph"), prog="kubectl fabmesh")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)

@@ -11,11 +11,13 @@ kubelet).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ import yaml
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.lab.topology import LabRole, Topology
+from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
 from fabmesh.testenv.controlplane import ControlPlane
@@ -164,19 +167,10 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
     _spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
     for h in state.hosts:
-        host = hosts[h.name]
         if h.role == "cloud":
             continue
-        state.pids[f"charon-{h.name}"] = host.start_charon().pid
-        base = host.directory
-        common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
-                  "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
-                  "--metrics-port", "9100", "--metrics-address", h.wan_ip]
-        if h.role == "connector":
-            _spawn(state, f"connector-{h.name}", _fabmesh("connector", *common), host.netns)
-        else:
-            _spawn(state, f"agent-{h.name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),
-                                                      "--ipam-data-dir", str(base / "ipam")), host.netns)
+        state.pids[f"charon-{h.name}"] = hosts[h.name].start_charon().pid
+        start_node_process(state, h.name)
     state.save()
 
     progress("adding pods with the CNI plugins")
@@ -193,7 +187,72 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
         if h.role == "edge":
             h.pod_cidr = str(ipaddress.ip_network(f"{pod.ip}/24", strict=False))
     state.save()
+    progress("waiting for every tunnel")
+    wait_tunnels(state, timeout)
     return state
+
+
+def _host(state: LabState, name: str) -> Host:
+    h = state.host(name)
+    return Host(name=h.name, netns=h.netns, wan_ip=h.wan_ip, directory=Path(state.directory) / "hosts" / h.name)
+
+
+def start_node_process(state: LabState, name: str) -> int:
+    """Start the agent (edge) or connector process of one host; returns its PID."""
+    h = state.host(name)
+    base = Path(state.directory) / "hosts" / name
+    common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
+              "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
+              "--metrics-port", "9100", "--metrics-address", h.wan_ip]
+    if h.role == "connector":
+        return _spawn(state, f"node-{name}", _fabmesh("connector", *common), h.netns)
+    return _spawn(state, f"node-{name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),
+                                                  "--ipam-data-dir", str(base / "ipam")), h.netns)
+
+
+def restart_node_process(state: LabState, name: str) -> int:
+    """Stop the agent/connector by PID (SIGTERM: it leaves the data plane alone) and start it again."""
+    stop_pid(state.pids[f"node-{name}"])
+    return start_node_process(state, name)
+
+
+def restart_charon(state: LabState, name: str) -> int:
+    """Kill charon (SIGKILL, as a crash) and start a fresh one, as kubelet restarts a container."""
+    host = _host(state, name)
+    old = state.pids[f"charon-{name}"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(old, signal.SIGKILL)
+    stop_pid(old)
+    pid = host.start_charon().pid
+    state.pids[f"charon-{name}"] = pid
+    state.save()
+    return pid
+
+
+def expected_tunnels(state: LabState) -> dict[str, set[str]]:
+    """Per tunnel host, the peers it should have an IKE_SA with, from the topology."""
+    connector = next(h.name for h in state.hosts if h.role == "connector")
+    edges = [h for h in state.hosts if h.role == "edge"]
+    expected = {connector: {e.name for e in edges}}
+    for e in edges:
+        shared = {o.name for o in edges if o is not e and set(o.communities) & set(e.communities)}
+        expected[e.name] = {connector} | shared
+    return expected
+
+
+def established_tunnels(state: LabState, name: str) -> set[str]:
+    try:
+        with Charon(Path(state.directory) / "hosts" / name / "run" / "charon.vici", timeout=5) as charon:
+            return {n for n, sa in charon.sas().items() if sa.get("state") == "ESTABLISHED" and sa.get("child-sas")}
+    except ViciError:
+        return set()
+
+
+def wait_tunnels(state: LabState, timeout: float) -> None:
+    """Until every tunnel the topology implies is up (a ping can pass through the relay before that)."""
+    expected = expected_tunnels(state)
+    wait_for(lambda: all(peers <= established_tunnels(state, n) for n, peers in expected.items()),
+             timeout=timeout, interval=0.25, what="every expected tunnel to be established")
 
 
 def path_between(state: LabState, src: str, dst: str) -> str:

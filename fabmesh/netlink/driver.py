@@ -266,6 +266,15 @@ class Netlink:
                                index=index, address=str(host.ip), prefixlen=host.network.prefixlen)
         return [self._changed(f"action=add-address dev={device} address={host}")]
 
+    def device_towards(self, destination: str) -> str | None:
+        """The device the kernel would send a packet to ``destination`` out of (``ip route get``)."""
+        try:
+            answer = self._ipr.route("get", dst=destination)
+        except Exception:  # pyroute2 raises NetlinkError (ENETUNREACH) when there is no route
+            return None
+        index = answer[0].get("RTA_OIF") if answer else None
+        return self._link_names().get(index) if index else None
+
     # -- routes --------------------------------------------------------------------------------
 
     def routes(self, table: int) -> list[Route]:

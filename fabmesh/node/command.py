@@ -21,7 +21,8 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
                         help="charon's VICI socket (default: /var/run/fabmesh/charon.vici)")
     parser.add_argument("--state-dir", type=Path, default=Path("/var/run/fabmesh"),
                         help="where the loop keeps what it loaded into charon (default: /var/run/fabmesh)")
-    parser.add_argument("--uplink", help="device IKE leaves by; needed with the kernel backend")
+    parser.add_argument("--uplink", help="device IKE leaves by, for the kernel backend "
+                        "(default: the device the kernel routes towards the peers)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on this port (default: off)")
     parser.add_argument("--metrics-address", default="0.0.0.0", help="metrics bind address (default: 0.0.0.0)")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from fabmesh.mesh.model import MeshConfigError
+from fabmesh.mesh.model import Backend, MeshConfigError
+from fabmesh.netlink.driver import Netlink
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
 from fabmesh.node.config import NodeConfig, fingerprint, load
@@ -111,7 +112,7 @@ class NodeLoop:
         sas = self._observe_sas()
         remotes = frozenset(sa.get("remote-host", "") for sa in sas.values()) - {""}
         conflist = render_conflist(config.mesh, self.options.ipam_data_dir) if config.mesh.node.pod_cidr else None
-        state = desired_state(config.mesh, config.cert_pem, uplink=self.options.uplink, conflist=conflist,
+        state = desired_state(config.mesh, config.cert_pem, uplink=self._uplink(config), conflist=conflist,
                               ike_remotes=remotes)
         report = self.applier.apply(state, config.creds)
         sas = self._observe_sas()
@@ -121,6 +122,14 @@ class NodeLoop:
         self.metrics.passes.labels("ok" if report.ok else "error").inc()
         self.metrics.duration.observe(time.monotonic() - started)
         return self.healthy
+
+    def _uplink(self, config: NodeConfig) -> str | None:
+        """``--uplink``, else the device the kernel routes towards the first peer (or the internet)."""
+        if self.options.uplink or config.mesh.tunnel.backend is Backend.LIBIPSEC:
+            return self.options.uplink
+        targets = [p.endpoint for p in config.mesh.peers if p.endpoint] + ["1.1.1.1"]
+        with Netlink(None) as nl:
+            return next((dev for dev in (nl.device_towards(t) for t in targets) if dev), None)
 
     def _export(self, config: NodeConfig, sas: dict[str, dict]) -> None:
         assert self.applier

@@ -3,8 +3,11 @@
 ``list-conns`` does not echo everything ``load-conn`` took (proposals, for one),
 so charon cannot tell us whether a loaded connection still matches. We keep a
 digest of what we loaded per connection in a small state file, together with
-charon's start time (``stats`` -> ``uptime.since``). A different start time means
-charon restarted and lost everything: reload all. A lost state file costs one
+the identity of the charon run: the VICI socket's inode and creation time, which
+charon makes anew at every start. (Not ``stats`` -> ``uptime.since``: charon
+recomputes it from two clocks on every call and it flips by a second while the
+same daemon runs.) A different identity means charon restarted and lost
+everything: reload all. A lost state file costs one
 harmless reload. A connection whose digest is unchanged is never reloaded, so
 a healthy tunnel is never disturbed.
 
@@ -50,6 +53,7 @@ class TunnelChanges:
 
 class TunnelSync:
     def __init__(self, connect: Callable[[], Charon], state_file: Path, node: str = "") -> None:
+        """``connect`` opens a VICI session; the session's socket path identifies the charon run."""
         self._connect = connect
         self._state_file = state_file
         self._node = node
@@ -71,10 +75,11 @@ class TunnelSync:
               initiators: set[str]) -> TunnelChanges:
         changes = TunnelChanges()
         with self._connect() as charon:
-            since = charon.stats().get("uptime", {}).get("since", "")
+            run = _charon_run(charon.socket_path)
             state = self._read_state()
-            if state.get("charon_since") != since:
-                state = {"charon_since": since, "conns": {}, "creds": ""}
+            restarted = bool(state.get("charon_run")) and state.get("charon_run") != run
+            if state.get("charon_run") != run:
+                state = {"charon_run": run, "conns": {}, "creds": ""}
             if state.get("creds") != creds.digest():
                 charon.load_key(creds.key_pem)
                 charon.load_cert(creds.ca_pem, ca=True)
@@ -102,12 +107,23 @@ class TunnelSync:
                 changes.loaded.append(name)
             self._write_state(state)
             sas = charon.sas()
-            for name in sorted(initiators):
+            # After a charon restart the peers still hold our old SAs (they only notice by DPD, minutes
+            # later), so this side reaches out to every peer it can address, responder or not: the new
+            # IKE_SA carries INITIAL_CONTACT and the peer drops the stale one at once.
+            reach = set(initiators)
+            if restarted:
+                reach |= {n for n, c in desired.items() if c.get("remote_addrs") != ["%any"]}
+            for name in sorted(reach):
                 if name in desired and _needs_initiate(sas.get(name)):
                     charon.initiate(name, name)
                     self.writes += 1
                     changes.initiated.append(name)
         return changes
+
+
+def _charon_run(socket_path: Path) -> str:
+    st = socket_path.stat()
+    return f"{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _needs_initiate(sa: dict[str, Any] | None) -> bool:

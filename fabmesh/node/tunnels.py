@@ -51,8 +51,9 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         "rekey_time": f"{tunnel.rekey_time_s}s",
         "unique": "replace",
         "mobike": "no",
-        # An initiator keeps trying (0 = forever): its peer may simply not be up yet.
-        "keyingtries": "0" if peer.initiate else "1",
+        # One try per initiation: the agent re-initiates on its next pass. Letting charon retry
+        # too (keyingtries=0) races the agent and builds duplicate IKE_SAs that replace each other.
+        "keyingtries": "1",
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
         "remote": {"auth": "pubkey", "id": peer.id, "cacerts": [mesh.ca_cert]},
         "children": {peer.name: child},

@@ -118,6 +118,9 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
             {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
         ],
     }
+    if settings.tunnel.backend.value == "libipsec":  # userspace ESP needs a TUN device from the host
+        spec["volumes"].append({"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}})
+        spec["containers"][1]["volumeMounts"].append({"name": "tun", "mountPath": "/dev/net/tun"})
     meta = metadata(agent_pod_name(node), ns, "agent", node, uid)
     meta["annotations"] = {SPEC_HASH: spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}

@@ -1,0 +1,576 @@
+"""What ``fabmesh status`` and ``fabmesh doctor`` conclude from the cluster's objects (pure).
+
+Inputs are the API's own JSON as plain dicts: Nodes, the operator's ConfigMaps,
+Secrets and agent Pods, its Lease, Events; the time is passed in as ``now``.
+Nothing here reads the clock, the network or the API, so every check is tested
+with tables of objects. Each check returns :class:`Check` records: one PASS
+when all is well, else one WARN or FAIL per problem, each with a one-line fix.
+
+A user without ``get secrets`` in the namespace still gets certificate dates:
+the operator mirrors each edge's expiry in its ``fabmesh.io/status`` annotation
+(``cidr=... communities=a,b cert-expires=ISO``), which is used instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
+from fabmesh.operator import objects as o
+from fabmesh.operator.inventory import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
+from fabmesh.operator.settings import OperatorSettings
+from fabmesh.pki.authority import PKIError, describe
+
+Obj = dict[str, Any]
+
+EXPIRY_WARNING = timedelta(days=30)
+CLOCK_SKEW_WARNING = timedelta(seconds=30)
+INVALID_NODE_REASON = "FabmeshInvalidNode"
+TUNNEL_UP_METRIC = "fabmesh_tunnel_up"
+SHARD_PREFIX = "fabmesh-connector-peers-"
+
+
+class Status(StrEnum):
+    PASS = "PASS"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+class CheckName(StrEnum):
+    POD_CIDRS = "pod-cidrs"
+    CERTIFICATES = "certificates"
+    EDGE_CONFIGMAPS = "edge-configmaps"
+    AGENT_PODS = "agent-pods"
+    AGENTS_RUNNING = "agents-running"
+    FLANNEL = "flannel-annotations"
+    CONNECTOR = "connector"
+    LEADER = "operator-leader"
+    CLOCK = "clock-skew"
+    INVALID_NODES = "invalid-node-events"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: CheckName
+    status: Status
+    message: str
+    hint: str = ""
+
+
+# -- reading one object ---------------------------------------------------------------------------
+
+def name_of(obj: Obj) -> str:
+    return (obj.get("metadata") or {}).get("name", "")
+
+
+def _labels(obj: Obj) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def _annotations(obj: Obj) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
+def by_name(objs: Sequence[Obj]) -> dict[str, Obj]:
+    return {name_of(obj): obj for obj in objs}
+
+
+def role_of(node: Obj, settings: OperatorSettings) -> Role:
+    """As the operator reads it (``inventory.read_node``): the edge label wins over the connector label."""
+    labels = _labels(node)
+    if settings.edge_label in labels:
+        return Role.EDGE
+    return Role.CONNECTOR if settings.connector_label in labels else Role.CLOUD
+
+
+def communities_of(node: Obj, settings: OperatorSettings) -> tuple[str, ...]:
+    """Only edges form communities; the operator ignores community labels elsewhere."""
+    if role_of(node, settings) is not Role.EDGE:
+        return ()
+    prefix = settings.community_label_prefix
+    return tuple(sorted(key[len(prefix):] for key in _labels(node) if key.startswith(prefix)))
+
+
+def internal_ip(node: Obj) -> str | None:
+    for entry in (node.get("status") or {}).get("addresses") or []:
+        if entry.get("type") == "InternalIP" and entry.get("address"):
+            return str(entry["address"])
+    return None
+
+
+def pod_cidrs_of(node: Obj) -> tuple[str, ...]:
+    """Every pod CIDR a Node records: ``spec.podCIDR(s)`` and the operator's annotation, deduplicated."""
+    spec = node.get("spec") or {}
+    values = [spec.get("podCIDR"), *(spec.get("podCIDRs") or []), _annotations(node).get(POD_CIDR_ANNOTATION)]
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
+def active_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> Obj | None:
+    """The first connector by name, as the operator's planner picks it."""
+    connectors = sorted((n for n in nodes if role_of(n, settings) is Role.CONNECTOR), key=name_of)
+    return connectors[0] if connectors else None
+
+
+def parse_status_annotation(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+def read_mesh(configmap: Obj | None) -> NodeMesh | MeshConfigError | None:
+    """An edge's ``mesh.yaml``: the model, the reason it cannot be read, or None when there is none."""
+    if configmap is None:
+        return None
+    text = (configmap.get("data") or {}).get("mesh.yaml")
+    if text is None:
+        return MeshConfigError(name_of(configmap), "data", "no mesh.yaml key")
+    try:
+        return parse_node_mesh(text, name_of(configmap))
+    except MeshConfigError as exc:
+        return exc
+
+
+def connector_peer_count(configmaps: Mapping[str, Obj]) -> int | None:
+    """Peers across the connector's shards; None when no shard exists or one cannot be read."""
+    shards = [cm for name, cm in configmaps.items() if name.startswith(SHARD_PREFIX)]
+    if not shards:
+        return None
+    try:
+        return sum(len(parse_peer_shard((cm.get("data") or {}).get("peers.yaml", ""), name_of(cm)).peers)
+                   for cm in shards)
+    except MeshConfigError:
+        return None
+
+
+def cert_secret_name(node: Obj, settings: OperatorSettings, connector: Obj | None) -> str | None:
+    role = role_of(node, settings)
+    if role is Role.EDGE:
+        return o.tls_secret_name(name_of(node))
+    if role is Role.CONNECTOR and connector is not None and name_of(node) == name_of(connector):
+        return o.CONNECTOR_SECRET
+    return None
+
+
+def cert_not_after(secret: Obj) -> datetime:
+    """The expiry of the Secret's ``tls.crt``; ValueError (or PKIError) when it is not readable."""
+    raw = (secret.get("data") or {}).get("tls.crt")
+    if not raw:
+        raise ValueError("no tls.crt")
+    try:
+        pem = base64.b64decode(raw, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"tls.crt is not base64: {exc}") from exc
+    return describe(pem).not_after
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def agent_pods_by_node(pods: Sequence[Obj]) -> dict[str, Obj]:
+    found: dict[str, Obj] = {}
+    for pod in pods:
+        node = _labels(pod).get(o.NODE_LABEL) or (pod.get("spec") or {}).get("nodeName")
+        if node and _labels(pod).get(o.KIND_LABEL, "agent") == "agent":
+            found[node] = pod
+    return found
+
+
+def pod_phase(pod: Obj) -> str:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "Terminating"
+    return (pod.get("status") or {}).get("phase") or "Unknown"
+
+
+def count_tunnels_up(metrics_text: str) -> int:
+    """Peers whose ``fabmesh_tunnel_up`` is 1 in an agent's Prometheus text; ValueError if it is not that."""
+    up = 0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == TUNNEL_UP_METRIC:
+            up += sum(1 for sample in family.samples if sample.name == TUNNEL_UP_METRIC and sample.value == 1)
+    return up
+
+
+def metrics_url(ip: str, port: int) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/metrics"
+
+
+def metrics_targets(nodes: Sequence[Obj], settings: OperatorSettings, port: int) -> dict[str, str]:
+    """Node -> metrics URL for every node that runs the node loop (edges and the active connector)."""
+    connector = active_connector(nodes, settings)
+    targets = {}
+    for node in nodes:
+        ip = internal_ip(node)
+        runs_loop = role_of(node, settings) is Role.EDGE or node is connector
+        if ip and runs_loop:
+            targets[name_of(node)] = metrics_url(ip, port)
+    return targets
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatusRow:
+    name: str
+    role: Role
+    pod_cidr: str | None
+    communities: tuple[str, ...]
+    cert_expires: str | None
+    agent: str | None
+    peers: int | None
+    tunnels_up: int | None
+
+
+def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj] | None) -> str | None:
+    if secret_name is None:
+        return None
+    if secrets is None:  # not allowed to read Secrets: the operator's annotation says the same
+        moment = _parse_time(parse_status_annotation(_annotations(node).get(STATUS_ANNOTATION, ""))
+                             .get("cert-expires"))
+        return format_time(moment) if moment else None
+    secret = secrets.get(secret_name)
+    if secret is None:
+        return None
+    try:
+        return format_time(cert_not_after(secret))
+    except (ValueError, PKIError):
+        return "unreadable"
+
+
+def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequence[Obj] | None,
+                pods: Sequence[Obj], settings: OperatorSettings,
+                tunnels_up: Mapping[str, int] | None = None) -> list[StatusRow]:
+    """One row per Node, sorted by name; ``secrets`` None means they could not be read."""
+    cms = by_name(configmaps)
+    secs = by_name(secrets) if secrets is not None else None
+    agents = agent_pods_by_node(pods)
+    connector = active_connector(nodes, settings)
+    rows = []
+    for node in sorted(nodes, key=name_of):
+        name, role = name_of(node), role_of(node, settings)
+        peers: int | None = None
+        if role is Role.EDGE:
+            mesh = read_mesh(cms.get(o.agent_configmap_name(name)))
+            peers = len(mesh.peers) if isinstance(mesh, NodeMesh) else None
+        elif node is connector:
+            peers = connector_peer_count(cms)
+        pod = agents.get(name)
+        cidrs = pod_cidrs_of(node)
+        rows.append(StatusRow(
+            name=name, role=role, pod_cidr=cidrs[0] if cidrs else None,
+            communities=communities_of(node, settings),
+            cert_expires=_cert_expires(node, cert_secret_name(node, settings, connector), secs),
+            agent=pod_phase(pod) if pod is not None and role is Role.EDGE else None,
+            peers=peers, tunnels_up=(tunnels_up or {}).get(name)))
+    return rows
+
+
+# -- doctor's checks ------------------------------------------------------------------------------
+
+def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
+    """Any two Nodes whose recorded pod CIDRs overlap: a sweep over sorted intervals, not all pairs."""
+    spans: list[tuple[int, int, int, str, str]] = []
+    for node in nodes:
+        for text in pod_cidrs_of(node):
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                continue  # malformed: the operator reports it on the node (invalid-node-events)
+            spans.append((net.version, int(net.network_address), int(net.broadcast_address),
+                          name_of(node), str(net)))
+    spans.sort()
+    pairs: set[tuple[tuple[str, str], tuple[str, str]]] = set()
+    open_spans: list[tuple[int, int, int, str, str]] = []
+    for span in spans:
+        open_spans = [s for s in open_spans if s[0] == span[0] and s[2] >= span[1]]
+        for other in open_spans:
+            if other[3] != span[3]:
+                first, second = sorted([(other[3], other[4]), (span[3], span[4])])
+                pairs.add((first, second))
+        open_spans.append(span)
+    if not pairs:
+        return [Check(CheckName.POD_CIDRS, Status.PASS,
+                      f"no overlap among {len(spans)} pod CIDR(s) on {len(nodes)} node(s)")]
+    created = {name_of(n): (n.get("metadata") or {}).get("creationTimestamp") or "" for n in nodes}
+
+    def newer(a: str, b: str) -> str:  # the one the operator's IPAM refuses: ties go by name, as there
+        return max((created.get(a, ""), a), (created.get(b, ""), b))[1]
+
+    return [Check(CheckName.POD_CIDRS, Status.FAIL, f"{a} {ca} overlaps {b} {cb}",
+                  f"spec.podCIDR is immutable: re-create {newer(a, b)} without spec.podCIDR "
+                  f"(the operator allocates one), or correct its {POD_CIDR_ANNOTATION} annotation")
+            for (a, ca), (b, cb) in sorted(pairs)]
+
+
+def _expiry_check(what: str, not_after: datetime, now: datetime, hint: str) -> Check | None:
+    if not_after <= now:
+        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {format_time(not_after)}", hint)
+    if not_after - now < EXPIRY_WARNING:
+        days = (not_after - now).days
+        return Check(CheckName.CERTIFICATES, Status.WARN,
+                     f"{what} expires in {days} day(s), at {format_time(not_after)}", hint)
+    return None
+
+
+def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now: datetime,
+                       settings: OperatorSettings) -> list[Check]:
+    """Every edge's leaf, the connector's leaf and the CA: missing or expired FAIL, < 30 days WARN."""
+    renew = "the operator renews leaves at 2/3 of their lifetime: is it running (see operator-leader)?"
+    connector = active_connector(nodes, settings)
+    targets = [(name_of(n), secret) for n in sorted(nodes, key=name_of)
+               if (secret := cert_secret_name(n, settings, connector))]
+    problems: list[Check] = []
+    checked = 0
+    if secrets is None:
+        for node in sorted(nodes, key=name_of):
+            if role_of(node, settings) is not Role.EDGE:
+                continue
+            status = parse_status_annotation(_annotations(node).get(STATUS_ANNOTATION, ""))
+            moment = _parse_time(status.get("cert-expires"))
+            if moment is None:
+                problems.append(Check(CheckName.CERTIFICATES, Status.FAIL,
+                                      f"{name_of(node)}: no cert-expires in its {STATUS_ANNOTATION} annotation",
+                                      "the operator records it once the node's certificate is issued"))
+                continue
+            checked += 1
+            if found := _expiry_check(f"{name_of(node)}: certificate", moment, now, renew):
+                problems.append(found)
+        problems.append(Check(CheckName.CERTIFICATES, Status.WARN,
+                              "cannot read Secrets: edge expiry taken from node annotations, "
+                              "the connector's and the CA's not checked",
+                              "run doctor with a user allowed to get secrets in the namespace"))
+        return problems
+    secs = by_name(secrets)
+    for node, secret_name in [*targets, ("CA", o.CA_SECRET)]:
+        secret = secs.get(secret_name)
+        if secret is None:
+            problems.append(Check(CheckName.CERTIFICATES, Status.FAIL, f"{node}: no Secret {secret_name}",
+                                  "the operator issues it once the node is valid: see invalid-node-events "
+                                  "and the operator's log"))
+            continue
+        try:
+            not_after = cert_not_after(secret)
+        except (ValueError, PKIError) as exc:
+            problems.append(Check(CheckName.CERTIFICATES, Status.FAIL,
+                                  f"{node}: Secret {secret_name} holds no readable certificate ({exc})",
+                                  f"delete Secret {secret_name}: the operator issues a new one"))
+            continue
+        checked += 1
+        hint = ("the CA is not rotated automatically: plan a CA rotation (every leaf is reissued)"
+                if secret_name == o.CA_SECRET else renew)
+        if found := _expiry_check(f"{node}: certificate in {secret_name}", not_after, now, hint):
+            problems.append(found)
+    if problems:
+        return problems
+    return [Check(CheckName.CERTIFICATES, Status.PASS,
+                  f"{checked} certificate(s) valid for more than {EXPIRY_WARNING.days} days")]
+
+
+def check_edge_configmaps(nodes: Sequence[Obj], configmaps: Sequence[Obj],
+                          settings: OperatorSettings) -> list[Check]:
+    cms = by_name(configmaps)
+    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
+    problems = []
+    for node in edges:
+        name = name_of(node)
+        cm_name = o.agent_configmap_name(name)
+        mesh = read_mesh(cms.get(cm_name))
+        if mesh is None:
+            problems.append(Check(CheckName.EDGE_CONFIGMAPS, Status.FAIL, f"{name}: no ConfigMap {cm_name}",
+                                  f"the operator writes it once the node is valid: kubectl describe node {name} "
+                                  "(FabmeshInvalidNode events) and the operator's log"))
+        elif isinstance(mesh, MeshConfigError):
+            problems.append(Check(CheckName.EDGE_CONFIGMAPS, Status.FAIL, f"{name}: {mesh}",
+                                  f"delete ConfigMap {cm_name}: the operator rewrites it on its next pass"))
+    return problems or [Check(CheckName.EDGE_CONFIGMAPS, Status.PASS,
+                              f"all {len(edges)} edge node(s) have a readable ConfigMap")]
+
+
+def check_agent_pods(nodes: Sequence[Obj], pods: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
+    agents = agent_pods_by_node(pods)
+    edges = [name_of(n) for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
+    problems = [Check(CheckName.AGENT_PODS, Status.FAIL, f"{name}: no agent Pod {o.agent_pod_name(name)}",
+                      "the operator creates it when agent_pods.enabled is true; "
+                      "if agents run outside Pods, pass --no-agent-pods")
+                for name in edges if name not in agents]
+    return problems or [Check(CheckName.AGENT_PODS, Status.PASS, f"all {len(edges)} edge node(s) have an agent Pod")]
+
+
+def check_agents_running(pods: Sequence[Obj]) -> list[Check]:
+    agents = agent_pods_by_node(pods)
+    problems = []
+    for node, pod in sorted(agents.items()):
+        phase = pod_phase(pod)
+        if phase != "Running":
+            namespace = (pod.get("metadata") or {}).get("namespace", "")
+            problems.append(Check(CheckName.AGENTS_RUNNING, Status.WARN,
+                                  f"{node}: agent Pod {name_of(pod)} is {phase}",
+                                  f"kubectl -n {namespace} describe pod {name_of(pod)} "
+                                  "(is the node's kubelet up, can it pull the image?)"))
+    return problems or [Check(CheckName.AGENTS_RUNNING, Status.PASS, f"all {len(agents)} agent Pod(s) Running")]
+
+
+def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
+    """Edges must carry the connector's three flannel annotations: cloud nodes route edge CIDRs with them."""
+    connector = active_connector(nodes, settings)
+    if connector is None:
+        return [Check(CheckName.FLANNEL, Status.WARN, "no connector node to compare edge annotations with",
+                      "see the connector check")]
+    wanted = {FLANNEL_PREFIX + k: _annotations(connector).get(FLANNEL_PREFIX + k) for k in FLANNEL_KEYS}
+    missing = [k for k, v in wanted.items() if v is None]
+    if missing:
+        return [Check(CheckName.FLANNEL, Status.FAIL,
+                      f"connector {name_of(connector)} has no {', '.join(missing)}",
+                      f"is flanneld running on {name_of(connector)}? it writes these annotations")]
+    problems = []
+    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
+    for node in edges:
+        have = _annotations(node)
+        absent = [k.removeprefix(FLANNEL_PREFIX) for k in wanted if k not in have]
+        stale = [k.removeprefix(FLANNEL_PREFIX) for k, v in wanted.items() if k in have and have[k] != v]
+        hint = (f"the operator copies them from {name_of(connector)} on its next pass: is it running "
+                f"(operator-leader), is {name_of(node)} valid (invalid-node-events)?")
+        if absent:
+            problems.append(Check(CheckName.FLANNEL, Status.FAIL,
+                                  f"{name_of(node)}: missing flannel annotations {', '.join(absent)}", hint))
+        if stale:
+            problems.append(Check(CheckName.FLANNEL, Status.FAIL,
+                                  f"{name_of(node)}: stale flannel annotations {', '.join(stale)} "
+                                  f"(differ from {name_of(connector)})", hint))
+    return problems or [Check(CheckName.FLANNEL, Status.PASS,
+                              f"all {len(edges)} edge node(s) carry {name_of(connector)}'s flannel annotations")]
+
+
+def check_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
+    connectors = sorted(name_of(n) for n in nodes if role_of(n, settings) is Role.CONNECTOR)
+    if not connectors:
+        return [Check(CheckName.CONNECTOR, Status.FAIL, "no connector node: edges reach only their community peers",
+                      f"label the cloud node that runs the connector: kubectl label node NAME "
+                      f"{settings.connector_label}=")]
+    standby = f" (standby: {', '.join(connectors[1:])})" if len(connectors) > 1 else ""
+    return [Check(CheckName.CONNECTOR, Status.PASS, f"{connectors[0]} is the active connector{standby}")]
+
+
+def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, lease_name: str) -> list[Check]:
+    """A leader whose Lease was not renewed within twice its duration is gone (or hung)."""
+    hint = f"kubectl -n {namespace} get pods,lease: is the operator Deployment running, what does its log say?"
+    if lease is None:
+        return [Check(CheckName.LEADER, Status.FAIL, f"no Lease {namespace}/{lease_name}: no operator has led",
+                      hint)]
+    spec = lease.get("spec") or {}
+    holder = spec.get("holderIdentity")
+    renewed = _parse_time(spec.get("renewTime"))
+    duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
+    if not holder or renewed is None:
+        return [Check(CheckName.LEADER, Status.FAIL, f"Lease {namespace}/{lease_name} has no holder", hint)]
+    age = now - renewed
+    if age > 2 * duration:
+        return [Check(CheckName.LEADER, Status.FAIL,
+                      f"leader {holder} last renewed {int(age.total_seconds())}s ago "
+                      f"(lease duration {int(duration.total_seconds())}s)", hint)]
+    return [Check(CheckName.LEADER, Status.PASS,
+                  f"leader {holder}, renewed {max(0, int(age.total_seconds()))}s ago")]
+
+
+def check_clock_skew(server_date: datetime | None, now: datetime) -> list[Check]:
+    """Compares the API server's ``Date`` header (1 s resolution) with this machine's clock."""
+    if server_date is None:
+        return [Check(CheckName.CLOCK, Status.WARN, "the API server sent no Date header: skew not checked",
+                      "compare `date -u` here with the API server host's clock by hand")]
+    skew = abs(now - server_date)
+    if skew > CLOCK_SKEW_WARNING:
+        return [Check(CheckName.CLOCK, Status.WARN,
+                      f"this machine's clock and the API server's differ by {int(skew.total_seconds())}s",
+                      "sync clocks with NTP (chrony): IKE rejects certificates not yet valid or expired")]
+    return [Check(CheckName.CLOCK, Status.PASS, f"clock within {int(CLOCK_SKEW_WARNING.total_seconds())}s "
+                                                "of the API server's")]
+
+
+def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]) -> list[Check]:
+    """The operator's Warning Events about Nodes that still exist (not about an older Node of the same name)."""
+    if events is None:
+        return [Check(CheckName.INVALID_NODES, Status.WARN, "cannot list Events in the default namespace",
+                      "run doctor with a user allowed to list events in default")]
+    current = by_name(nodes)
+    never = datetime.min.replace(tzinfo=UTC)
+    latest: dict[tuple[str, str], datetime] = {}
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if event.get("reason") != INVALID_NODE_REASON or event.get("type") != "Warning" or \
+                involved.get("kind") != "Node":
+            continue
+        node = current.get(involved.get("name", ""))
+        if node is None:
+            continue
+        meta = node.get("metadata") or {}
+        if involved.get("uid") and involved["uid"] != meta.get("uid"):
+            continue
+        when = _parse_time(event.get("lastTimestamp") or event.get("eventTime")
+                           or (event.get("metadata") or {}).get("creationTimestamp"))
+        created = _parse_time(meta.get("creationTimestamp"))
+        if when and created and when < created:
+            continue
+        key = (involved["name"], event.get("message", ""))
+        latest[key] = max(latest.get(key, never), when or never)
+    if not latest:
+        return [Check(CheckName.INVALID_NODES, Status.PASS, f"no {INVALID_NODE_REASON} events on current nodes")]
+    return [Check(CheckName.INVALID_NODES, Status.WARN,
+                  f"{node}: {message}" + (f" (last {format_time(when)})" if when > never else ""),
+                  f"fix the field named on the Node; kubectl describe node {node}")
+            for (node, message), when in sorted(latest.items())]
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Everything doctor looks at, as fetched; ``secrets``/``events`` None when they could not be read."""
+
+    nodes: list[Obj]
+    configmaps: list[Obj]
+    secrets: list[Obj] | None
+    pods: list[Obj]
+    lease: Obj | None
+    events: list[Obj] | None
+    now: datetime
+    server_date: datetime | None
+    namespace: str
+    settings: OperatorSettings
+
+
+def run_checks(state: ClusterState, agent_pods: bool = True) -> list[Check]:
+    """All of doctor's checks in a fixed order; ``agent_pods`` False skips "every edge has an agent Pod"."""
+    s = state
+    checks = [
+        *check_connector(s.nodes, s.settings),
+        *check_operator_leader(s.lease, s.now, s.namespace, s.settings.leader_election.lease_name),
+        *check_pod_cidr_overlap(s.nodes),
+        *check_certificates(s.nodes, s.secrets, s.now, s.settings),
+        *check_edge_configmaps(s.nodes, s.configmaps, s.settings),
+        *(check_agent_pods(s.nodes, s.pods, s.settings) if agent_pods else []),
+        *check_agents_running(s.pods),
+        *check_flannel(s.nodes, s.settings),
+        *check_clock_skew(s.server_date, s.now),
+        *check_invalid_node_events(s.events, s.nodes),
+    ]
+    return checks
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    return 1 if any(c.status is Status.FAIL for c in checks) else 0

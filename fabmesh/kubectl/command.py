@@ -1,0 +1,251 @@
+"""``fabmesh status|doctor|graph`` (and ``kubectl fabmesh ...``): fetch the objects, hand them to the pure
+modules, print.
+
+Everything is read-only. The plugin needs ``list nodes`` and, in the fabmesh
+namespace, ``list configmaps, pods`` and ``get leases``; without ``list
+secrets`` certificate dates come from the Nodes' status annotation, without
+``list events`` in ``default`` doctor says it could not look. Exit codes:
+doctor 1 when a check FAILs; 2 when the cluster cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes.config import ConfigException
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from fabmesh.kube.client import ApiError, Kube, load_api_client
+from fabmesh.kubectl import checks
+from fabmesh.kubectl.graph import mesh_dot
+from fabmesh.operator import objects as o
+from fabmesh.operator.inventory import STATUS_ANNOTATION
+from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
+
+CANNOT_RUN = 2
+DEFAULT_METRICS_PORT = 9100  # what the lab and the chart's connector pass to --metrics-port
+RENDER_FORMATS = ("svg", "png")
+AGENT_SELECTOR = f"app.kubernetes.io/managed-by=fabmesh,{o.KIND_LABEL}=agent"
+EVENTS_NAMESPACE = "default"  # where the operator records Events about (cluster-scoped) Nodes
+
+DESCRIPTIONS = {
+    "status": "One row per Node: role, pod CIDR, communities, certificate expiry, agent Pod phase, "
+              "planned peers and (with --metrics) tunnels up, read from the agents' Prometheus endpoints.",
+    "doctor": "Check the mesh for common faults; each finding is PASS, WARN or FAIL with a one-line fix. "
+              "Exits 1 when any check FAILs, else 0.",
+    "graph": "Print the mesh as Graphviz DOT: communities as clusters, tunnels as solid edges, "
+             "pairs relayed through the connector as dashed edges. --output renders it with Graphviz's dot.",
+}
+
+
+class CannotRun(Exception):
+    """The cluster (or a local tool) could not be used; the message says what to do."""
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=DESCRIPTIONS[name])
+    parser.add_argument("--kubeconfig", default=None,
+                        help="kubeconfig file (default: in-cluster config, else $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--namespace", "-n", default=None,
+                        help="fabmesh's namespace (default: the one in --settings, else fabmesh-system)")
+    parser.add_argument("--settings", type=Path, default=None,
+                        help="the operator's settings YAML, for custom labels or Lease name (default: built-in)")
+    if name == "status":
+        parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+        parser.add_argument("--metrics", action="store_true",
+                            help="fetch each agent's /metrics on its InternalIP to count tunnels up")
+        parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                            help=f"the agents' --metrics-port (default: {DEFAULT_METRICS_PORT})")
+        parser.add_argument("--metrics-timeout", type=float, default=1.0,
+                            help="seconds to wait for one agent's metrics (default: 1)")
+    elif name == "doctor":
+        parser.add_argument("--no-agent-pods", action="store_true",
+                            help="do not require an agent Pod per edge node (agents run outside Pods, "
+                                 "as in the lab)")
+        parser.add_argument("--json", action="store_true", help="print the checks as a JSON list")
+    else:
+        parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png",
+                            help="render to this file with Graphviz's dot instead of printing DOT")
+    parser.set_defaults(func=_guarded(RUNNERS[name]))
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except CannotRun as exc:
+            print(f"fabmesh {args.command}: {exc}", file=sys.stderr)
+            return CANNOT_RUN
+
+    return wrapper
+
+
+# -- observe --------------------------------------------------------------------------------------
+
+def _settings(args: argparse.Namespace) -> tuple[OperatorSettings, str]:
+    try:
+        settings = load_settings(args.settings)
+    except SettingsError as exc:
+        raise CannotRun(str(exc)) from exc
+    return settings, args.namespace or settings.namespace
+
+
+def _kube(args: argparse.Namespace) -> Kube:
+    try:
+        return Kube(load_api_client(args.kubeconfig), timeout=15.0)
+    except (ConfigException, OSError) as exc:
+        raise CannotRun(f"no usable kubeconfig: {exc}") from exc
+
+
+def _read(what: str, fetch: Callable[[], Any], forbidden_ok: bool = False) -> Any:
+    """One API read; a 403 gives None when the caller can do without, every other failure stops."""
+    try:
+        return fetch()
+    except ApiError as exc:
+        if forbidden_ok and exc.status == 403:
+            return None
+        raise CannotRun(f"cannot read {what}: {exc}") from exc
+    except (Urllib3Error, OSError) as exc:
+        raise CannotRun(f"cannot reach the API server to read {what}: {exc}") from exc
+
+
+def _server_date(kube: Kube) -> datetime | None:
+    """The API server's clock, from the Date header of a cheap GET (our JSON client drops headers)."""
+    _, url, headers, _, _ = kube.api.param_serialize(method="GET", resource_path="/version",
+                                                     header_params={"Accept": "application/json"},
+                                                     auth_settings=["BearerToken"])
+    response = kube.api.call_api("GET", url, header_params=headers, _request_timeout=kube.timeout)
+    response.read()
+    date = response.headers.get("Date")
+    return email.utils.parsedate_to_datetime(date) if date else None
+
+
+def _fetch_metrics(targets: dict[str, str], timeout: float) -> dict[str, int]:
+    def one(url: str) -> int | None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return checks.count_tunnels_up(response.read().decode())
+        except (OSError, ValueError):
+            return None  # unreachable, timed out, or not Prometheus text: shown as "-"
+
+    if not targets:
+        return {}
+    with ThreadPoolExecutor(min(32, len(targets))) as pool:
+        results = dict(zip(targets, pool.map(one, targets.values()), strict=True))
+    return {name: up for name, up in results.items() if up is not None}
+
+
+# -- print ----------------------------------------------------------------------------------------
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in [headers, *rows])
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == () else str(value)
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+def run_status(args: argparse.Namespace) -> int:
+    settings, ns = _settings(args)
+    kube = _kube(args)
+    nodes = _read("nodes", lambda: kube.list("nodes"))
+    configmaps = _read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns))
+    secrets = _read(f"secrets in {ns}", lambda: kube.list("secrets", ns), forbidden_ok=True)
+    pods = _read(f"pods in {ns}", lambda: kube.list("pods", ns, AGENT_SELECTOR), forbidden_ok=True) or []
+    tunnels_up = None
+    if args.metrics:
+        tunnels_up = _fetch_metrics(checks.metrics_targets(nodes, settings, args.metrics_port), args.metrics_timeout)
+    rows = checks.status_rows(nodes, configmaps, secrets, pods, settings, tunnels_up)
+    if args.json:
+        print(json.dumps([{**asdict(r), "role": r.role.value, "communities": list(r.communities)} for r in rows],
+                         indent=2))
+        return 0
+    headers = ["NAME", "ROLE", "POD-CIDR", "COMMUNITIES", "CERT-EXPIRES", "AGENT", "PEERS", "TUNNELS-UP"]
+    print(_table(headers, [[r.name, r.role.value, _dash(r.pod_cidr), ",".join(r.communities) or "-",
+                            _dash(r.cert_expires), _dash(r.agent), _dash(r.peers), _dash(r.tunnels_up)]
+                           for r in rows]))
+    if secrets is None:
+        print(f"(cannot list secrets in {ns}: CERT-EXPIRES from the nodes' {STATUS_ANNOTATION} annotation)",
+              file=sys.stderr)
+    return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    settings, ns = _settings(args)
+    kube = _kube(args)
+    lease_name = settings.leader_election.lease_name
+    state = checks.ClusterState(
+        nodes=_read("nodes", lambda: kube.list("nodes")),
+        configmaps=_read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns)),
+        secrets=_read(f"secrets in {ns}", lambda: kube.list("secrets", ns), forbidden_ok=True),
+        pods=_read(f"pods in {ns}", lambda: kube.list("pods", ns, AGENT_SELECTOR)),
+        lease=_read(f"lease {ns}/{lease_name}", lambda: kube.get("leases", lease_name, ns), forbidden_ok=True),
+        events=_read("events", lambda: kube.list("events", EVENTS_NAMESPACE), forbidden_ok=True),
+        server_date=_read("the server's date", lambda: _server_date(kube)),
+        now=datetime.now(UTC), namespace=ns, settings=settings)
+    found = checks.run_checks(state, agent_pods=not args.no_agent_pods)
+    if args.json:
+        print(json.dumps([{**asdict(c), "name": c.name.value, "status": c.status.value} for c in found], indent=2))
+        return checks.exit_code(found)
+    width = max(len(c.name) for c in found)
+    for check in found:
+        print(f"{check.status.value:<4}  {check.name.value:<{width}}  {check.message}")
+        if check.status is not checks.Status.PASS and check.hint:
+            print(f"{'':<4}  {'':<{width}}  fix: {check.hint}")
+    counts = {s: sum(1 for c in found if c.status is s) for s in checks.Status}
+    print(f"\n{counts[checks.Status.FAIL]} FAIL, {counts[checks.Status.WARN]} WARN, "
+          f"{counts[checks.Status.PASS]} PASS")
+    return checks.exit_code(found)
+
+
+def _render(dot_text: str, output: Path, dot: str) -> None:
+    fmt = output.suffix.lower().lstrip(".")
+    result = subprocess.run([dot, f"-T{fmt}", "-o", str(output)], input=dot_text, text=True,
+                            capture_output=True, check=False)
+    if result.returncode != 0:
+        raise CannotRun(f"dot failed to render {output}: {result.stderr.strip()}")
+
+
+def run_graph(args: argparse.Namespace) -> int:
+    dot = None
+    if args.output is not None:
+        if args.output.suffix.lower().lstrip(".") not in RENDER_FORMATS:
+            raise CannotRun(f"--output {args.output}: the file name must end in .svg or .png")
+        dot = shutil.which("dot")
+        if dot is None:
+            raise CannotRun("--output needs Graphviz's `dot` binary, which is not on PATH: install Graphviz "
+                            "(e.g. apt-get install graphviz), or leave out --output to print DOT")
+    settings, ns = _settings(args)
+    kube = _kube(args)
+    nodes = _read("nodes", lambda: kube.list("nodes"))
+    configmaps = _read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns))
+    text = mesh_dot(nodes, configmaps, settings)
+    if dot is None:
+        sys.stdout.write(text)
+    else:
+        _render(text, args.output, dot)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "status": run_status, "doctor": run_doctor, "graph": run_graph,
+}

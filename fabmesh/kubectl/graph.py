@@ -1,0 +1,88 @@
+"""The mesh as Graphviz DOT (pure): who has a tunnel to whom, and who is relayed through the connector.
+
+Solid edges are the tunnels the operator planned (each edge's ConfigMap peers,
+so the picture shows what agents are told, not what labels suggest). Edge
+pairs that share no community have no tunnel: their traffic is relayed by the
+connector, drawn as a dashed edge. Communities are Graphviz clusters; a node
+can sit in one cluster only, so a node in several communities is drawn once,
+outside them, with its communities in its label.
+
+The relayed edges grow with the square of the number of edges: fine for the
+picture of a lab or a site, not meant for a 10,000-node cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import combinations
+
+from fabmesh.kubectl.checks import Obj, active_connector, by_name, communities_of, name_of, read_mesh, role_of
+from fabmesh.mesh.model import NodeMesh, Role
+from fabmesh.operator import objects as o
+from fabmesh.operator.settings import OperatorSettings
+
+SHAPES = {Role.EDGE: "ellipse", Role.CONNECTOR: "hexagon", Role.CLOUD: "box"}
+STYLES = {Role.EDGE: "", Role.CONNECTOR: ", style=filled, fillcolor=lightblue", Role.CLOUD: ", style=rounded"}
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _node_statement(node: Obj, settings: OperatorSettings, indent: str) -> str:
+    role = role_of(node, settings)
+    communities = communities_of(node, settings)
+    lines = [name_of(node), role.value]
+    if len(communities) > 1:
+        lines.append("communities: " + ", ".join(communities))
+    return f"{indent}{quote(name_of(node))} [shape={SHAPES[role]}{STYLES[role]}, label={quote(chr(10).join(lines))}];"
+
+
+def tunnels(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings) -> set[tuple[str, str]]:
+    """Unordered pairs (sorted names) with a tunnel in some edge's ConfigMap, to nodes that exist."""
+    cms = by_name(configmaps)
+    present = {name_of(n) for n in nodes}
+    pairs = set()
+    for node in nodes:
+        if role_of(node, settings) is not Role.EDGE:
+            continue
+        mesh = read_mesh(cms.get(o.agent_configmap_name(name_of(node))))
+        if not isinstance(mesh, NodeMesh):
+            continue
+        for peer in mesh.peers:
+            if peer.name in present and peer.name != name_of(node):
+                a, b = sorted((name_of(node), peer.name))
+                pairs.add((a, b))
+    return pairs
+
+
+def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings) -> str:
+    """The whole mesh as one undirected DOT graph; the same cluster always gives the same text."""
+    ordered = sorted(nodes, key=name_of)
+    communities = {name_of(n): communities_of(n, settings) for n in ordered}
+    clusters: dict[str, list[Obj]] = {}
+    for node in ordered:
+        if len(communities[name_of(node)]) == 1:
+            clusters.setdefault(communities[name_of(node)][0], []).append(node)
+    out = ["graph fabmesh {",
+           '  graph [label="fabmesh mesh", labelloc=t, fontname="Helvetica", rankdir=LR];',
+           '  node [fontname="Helvetica"];',
+           '  edge [fontname="Helvetica", fontsize=10];']
+    for community, members in sorted(clusters.items()):
+        out.append(f"  subgraph {quote('cluster_' + community)} {{")
+        out.append(f"    label={quote('community ' + community)}; style=dashed; color=gray40;")
+        out.extend(_node_statement(n, settings, "    ") for n in members)
+        out.append("  }")
+    out.extend(_node_statement(n, settings, "  ") for n in ordered if len(communities[name_of(n)]) != 1)
+
+    direct = tunnels(ordered, configmaps, settings)
+    out.extend(f"  {quote(a)} -- {quote(b)};" for a, b in sorted(direct))
+    connector = active_connector(ordered, settings)
+    if connector is not None:
+        label = quote(f"relayed via {name_of(connector)}")
+        edges = [name_of(n) for n in ordered if role_of(n, settings) is Role.EDGE]
+        for a, b in combinations(edges, 2):
+            if (a, b) not in direct and not set(communities[a]) & set(communities[b]):
+                out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=gray50, label={label}];")
+    out.append("}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,69 @@
+"""Traffic and observation helpers for the e2e tier (all inside the lab's namespaces)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from fabmesh.lab.state import LabPod, LabState
+from fabmesh.strongswan.driver import Charon
+from fabmesh.testenv.hosts import sh, stop_pid
+
+
+def pod(state: LabState, node: str) -> LabPod:
+    return next(p for p in state.pods if p.node == node)
+
+
+def vici(state: LabState, node: str) -> Charon:
+    return Charon(Path(state.directory) / "hosts" / node / "run" / "charon.vici")
+
+
+def child_packets(state: LabState, node: str) -> dict[str, tuple[int, int]]:
+    """Connection name -> (ESP packets in, out) summed over its CHILD_SAs, read over VICI."""
+    with vici(state, node) as charon:
+        sas = charon.sas()
+    return {name: (sum(int(c["packets-in"]) for c in sa.get("child-sas", {}).values()),
+                   sum(int(c["packets-out"]) for c in sa.get("child-sas", {}).values()))
+            for name, sa in sas.items()}
+
+
+def established(state: LabState, node: str) -> set[str]:
+    with vici(state, node) as charon:
+        return {name for name, sa in charon.sas().items()
+                if sa.get("state") == "ESTABLISHED" and sa.get("child-sas")}
+
+
+def ping_ok(netns: str, ip: str, count: int = 1) -> bool:
+    return sh("ping", "-n", "-q", "-c", str(count), "-W", "1", ip, ns=netns, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def echo_peer_server(netns: str, port: int, proto: str = "tcp", bind: str | None = None) -> Iterator[None]:
+    """A server that answers every request with the address it sees the client at."""
+    listen = f"{proto.upper()}-LISTEN:{port},fork,reuseaddr" if proto == "tcp" else f"UDP-RECVFROM:{port},fork"
+    if bind:
+        listen += f",bind={bind}"
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "socat", listen, "SYSTEM:echo $SOCAT_PEERADDR"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        sh("sh", "-c", f"for i in $(seq 50); do ss -lnu -lnt | grep -q ':{port} ' && exit 0; sleep 0.1; done; exit 1",
+           ns=netns)
+        yield
+    finally:
+        stop_pid(proc.pid)
+
+
+def ask_peer(netns: str, ip: str, port: int, proto: str = "tcp") -> str:
+    """Connect and return what the echo server says the client's address is ('' on failure).
+
+    UDP is asked up to three times: a datagram may be lost, which is not a mesh failure.
+    """
+    target = f"TCP:{ip}:{port},connect-timeout=3" if proto == "tcp" else f"UDP:{ip}:{port}"
+    for _ in range(1 if proto == "tcp" else 3):
+        done = subprocess.run(["ip", "netns", "exec", netns, "socat", "-t", "1", "-T", "2", "-", target],
+                              input="hello\n", capture_output=True, text=True, timeout=15)
+        if done.stdout.strip():
+            return done.stdout.strip()
+    return ""
