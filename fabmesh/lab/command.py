@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from fabmesh.lab.state import DEFAULT_DIR, LabState
 from fabmesh.lab.topology import TopologyError, load_topology
+from fabmesh.testenv.assets import KUBERNETES_VERSION, cache_root
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -72,6 +74,11 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(report))
         return
     print(f"KUBECONFIG={report['kubeconfig']}")
+    kubectl_dir = os.environ.get("KUBEBUILDER_ASSETS") or str(cache_root() / f"k8s-{KUBERNETES_VERSION}")
+    print(f"  try: export KUBECONFIG={report['kubeconfig']} PATH={kubectl_dir}:$PATH\n"
+          "       kubectl get nodes -L community.fabmesh.io/a -L community.fabmesh.io/b\n"
+          "       kubectl label node edge-3 community.fabmesh.io/a=   # then: fabmesh lab status\n"
+          "       kubectl-fabmesh status --namespace fabmesh-system")
     names = [p["name"] for p in report["pods"]]
     ips = {p["name"]: p["ip"] for p in report["pods"]}
     width = max(len(n) for n in names) + 2

@@ -255,10 +255,21 @@ def wait_tunnels(state: LabState, timeout: float) -> None:
              timeout=timeout, interval=0.25, what="every expected tunnel to be established")
 
 
-def path_between(state: LabState, src: str, dst: str) -> str:
+def current_communities(state: LabState) -> dict[str, set[str]]:
+    """Communities per node from the API's Node labels (they change with kubectl label); else the topology."""
+    try:
+        kube = Kube(load_api_client(state.kubeconfig), timeout=3)
+        prefix = "community.fabmesh.io/"
+        return {n["metadata"]["name"]: {k[len(prefix):] for k in (n["metadata"].get("labels") or {})
+                                        if k.startswith(prefix)} for n in kube.list("nodes")}
+    except Exception:
+        return {h.name: set(h.communities) for h in state.hosts}
+
+
+def path_between(state: LabState, src: str, dst: str, communities: dict[str, set[str]]) -> str:
     a, b = state.host(src), state.host(dst)
     if a.role == "edge" and b.role == "edge":
-        return "direct" if set(a.communities) & set(b.communities) else "relayed"
+        return "direct" if communities.get(src, set()) & communities.get(dst, set()) else "relayed"
     return "cloud"
 
 
@@ -281,11 +292,12 @@ def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
         time.sleep(0.5)
     pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
     node_of = {p.name: p.node for p in state.pods}
-    pairs = [{"src": s, "dst": d, "ok": ok, "path": path_between(state, node_of[s], node_of[d])}
+    communities = current_communities(state)
+    pairs = [{"src": s, "dst": d, "ok": ok, "path": path_between(state, node_of[s], node_of[d], communities)}
              for (s, d), ok in results.items()]
     return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
-            "nodes": [{"name": h.name, "role": h.role, "communities": h.communities, "wan_ip": h.wan_ip,
-                       "node_ip": h.node_ip} for h in state.hosts]}
+            "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, set())),
+                       "wan_ip": h.wan_ip, "node_ip": h.node_ip} for h in state.hosts]}
 
 
 def down(directory: Path) -> str | None:

@@ -18,6 +18,8 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from fabmesh.strongswan.conf import Backend  # the IPsec backend is a strongSwan notion, carried here
+
 API_VERSION = "fabmesh.io/v1alpha1"
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -39,11 +41,6 @@ class Role(StrEnum):
     EDGE = "edge"
     CONNECTOR = "connector"
     CLOUD = "cloud"
-
-
-class Backend(StrEnum):
-    KERNEL = "kernel"
-    LIBIPSEC = "libipsec"
 
 
 class _Model(BaseModel):

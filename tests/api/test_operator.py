@@ -15,12 +15,14 @@ import pytest
 
 from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
+from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
 from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv, write_settings
 from tests.api.operator_helpers import (
     CONNECTOR,
     EDGE,
+    FLANNEL,
     cloud_nodes,
     configmaps,
     converged,
@@ -225,3 +227,41 @@ def test_exhausted_pool_gets_an_event_and_allocated_nodes_keep_their_cidrs(opera
     wait_for(lambda: events_for(env, "e3"), timeout=30, what="an Event on e3")
     assert events_for(env, "e3")[0]["message"].startswith("pool")
     assert {nodes(env)[n]["spec"]["podCIDR"] for n in ("e1", "e2")} == {"10.233.0.0/24", "10.233.1.0/24"}
+
+
+def test_leaf_certificates_renew_at_two_thirds_of_their_life_and_the_ca_stays(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+    first = Reconciler(env.kube, env.settings)
+    first.run_once()
+    before = secrets(env)
+    old_leaf = describe(secret_text(before["fabmesh-tls-e1"], "tls.crt"))
+    lifetime = old_leaf.not_after - old_leaf.not_before
+    for offset, renewed in ((lifetime * 0.6, False), (lifetime * 0.7, True)):
+        later = Reconciler(env.kube, env.settings, clock=lambda o=offset: old_leaf.not_before + o)
+        later.run_once()
+        leaf = describe(secret_text(secrets(env)["fabmesh-tls-e1"], "tls.crt"))
+        assert (leaf.serial != old_leaf.serial) is renewed, f"at {offset} renewed={renewed}"
+    after = secrets(env)
+    assert secret_text(after[o.CA_SECRET], "tls.crt") == secret_text(before[o.CA_SECRET], "tls.crt")
+    verify_leaf(secret_text(after[o.CA_SECRET], "tls.crt"), secret_text(after["fabmesh-tls-e1"], "tls.crt"),
+                now=old_leaf.not_before + lifetime * 0.7)
+
+
+def test_moving_the_connector_label_repoints_every_edge_at_the_new_connectors_vtep(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    other_vtep = {**FLANNEL, "flannel.alpha.coreos.com/public-ip": "198.51.100.9",
+                  "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:09:09"}'}
+    create_nodes(env.kube, [*cloud_nodes(), node("cloud-9", "198.51.100.9", {}, other_vtep),
+                            edge("e1", "192.0.2.1"), edge("e2", "192.0.2.2")])
+    env.start()
+    wait_converged(env, {"e1", "e2"})
+    env.kube.merge_patch("nodes", "connector-1", {"metadata": {"labels": {CONNECTOR: None}}})
+    env.kube.merge_patch("nodes", "cloud-9", {"metadata": {"labels": {CONNECTOR: ""}}})
+    wait_for(lambda: all(nodes(env)[n]["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"]
+                         == "198.51.100.9" for n in ("e1", "e2")), timeout=30, what="edges re-pointed")
+    assert all(nodes(env)[n]["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"]
+               == other_vtep["flannel.alpha.coreos.com/backend-data"] for n in ("e1", "e2"))
+    wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"cloud-9"},
+             timeout=30, what="e1 to peer with the new connector")
+    assert describe(secret_text(secrets(env)[o.CONNECTOR_SECRET], "tls.crt")).common_name == "cloud-9"

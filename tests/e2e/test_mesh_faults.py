@@ -115,6 +115,8 @@ def test_relabelled_edge_joins_a_community_and_its_path_becomes_direct(running_l
              what="a direct tunnel edge-1 <-> edge-3")
     elapsed = time.monotonic() - started
     assert ping_ok(pod(running_lab, "edge-1").netns, pod(running_lab, "edge-3").ip, count=3)
+    paths = {(p["src"], p["dst"]): p["path"] for p in lab.check(running_lab)["pairs"]}
+    assert paths[("pod-edge-1", "pod-edge-3")] == "direct"
     print(f"relabel to direct tunnel: {elapsed:.1f}s")
 
 
