@@ -3,7 +3,8 @@
 Each step is independent: one failing (charon not up yet, a device missing)
 is reported and the others still run, and the next pass retries it. Order:
 sysctls, bridge, CNI config, ipsets (before the rules that name them),
-iptables, tunnels over VICI (creates libipsec's TUN device), rule and routes.
+iptables, xfrm bypass policies (kernel ESP), anchor addresses (libipsec),
+tunnels over VICI (creates libipsec's TUN device), rule and routes.
 
 Writes are counted per resource; a pass over an unchanged node writes nothing.
 """
@@ -24,6 +25,7 @@ from fabmesh.netlink.driver import Netlink
 from fabmesh.node.desired import RULE_PRIORITY, NodeState
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
 from fabmesh.strongswan.driver import Charon
+from fabmesh.xfrm.driver import XfrmPolicies
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class NodeApplier:
         self.proc_sys = proc_sys
         self.iptables = IPTables(None, 4)
         self.ipsets = IPSets(None)
+        self.xfrm = XfrmPolicies(None)
         self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json", node)
         self.file_writes = 0
         self.sysctl_writes = 0
@@ -69,7 +72,7 @@ class NodeApplier:
 
     def writes(self) -> Counter[str]:
         return Counter({"netlink": self.netlink_writes, "iptables": self.iptables.writes,
-                        "ipset": self.ipsets.writes, "vici": self.tunnels.writes,
+                        "ipset": self.ipsets.writes, "vici": self.tunnels.writes, "xfrm": self.xfrm.writes,
                         "files": self.file_writes, "sysctl": self.sysctl_writes})
 
     def _step(self, report: ApplyReport, what: str, fn: Callable[[], list[str]]) -> None:
@@ -90,6 +93,8 @@ class NodeApplier:
             self._step(report, "cni", lambda: self._cni(state.conflist or ""))
         self._step(report, "ipset", lambda: self.ipsets.set(state.ipsets, prefix="FABMESH-"))
         self._step(report, "iptables", lambda: self.iptables.set(state.chains, state.jumps, prefix="FABMESH-"))
+        if state.bypass or self.xfrm.list():
+            self._step(report, "xfrm", lambda: self.xfrm.set(state.bypass))
         if state.anchors:
             self._step(report, "anchors", lambda: self._anchors(state))
         self._step(report, "tunnels", lambda: self._tunnels(state, creds))

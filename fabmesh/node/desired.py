@@ -38,6 +38,7 @@ from fabmesh.mesh.model import Backend, NodeMesh, Role
 from fabmesh.netlink.driver import Route
 from fabmesh.node.cni import gateway
 from fabmesh.node.tunnels import desired_connections
+from fabmesh.xfrm.driver import BypassPolicy, bypass_policies
 
 MESH_SET = "FABMESH-MESH"
 RULE_PRIORITY = 100
@@ -58,6 +59,7 @@ class NodeState:
     initiators: frozenset[str] = frozenset()
     skipped: tuple[str, ...] = ()  # human notes about subnets deliberately not routed
     anchors: tuple[str, ...] = ()  # local subnets that need a local address (libipsec), see below
+    bypass: tuple[BypassPolicy, ...] = ()  # xfrm policies keeping local traffic out of tunnels (kernel ESP)
 
 
 def _contains(cidr: str, address: str) -> bool:
@@ -104,6 +106,12 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
     anchors: set[str] = set()
     if mesh.tunnel.backend is Backend.LIBIPSEC:
         anchors = {s for p in mesh.peers for s in mesh.local_ts(p)}
+    # Kernel ESP: the connector tunnel's selectors cover the whole edge pool, which holds this
+    # edge's own pod CIDR, so host <-> local pod traffic would be encrypted towards the connector
+    # without higher-priority bypass policies. libipsec only sees what is routed into its TUN.
+    bypass: set[BypassPolicy] = set()
+    if mesh.tunnel.backend is Backend.KERNEL and mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
+        bypass = bypass_policies([mesh.node.pod_cidr, mesh.node.address])
     members = set(mesh.mesh_cidrs) | local | {s for p in mesh.peers for s in p.subnets}
     ipsets = (IPSet(name=MESH_SET, family="inet", members=frozenset(members)),)
     return NodeState(
@@ -112,7 +120,7 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
         chains=_chains(mesh), jumps=_jumps(),
         connections=desired_connections(mesh, cert_pem),
         initiators=frozenset(p.name for p in mesh.peers if p.initiate), skipped=tuple(skipped),
-        anchors=tuple(sorted(anchors)))
+        anchors=tuple(sorted(anchors)), bypass=tuple(sorted(bypass)))
 
 
 def _source(mesh: NodeMesh) -> str:

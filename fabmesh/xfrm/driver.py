@@ -1,0 +1,357 @@
+"""Bypass xfrm policies: keep traffic between a node's own subnets out of its IPsec tunnels.
+
+With the kernel IPsec backend, charon installs xfrm policies for each tunnel's traffic selectors. An
+edge's tunnel to the connector carries the whole edge pool (``10.233.0.0/16``), which contains the
+edge's own pod CIDR (``10.233.1.0/24``): without help, the bridge gateway pinging a local pod
+matches the outbound policy and is encrypted towards the connector (or, with no SA yet, dropped),
+and a pod's reply matches the inbound policy and is dropped for having arrived unencrypted
+(``XfrmInTmplMismatch``). Routing cannot fix this: xfrm policies are looked up after the route. The
+fix is a policy with no template (``action allow``: "send as is") and a better priority. The kernel
+prefers the *lowest* priority number; charon's policies are never below 68541 (strongSwan 5.5.1+
+computes them from ``PRIO_BASE`` 200000 minus selector-specificity bonuses), so fabmesh's default of
+5 always wins.
+
+Which policies are ours. The kernel keeps no free-form tag on an xfrm policy (nothing like a route's
+protocol number) and a ``mark`` is a *selector*: a policy with one matches only packets carrying
+that skb mark, so it would miss exactly the traffic a bypass exists for. A policy is therefore ours
+when it has exactly the shape fabmesh writes, and nothing else:
+
+* type ``main``, ``action allow``, direction ``in``, ``out`` or ``fwd``;
+* no template (every policy charon installs for a tunnel has one), no mark, no ``if_id``, no
+  security context, no flags, no protocol, port or device in the selector (lifetime limits are
+  not printed by ``ip xfrm policy list`` and not checked: nobody puts them on a bypass);
+* a priority in ``PRIORITY_BAND`` (1-999). ``ip xfrm policy add`` without ``priority`` gives 0,
+  outside the band, so a policy a person typed in is left alone; charon's pass/drop shunts (no
+  template) sit at 68541 or above unless swanctl sets ``priority`` explicitly, which fabmesh never does.
+
+``ip xfrm policy list priority 5`` shows what fabmesh wrote.
+
+Why ``ip`` and not pyroute2: pyroute2 0.9.7 defines the ``NETLINK_XFRM`` protocol number and
+nothing else for it (no message classes, no IPRoute method), so using it would mean hand-encoding
+``struct xfrm_userpolicy_info``. ``ip xfrm`` has no JSON output (``ip -j xfrm policy`` silently
+prints text), so we parse its text, whose shape has not changed in years, strictly: anything we do
+not recognise as exactly our shape is someone else's. ``ip -n <netns>`` is ``ip netns exec <netns>
+ip`` without the extra exec. One command per write, so one refused policy does not stop the others.
+
+Kernel quirks handled here:
+
+* A policy's identity is (type, direction, selector, mark, if_id, security context); the priority is
+  not part of it. A second ``add`` with the same selector fails with EEXIST whatever the priority,
+  so a priority change is one ``update`` (no window without a bypass), and a selector held by a
+  policy we do not own is reported, never taken over.
+* The kernel stores selector addresses as given (``10.233.1.1/24`` and ``10.233.1.0/24`` are two
+  policies). We only write canonical networks; one observed with host bits is not what we would
+  write, so it is deleted by its exact text and the canonical one added.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ipaddress
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRIORITY = 5
+PRIORITY_BAND = range(1, 1000)
+"""Priorities fabmesh writes and recognises as its own (see the module docstring)."""
+
+_C_LOCALE = {**os.environ, "LC_ALL": "C"}  # error texts are matched below
+
+
+class Direction(StrEnum):
+    OUT = "out"
+    IN = "in"
+    FWD = "fwd"
+
+
+class _Verb(StrEnum):
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+class XfrmError(RuntimeError):
+    """``ip xfrm`` could not read or write policies; the message names the namespace and the reason."""
+
+
+@dataclass(frozen=True, order=True)
+class BypassPolicy:
+    """Send packets from ``src`` to ``dst`` in ``direction`` without IPsec, at ``priority``.
+
+    ``src`` and ``dst`` are canonicalised (``10.1.0.7`` becomes ``10.1.0.7/32``, IPv6 compressed);
+    host bits raise ``ValueError``, as do mixed families and a priority outside ``PRIORITY_BAND``.
+    """
+
+    src: str
+    dst: str
+    direction: Direction
+    priority: int = DEFAULT_PRIORITY
+
+    def __post_init__(self) -> None:
+        src, dst = ipaddress.ip_network(self.src), ipaddress.ip_network(self.dst)
+        if src.version != dst.version:
+            raise ValueError(f"bypass {self.src} -> {self.dst}: source and destination are of different families")
+        if self.priority not in PRIORITY_BAND:
+            raise ValueError(
+                f"bypass {self.src} -> {self.dst}: priority {self.priority} is outside "
+                f"{PRIORITY_BAND.start}-{PRIORITY_BAND.stop - 1}, where fabmesh recognises its own policies"
+            )
+        object.__setattr__(self, "src", str(src))
+        object.__setattr__(self, "dst", str(dst))
+        object.__setattr__(self, "direction", Direction(self.direction))
+
+    def key(self) -> str:
+        """The kernel's identity of the policy: two policies with the same key cannot coexist."""
+        return f"dir={self.direction} src={self.src} dst={self.dst}"
+
+    def __str__(self) -> str:
+        return f"{self.key()} priority={self.priority}"
+
+
+def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> builtins.set[BypassPolicy]:
+    """Bypass policies that keep traffic among ``local_subnets`` out of every tunnel (pure).
+
+    Pass the node's pod CIDR and the node's own addresses (a bare address means /32 or /128), not
+    the whole uplink subnet: a bypass covers every address of both subnets, other hosts' included.
+
+    One policy per ordered pair (a, b) of subnets of the same family, a == b included, in each of
+    the three directions the kernel checks:
+
+    * ``out``: packets the host sends (gateway or node IP to a local pod) are looked up in the out
+      policies on output; so are forwarded packets (``__xfrm_route_forward`` uses ``out``).
+    * ``in``: packets delivered to the host (a pod's reply to the gateway or to the node IP) are
+      checked against in policies; a tunnel's in policy covering them drops them for not having
+      come through its SA.
+    * ``fwd``: packets routed through the host between local subnets (pod to pod when the CNI
+      routes per pod instead of bridging, pod to the node IP on another device) are checked
+      against fwd policies in ``ip_forward``, then looked up in ``out``.
+
+    a == b is needed because the gateway and the pods share the pod CIDR. Overlapping or adjacent
+    subnets are merged first (``10.233.1.0/24`` and ``10.233.1.1`` give one subnet), so ``n``
+    disjoint subnets give ``3 n**2`` policies. Traffic to any other address (a remote pod) still
+    meets the tunnel's policies. In and fwd bypasses match on addresses only: a plaintext packet
+    arriving on the uplink with a forged local source passes them, exactly as it would without any
+    tunnel; strict reverse-path filtering or the firewall is what drops it.
+    """
+    by_version: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
+    for subnet in local_subnets:
+        network = ipaddress.ip_network(subnet)
+        by_version[network.version].append(network)
+    policies: builtins.set[BypassPolicy] = set()
+    for networks in by_version.values():
+        merged = [str(n) for n in ipaddress.collapse_addresses(networks)]
+        policies |= {
+            BypassPolicy(src=a, dst=b, direction=d, priority=priority)
+            for a in merged
+            for b in merged
+            for d in Direction
+        }
+    return policies
+
+
+@dataclass(frozen=True)
+class PolicyFailure:
+    policy: BypassPolicy
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.policy}: {self.reason}"
+
+
+class PoliciesNotApplied(XfrmError):
+    """Some bypass policies could not be written or removed; every other change was made (``changes``)."""
+
+    def __init__(self, netns: str | None, failures: Iterable[PolicyFailure], changes: Sequence[str]) -> None:
+        self.failures = tuple(failures)
+        self.changes = list(changes)
+        listed = "; ".join(str(f) for f in self.failures)
+        super().__init__(f"netns={netns or '-'}: {len(self.failures)} xfrm bypass policy change(s) failed: {listed}")
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """One of our policies as the kernel holds it; ``src``/``dst`` as printed, to delete exactly it."""
+
+    policy: BypassPolicy
+    src: str = field(compare=False)
+    dst: str = field(compare=False)
+
+    @property
+    def canonical(self) -> bool:
+        """True when the kernel holds it in the form we write (no host bits)."""
+        return (self.src, self.dst) == (self.policy.src, self.policy.dst) or _same_networks(self)
+
+
+class XfrmPolicies:
+    """Reconciler for fabmesh's bypass xfrm policies in ``netns`` (``None``: the current namespace).
+
+    ``writes`` counts the writing commands run (``ip xfrm policy add/update/delete``), failed ones included.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.writes = 0
+
+    def list(self) -> builtins.set[BypassPolicy]:
+        """Our bypass policies as the kernel holds them (canonicalised)."""
+        return {installed.policy for installed in self._observe()}
+
+    def set(self, desired: Iterable[BypassPolicy]) -> builtins.list[str]:
+        """Make our bypass policies exactly ``desired``; return one line per change made.
+
+        Policies that are not ours (see the module docstring) are never changed. Missing ones are
+        added (or updated in place when only the priority differs) before stale ones are deleted,
+        so a change of subnets never leaves a moment without a bypass. A policy that cannot be
+        written does not stop the others; ``PoliciesNotApplied`` lists the failures afterwards.
+        """
+        failures: list[PolicyFailure] = []
+        wanted: dict[str, BypassPolicy] = {}
+        for policy in sorted(set(desired)):
+            if policy.key() in wanted:
+                reason = f"selector already asked for at priority {wanted[policy.key()].priority}"
+                failures.append(PolicyFailure(policy, reason))
+            else:
+                wanted[policy.key()] = policy
+
+        kept: builtins.set[str] = set()
+        stale: list[_Installed] = []
+        for installed in self._observe():
+            key = installed.policy.key()
+            if installed.canonical and wanted.get(key) == installed.policy and key not in kept:
+                kept.add(key)
+            else:
+                stale.append(installed)
+
+        changes: list[str] = []
+        replaced: builtins.set[int] = set()  # ids of stale policies that an update overwrote
+        for key, policy in wanted.items():
+            if key in kept:
+                continue
+            old = next((s for s in stale if s.canonical and s.policy.key() == key and id(s) not in replaced), None)
+            if old is not None:
+                replaced.add(id(old))
+                verb = _Verb.UPDATE
+            else:
+                verb = _Verb.ADD
+            if self._write(verb, policy, failures):
+                changes.append(self._changed(f"action={verb}-xfrm-bypass {policy}"))
+        for old in stale:
+            if id(old) not in replaced and self._delete(old, failures):
+                changes.append(self._changed(f"action=delete-xfrm-bypass {old.policy}"))
+
+        if failures:
+            raise PoliciesNotApplied(self.netns, failures, changes)
+        return changes
+
+    # -- observing -----------------------------------------------------------------------------
+
+    def _observe(self) -> builtins.list[_Installed]:
+        return [i for i in map(_parse_ours, _blocks(self._ip("policy", "list"))) if i is not None]
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _write(self, verb: _Verb, policy: BypassPolicy, failures: builtins.list[PolicyFailure]) -> bool:
+        selector = ["src", policy.src, "dst", policy.dst, "dir", policy.direction]
+        try:
+            self._send(verb, *selector, "priority", str(policy.priority), "action", "allow")
+        except XfrmError as exc:
+            reason = str(exc)
+            if "RTNETLINK answers: File exists" in reason:
+                reason = "an xfrm policy fabmesh does not own already holds this selector and direction"
+            failures.append(PolicyFailure(policy, reason))
+            return False
+        return True
+
+    def _delete(self, old: _Installed, failures: builtins.list[PolicyFailure]) -> bool:
+        try:
+            self._send(_Verb.DELETE, "src", old.src, "dst", old.dst, "dir", old.policy.direction)
+        except XfrmError as exc:
+            if "RTNETLINK answers: No such file or directory" in str(exc):
+                return False  # already gone
+            failures.append(PolicyFailure(old.policy, f"cannot delete: {exc}"))
+            return False
+        return True
+
+    def _send(self, verb: _Verb, *args: str) -> None:
+        self.writes += 1
+        self._ip("policy", verb, *args)
+
+    def _ip(self, *args: str) -> str:
+        argv = ["ip", *(["-n", self.netns] if self.netns else []), "xfrm", *args]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, check=False, env=_C_LOCALE)
+        except OSError as exc:
+            raise XfrmError(f"cannot run {argv[0]}: {exc}") from exc
+        if done.returncode != 0:
+            reason = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+            raise XfrmError(f"{' '.join(argv)}: {reason or f'exit status {done.returncode}'}")
+        return done.stdout
+
+    def _changed(self, what: str) -> str:
+        log.info("netns=%s %s", self.netns or "-", what)
+        return what
+
+
+def _blocks(text: str) -> builtins.list[builtins.list[str]]:
+    """``ip xfrm policy list`` output split into one list of lines per policy."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line[0].isspace() and blocks:
+            blocks[-1].append(line.strip())
+        else:
+            blocks.append([line.strip()])
+    return blocks
+
+
+def _parse_ours(block: builtins.list[str]) -> _Installed | None:
+    """The policy a block describes, if it has exactly the shape fabmesh writes; None otherwise.
+
+    Ours print as two lines, ``src A dst B`` and ``dir D priority P ptype main`` (``action allow``
+    is the default and not printed); a mark, ``if_id``, template or context would add lines, a
+    protocol, port or device would add words to the first, a flag or ``action block`` to the second.
+    """
+    if len(block) != 2:
+        return None
+    selector, attributes = block[0].split(), block[1].split()
+    if len(selector) != 4 or selector[0] != "src" or selector[2] != "dst" or len(attributes) % 2:
+        return None
+    values = dict(zip(attributes[::2], attributes[1::2], strict=True))
+    if (
+        len(values) * 2 != len(attributes)
+        or not values.keys() <= {"dir", "priority", "ptype", "action"}
+        or values.get("ptype", "main") != "main"
+        or values.get("action", "allow") != "allow"
+        or values.get("dir") not in tuple(Direction)
+        or not values.get("priority", "").isdigit()
+        or int(values["priority"]) not in PRIORITY_BAND
+    ):
+        return None
+    src, dst = selector[1], selector[3]
+    try:
+        policy = BypassPolicy(
+            src=str(ipaddress.ip_network(src, strict=False)),
+            dst=str(ipaddress.ip_network(dst, strict=False)),
+            direction=Direction(values["dir"]),
+            priority=int(values["priority"]),
+        )
+    except ValueError:
+        return None
+    return _Installed(policy=policy, src=src, dst=dst)
+
+
+def _same_networks(installed: _Installed) -> bool:
+    try:
+        return (ipaddress.ip_network(installed.src), ipaddress.ip_network(installed.dst)) == (
+            ipaddress.ip_network(installed.policy.src),
+            ipaddress.ip_network(installed.policy.dst),
+        )
+    except ValueError:
+        return False

@@ -1,0 +1,88 @@
+"""desired_state(): one node's whole desired state from its NodeMesh (pure), table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelSettings
+from fabmesh.node.desired import desired_state
+from fabmesh.xfrm.driver import Direction
+
+pytestmark = pytest.mark.unit
+
+CLOUD_SIDE = ("10.233.0.0/16", "10.244.0.0/16", "10.96.0.0/12")
+
+
+def edge_mesh(backend: Backend, connector_subnets: tuple[str, ...] = CLOUD_SIDE) -> NodeMesh:
+    return NodeMesh(
+        node=LocalNode(name="e1", role=Role.EDGE, address="192.0.2.1", endpoint="198.51.100.11",
+                       pod_cidr="10.233.1.0/24", communities=("a",)),
+        local_subnets=("10.233.1.0/24", "192.0.2.1/32"), mesh_cidrs=CLOUD_SIDE,
+        peers=(Peer(name="c1", role=Role.CONNECTOR, endpoint="198.51.100.1", subnets=connector_subnets,
+                    initiate=True),
+               Peer(name="e2", role=Role.EDGE, endpoint="198.51.100.12", subnets=("10.233.2.0/24", "192.0.2.2/32"))),
+        caCert="CA", tunnel=TunnelSettings(backend=backend))
+
+
+def routes(mesh: NodeMesh, **kw: object) -> dict[str, tuple[str, str | None]]:
+    state = desired_state(mesh, "CERT", **kw)  # type: ignore[arg-type]
+    return {r.dst: (r.dev, r.src) for r in state.routes}
+
+
+def test_libipsec_routes_every_peer_subnet_into_its_tun_and_the_own_cidr_to_the_bridge() -> None:
+    got = routes(edge_mesh(Backend.LIBIPSEC))
+    assert got == {"10.233.0.0/16": ("ipsec0", "10.233.1.1"), "10.244.0.0/16": ("ipsec0", "10.233.1.1"),
+                   "10.96.0.0/12": ("ipsec0", "10.233.1.1"), "10.233.2.0/24": ("ipsec0", "10.233.1.1"),
+                   "192.0.2.2/32": ("ipsec0", "10.233.1.1"), "10.233.1.0/24": ("fabmesh0", "10.233.1.1")}
+
+
+def test_kernel_backend_routes_via_the_uplink_and_adds_bypass_policies_for_local_traffic() -> None:
+    state = desired_state(edge_mesh(Backend.KERNEL), "CERT", uplink="wan0")
+    assert {r.dev for r in state.routes} == {"wan0", "fabmesh0"}
+    local = {(p.src, p.dst) for p in state.bypass}
+    assert ("10.233.1.0/24", "10.233.1.0/24") in local and ("192.0.2.1/32", "10.233.1.0/24") in local
+    assert {p.direction for p in state.bypass} == {Direction.OUT, Direction.IN, Direction.FWD}
+    assert state.anchors == ()
+
+
+def test_kernel_backend_without_an_uplink_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="uplink"):
+        desired_state(edge_mesh(Backend.KERNEL), "CERT")
+
+
+CASES = {
+    "configured-endpoint": ((*CLOUD_SIDE, "198.51.100.0/24"), frozenset(), "198.51.100.0/24"),
+    "observed-nat-address": ((*CLOUD_SIDE, "203.0.113.0/24"), frozenset({"203.0.113.7"}), "203.0.113.0/24"),
+}
+
+
+@pytest.mark.parametrize("subnets,remotes,skipped", CASES.values(), ids=CASES.keys())
+def test_a_subnet_holding_an_ike_endpoint_is_never_routed_into_a_tunnel(
+        subnets: tuple[str, ...], remotes: frozenset[str], skipped: str) -> None:
+    state = desired_state(edge_mesh(Backend.LIBIPSEC, subnets), "CERT", ike_remotes=remotes)
+    assert skipped not in {r.dst for r in state.routes}
+    assert any(skipped in note for note in state.skipped)
+
+
+def test_mesh_traffic_is_never_snatted_and_pods_leaving_the_mesh_are() -> None:
+    state = desired_state(edge_mesh(Backend.LIBIPSEC), "CERT")
+    nat = next(c for c in state.chains if c.table == "nat").rules
+    assert nat[0].endswith("-j ACCEPT") and "--match-set FABMESH-MESH src" in nat[0]
+    assert nat[1] == "-s 10.233.1.0/24 -m set ! --match-set FABMESH-MESH dst -j MASQUERADE"
+    mss = next(c for c in state.chains if c.table == "mangle").rules[0]
+    assert mss.endswith("--set-mss 1360")
+
+
+def test_connector_gets_anchors_for_local_selectors_and_routes_from_its_flannel_address() -> None:
+    mesh = NodeMesh(
+        node=LocalNode(name="c1", role=Role.CONNECTOR, address="198.51.100.1", endpoint="198.51.100.1",
+                       pod_cidr="10.244.0.0/24"),
+        local_subnets=CLOUD_SIDE, mesh_cidrs=CLOUD_SIDE,
+        peers=(Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24", "192.0.2.1/32")),),
+        caCert="CA", tunnel=TunnelSettings(backend=Backend.LIBIPSEC))
+    state = desired_state(mesh, "CERT")
+    assert state.bridge is None and state.conflist is None
+    assert set(state.anchors) == set(CLOUD_SIDE)
+    assert {r.src for r in state.routes} == {"10.244.0.0"}
+    assert state.initiators == frozenset()
+    assert len(next(c for c in state.chains if c.table == "nat").rules) == 1
