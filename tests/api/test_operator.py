@@ -83,6 +83,14 @@ def test_burst_of_200_edges_gets_unique_cidrs_and_certificates_that_verify(opera
         assert [p.role for p in mesh.peers if p.name == "connector-1"] == [Role.CONNECTOR]
     connector_secret = secs[o.CONNECTOR_SECRET]
     assert describe(secret_text(connector_secret, "tls.crt")).common_name == "connector-1"
+    # Agent Pods: no API token, only their own ConfigMap and Secret; no key material in any log line.
+    for name in names:
+        spec = pods(env)[o.agent_pod_name(name)]["spec"]
+        assert spec["automountServiceAccountToken"] is False and spec["nodeName"] == name
+        mounted = {v.get("configMap", {}).get("name") or v.get("secret", {}).get("secretName")
+                   for v in spec["volumes"]} - {None}
+        assert mounted == {o.agent_configmap_name(name), o.tls_secret_name(name)}
+    assert "PRIVATE KEY" not in env.logs() and "BEGIN" not in env.logs()
 
 
 def test_sigkill_mid_burst_never_hands_out_a_cidr_twice(operator_env: OperatorEnv) -> None:
