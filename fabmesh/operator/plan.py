@@ -23,6 +23,7 @@ Topology:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import zlib
 from collections import defaultdict
@@ -131,27 +132,27 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         else:
             flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
 
+    # Built once and shared: every edge that lists Y holds the same two Peer objects for Y (one per
+    # initiate flag), so planning is O(edges + peer references) and rendering caches per Peer.
+    # model_construct skips validation: every value here is already canonical (from read_node and IPAM).
+    own = {n.name: tuple(sorted({result.cidrs[n.name], _host(n.internal_ip)})) for n in ready}
+    as_peer = {n.name: {flag: Peer.model_construct(name=n.name, role=Role.EDGE, endpoint=n.endpoint,
+                                                   subnets=own[n.name], initiate=flag)
+                        for flag in (True, False)} for n in ready}
+    to_connector_peer = None if connector is None else Peer.model_construct(
+        name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
     for node in ready:
         cidr = result.cidrs[node.name]
-        local = tuple(sorted({cidr, _host(node.internal_ip)}))
-        peers: dict[str, Peer] = {}
-        if connector is not None:
-            peers[connector.name] = Peer(name=connector.name, role=Role.CONNECTOR,
-                                         endpoint=connector.endpoint, subnets=to_connector, initiate=True)
-        for community in node.communities:
-            for other in members[community]:
-                if other.name == node.name or other.name in peers:
-                    continue
-                peers[other.name] = Peer(
-                    name=other.name, role=Role.EDGE, endpoint=other.endpoint,
-                    subnets=tuple(sorted({result.cidrs[other.name], _host(other.internal_ip)})),
-                    initiate=node.name < other.name)
-        result.edges[node.name] = NodeMesh(
-            node=LocalNode(name=node.name, role=Role.EDGE, address=node.internal_ip,
-                           endpoint=node.endpoint, pod_cidr=cidr, communities=node.communities),
-            local_subnets=local, mesh_cidrs=mesh_cidrs,
-            peers=tuple(peers[k] for k in sorted(peers)),
-            caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
+        names = {o.name for c in node.communities for o in members[c]} - {node.name}
+        ordered = sorted(names)
+        peers = [as_peer[o][node.name < o] for o in ordered]
+        if to_connector_peer is not None:
+            peers.insert(bisect.bisect(ordered, to_connector_peer.name), to_connector_peer)
+        result.edges[node.name] = NodeMesh.model_construct(
+            node=LocalNode.model_construct(name=node.name, role=Role.EDGE, address=node.internal_ip,
+                                           endpoint=node.endpoint, pod_cidr=cidr, communities=node.communities),
+            local_subnets=own[node.name], mesh_cidrs=mesh_cidrs, peers=tuple(peers),
+            ca_cert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
         annotations = {POD_CIDR_ANNOTATION: cidr, **flannel}
         patch = NodePatch(
@@ -170,8 +171,8 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}
         for node in ready:
-            shards[shard_of(node.name, settings.connector_shards)].append(Peer(
-                name=node.name, role=Role.EDGE,
-                subnets=tuple(sorted({result.cidrs[node.name], _host(node.internal_ip)}))))
+            # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
+            shards[shard_of(node.name, settings.connector_shards)].append(
+                Peer.model_construct(name=node.name, role=Role.EDGE, subnets=own[node.name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     return result
