@@ -17,8 +17,10 @@ change in background load hits every path alike; the median of the three is
 reported. Only one transfer runs at a time: libipsec encrypts in charon's
 threads, so on a small machine every path is CPU-bound and two transfers at
 once would measure the scheduler. For the same reason the report carries the
-CPU seconds each charon spent per second of transfer and how busy the machine
-was.
+CPU each charon spent per second of transfer, charon CPU seconds per Gbit
+delivered (a cost that survives background load better than Mbit/s), how busy
+the machine was, and where packets were lost (``ipsec0`` TUN queue drops, UDP
+receive-buffer overflows of charon's ESP-in-UDP socket).
 
 MTU sanity: the pods of the lab have the tunnel MTU (1400) and the agent clamps
 TCP MSS to 1360 (mangle ``FABMESH-MSS``); the baseline pods keep the veth
@@ -27,7 +29,7 @@ report gives, per path, the MSS iperf3 saw, the pod and ``ipsec0`` MTUs, the
 route MTU the sender cached, and the IP fragments created on the WAN hosts
 (any fragment means an ESP packet did not fit the WAN's 1500).
 
-    KUBEBUILDER_ASSETS=... python -m bench.bench_dataplane [--seconds 5] [--json]
+    KUBEBUILDER_ASSETS=... python -m bench.bench_dataplane [--seconds 5] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from fabmesh.lab.topology import DEFAULT
 from fabmesh.mesh.model import TunnelSettings
 from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
 from fabmesh.strongswan.driver import Charon
-from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, unique_prefix, wait_for
+from fabmesh.testenv.hosts import Host, Network, owned_namespaces, sh, stop_pid, unique_prefix, wait_for
 
 DIRECT_TARGET = 0.95
 RELAYED_TARGET = 0.90
@@ -99,6 +101,7 @@ class Run:
     charon_cpu: dict[str, float]  # CPU seconds per wall second (1.0 = one core)
     machine_busy: float  # share of all cores busy during the transfer
     esp_packets_out: int | None
+    drops: dict[str, int]  # where packets were lost on the way (summed over the path's hosts)
 
 
 @dataclass
@@ -136,6 +139,23 @@ def _frag_counters(netns: str) -> dict[str, int]:
     return {"FragCreates": ip["FragCreates"], "ReasmReqds": ip["ReasmReqds"], "FragFails": ip["FragFails"]}
 
 
+def _drop_counters(hosts: dict[str, str]) -> dict[str, int]:
+    """TUN queue drops on ipsec0 (charon not reading fast enough) and UDP receive-buffer overflows (charon's
+    ESP-in-UDP socket), summed over the hosts of a path."""
+    totals = {"ipsec0_tx_dropped": 0, "ipsec0_rx_dropped": 0, "udp_rcvbuf_errors": 0}
+    for ns in hosts.values():
+        done = sh("ip", "-s", "-j", "link", "show", "ipsec0", ns=ns, check=False)
+        if done.returncode == 0:
+            stats = json.loads(done.stdout)[0]["stats64"]
+            totals["ipsec0_tx_dropped"] += stats["tx"]["dropped"]
+            totals["ipsec0_rx_dropped"] += stats["rx"]["dropped"]
+        lines = [line.split() for line in sh("cat", "/proc/net/snmp", ns=ns).stdout.splitlines()
+                 if line.startswith("Udp:")]
+        totals["udp_rcvbuf_errors"] += dict(zip(lines[0][1:], (int(v) for v in lines[1][1:]), strict=True))[
+            "RcvbufErrors"]
+    return totals
+
+
 def _esp_packets_out(spec: PathSpec) -> int | None:
     if spec.vici is None:
         return None
@@ -154,6 +174,7 @@ def iperf(spec: PathSpec, seconds: int) -> Run:
     charons = {name: _cpu_ticks(pid) for name, pid in spec.charons.items()}
     total0, idle0 = _machine_ticks()
     esp0 = _esp_packets_out(spec)
+    drops0 = _drop_counters(spec.hosts)
     start = time.monotonic()
     done = sh("iperf3", "-c", spec.dst_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "--get-server-output",
               ns=spec.src_ns, check=False)
@@ -163,13 +184,15 @@ def iperf(spec: PathSpec, seconds: int) -> Run:
     if done.returncode != 0 or "error" in result:
         raise RuntimeError(f"iperf3 {spec.label}: {result.get('error') or done.stderr.strip()}")
     esp1 = _esp_packets_out(spec)
+    drops1 = _drop_counters(spec.hosts)
     end = result["end"]
     return Run(mbps=end["sum_received"]["bits_per_second"] / 1e6, retransmits=end["sum_sent"].get("retransmits", 0),
                mss=result["start"].get("tcp_mss_default", 0), seconds=round(wall, 2),
                charon_cpu={n: round((_cpu_ticks(pid) - charons[n]) / CLK_TCK / wall, 2)
                            for n, pid in spec.charons.items()},
                machine_busy=round(1 - (idle1 - idle0) / max(total1 - total0, 1), 2),
-               esp_packets_out=None if esp0 is None or esp1 is None else esp1 - esp0)
+               esp_packets_out=None if esp0 is None or esp1 is None else esp1 - esp0,
+               drops={k: drops1[k] - drops0[k] for k in drops0})
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -293,13 +316,13 @@ def _charon_version(spec: PathSpec) -> str:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def measure(seconds: int, progress: Any) -> dict[str, Any]:
+def measure(seconds: int, rounds: int, progress: Any) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fabmesh-bench-dp-"))
     lab_dir = work / "lab"
     net = Network(prefix=unique_prefix("fmbdp"), directory=work / "baseline", wan_cidr=BASELINE_WAN)
     facts: dict[str, Any] = {"nproc": os.cpu_count(), "kernel": platform.release(),
                              "iperf3": sh("iperf3", "--version").stdout.split("\n")[0],
-                             "loadavg_start": os.getloadavg(), "seconds": seconds, "rounds": ROUNDS}
+                             "loadavg_start": os.getloadavg(), "seconds": seconds, "rounds": rounds}
     try:
         progress("baseline: two hosts, two pods, a tunnel loaded by hand")
         net.create()
@@ -317,13 +340,13 @@ def measure(seconds: int, progress: Any) -> dict[str, Any]:
         with iperf_servers(paths):
             for spec in paths:  # warm-up: PMTU discovery, ARP, first ESP packets; not counted
                 sh("iperf3", "-c", spec.dst_ip, "-p", str(IPERF_PORT), "-t", "1", ns=spec.src_ns, check=False)
-            for round_ in range(ROUNDS):
+            for round_ in range(rounds):
                 for spec in paths:
                     run = iperf(spec, seconds)
                     results[spec.key].runs.append(run)
-                    progress(f"round {round_ + 1}/{ROUNDS} {spec.key:<10} {run.mbps:8.1f} Mbit/s "
+                    progress(f"round {round_ + 1}/{rounds} {spec.key:<10} {run.mbps:8.1f} Mbit/s "
                              f"mss={run.mss} retr={run.retransmits} charon_cpu={run.charon_cpu} "
-                             f"busy={run.machine_busy}")
+                             f"busy={run.machine_busy} drops={run.drops}")
             for spec in paths:
                 frag0 = {n: _frag_counters(ns) for n, ns in spec.hosts.items()}
                 results[spec.key].ping = ping(spec)
@@ -337,10 +360,15 @@ def measure(seconds: int, progress: Any) -> dict[str, Any]:
         return {"facts": facts, "paths": results}
     finally:
         progress("tearing down (lab.down, network destroy)")
-        with contextlib.suppress(Exception):
+        lab_state = LabState.load(lab_dir)
+        try:
             lab.down(lab_dir)
-        net.destroy()
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            net.destroy()
+            shutil.rmtree(work, ignore_errors=True)
+        prefixes = [net.prefix] + ([lab_state.prefix] if lab_state else [])
+        left = [ns for prefix in prefixes for ns in owned_namespaces(prefix)]
+        progress(f"namespaces left behind with prefixes {prefixes}: {left or 'none'}")
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -348,9 +376,18 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     base = paths["baseline"]
     out: dict[str, Any] = {"facts": raw["facts"], "paths": {}, "ratios": {}, "targets": {}}
     for key, r in paths.items():
-        out["paths"][key] = {"label": r.label, "median_mbps": round(r.median_mbps, 1),
-                             "runs_mbps": [round(x.mbps, 1) for x in r.runs], "ping": r.ping, "mtu": r.mtu,
-                             "runs": [asdict(x) for x in r.runs]}
+        cores = [sum(x.charon_cpu.values()) for x in r.runs]
+        out["paths"][key] = {
+            "label": r.label, "median_mbps": round(r.median_mbps, 1),
+            "runs_mbps": [round(x.mbps, 1) for x in r.runs], "ping": r.ping, "mtu": r.mtu,
+            "mss": r.runs[0].mss,
+            "median_retransmits": statistics.median(x.retransmits for x in r.runs),
+            "median_udp_rcvbuf_drops": statistics.median(x.drops["udp_rcvbuf_errors"] for x in r.runs),
+            # Load-robust cost figure: charon CPU seconds spent per Gbit delivered (all charons on the path).
+            "charon_cores": round(statistics.median(cores), 2),
+            "charon_cpu_s_per_gbit": round(statistics.median(c / (x.mbps / 1000) for c, x in zip(cores, r.runs,
+                                                                                                 strict=True)), 2),
+            "runs": [asdict(x) for x in r.runs]}
         if key not in ("baseline", "veth"):
             out["ratios"][key] = round(r.median_mbps / base.median_mbps, 3)
             out["paths"][key]["added_p50_ms"] = round(r.ping["p50_ms"] - base.ping["p50_ms"], 3)
@@ -365,19 +402,22 @@ def render(summary: dict[str, Any]) -> str:
     lines = [f"nproc={f['nproc']} kernel={f['kernel']} {f['iperf3']}; {f['rounds']} rounds x {f['seconds']} s, "
              f"one transfer at a time; loadavg start={f['loadavg_start'][0]:.2f} end={f['loadavg_end'][0]:.2f}",
              f"baseline SA: {f['baseline_sa']}", f"fabmesh SA:  {f['fabmesh_sa']}", "",
-             f"{'path':<52} {'median Mbit/s':>13} {'runs':>22} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-             f"{'+p50':>6} {'+p99':>6} {'MSS':>5}"]
+             f"{'path':<10} {'median Mbit/s':>13} {'runs':>24} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+             f"{'+p50':>7} {'+p99':>7} {'lost':>4}"]
     for key, p in summary["paths"].items():
-        ratio = summary["ratios"].get(key, "-")
         runs = " / ".join(f"{x:.0f}" for x in p["runs_mbps"])
-        lines.append(f"{p['label']:<52} {p['median_mbps']:>13.1f} {runs:>22} "
-                     f"{ratio:>6} {p['ping']['p50_ms']:>7.3f} {p['ping']['p99_ms']:>7.3f} "
-                     f"{p.get('added_p50_ms', '-'):>6} {p.get('added_p99_ms', '-'):>6} {p['runs'][0]['mss']:>5}")
-    lines.append("")
+        lines.append(f"{key:<10} {p['median_mbps']:>13.1f} {runs:>24} {summary['ratios'].get(key, '-'):>6} "
+                     f"{p['ping']['p50_ms']:>7.3f} {p['ping']['p99_ms']:>7.3f} {p.get('added_p50_ms', '-'):>7} "
+                     f"{p.get('added_p99_ms', '-'):>7} {p['ping']['lost']:>4}")
+    lines += ["", f"{'path':<10} {'MSS':>5} {'pod MTU':>7} {'ipsec0':>6} {'rt MTU':>6} {'clamp':>5} {'WAN frags':>9} "
+              f"{'retrans':>7} {'rcvbuf drops':>12} {'charon cores':>12} {'CPU-s/Gbit':>10}"]
     for key, p in summary["paths"].items():
-        cpu = statistics.median(sum(r["charon_cpu"].values()) for r in p["runs"]) if p["runs"][0]["charon_cpu"] else 0
-        lines.append(f"{key:<10} mtu={p['mtu']} charon_cpu_sum~{cpu:.2f} busy={[r['machine_busy'] for r in p['runs']]} "
-                     f"esp_out={[r['esp_packets_out'] for r in p['runs']]}")
+        m = p["mtu"]
+        ipsec0 = "/".join(sorted({str(v) for v in m["ipsec0_mtu"].values()}))
+        frags = sum(sum(c.values()) for c in m["ip_fragments"].values())
+        lines.append(f"{key:<10} {p['mss']:>5} {m['pod_mtu'] or '-':>7} {ipsec0:>6} {m['route_mtu_cached'] or '-':>6} "
+                     f"{m['mss_clamp'] or '-':>5} {frags:>9} {p['median_retransmits']:>7} "
+                     f"{p['median_udp_rcvbuf_drops']:>12} {p['charon_cores']:>12} {p['charon_cpu_s_per_gbit']:>10}")
     lines.append("")
     lines.extend(f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in summary["targets"].items())
     return "\n".join(lines)
@@ -390,6 +430,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 -t per transfer")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="transfers per path (the median counts)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -398,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM/SIGHUP unwind like Ctrl-C so the finally block stops every PID and deletes every namespace.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    summary = summarise(measure(args.seconds, lambda m: print(m, file=sys.stderr, flush=True)))
+    summary = summarise(measure(args.seconds, args.rounds, lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(summary, indent=2) if args.json else render(summary))
     return 0
 
