@@ -77,6 +77,7 @@ class TunnelSync:
         with self._connect() as charon:
             run = _charon_run(charon.socket_path)
             state = self._read_state()
+            before = json.dumps(state, sort_keys=True)
             restarted = bool(state.get("charon_run")) and state.get("charon_run") != run
             if state.get("charon_run") != run:
                 state = {"charon_run": run, "conns": {}, "creds": ""}
@@ -105,7 +106,8 @@ class TunnelSync:
                 self.writes += 1
                 recorded[name] = want
                 changes.loaded.append(name)
-            self._write_state(state)
+            if json.dumps(state, sort_keys=True) != before:
+                self._write_state(state)
             sas = charon.sas()
             # After a charon restart the peers still hold our old SAs (they only notice by DPD, minutes
             # later), so this side reaches out to every peer it can address, responder or not: the new
