@@ -11,13 +11,12 @@ Private keys never appear here: they travel in the node's Secret only.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from fabmesh.strongswan.conf import Backend  # the IPsec backend is a strongSwan notion, carried here
 
@@ -83,6 +82,9 @@ class Peer(_Model):
     local_subnets: tuple[Cidr, ...] = ()  # local TS of this tunnel; () = the node's local_subnets
     initiate: bool = False  # exactly one side of a pair initiates; the other only responds
 
+    # Its rendered YAML, filled on first use: a peer object is shared by every config that lists it.
+    _yaml: str | None = PrivateAttr(default=None)
+
     @property
     def id(self) -> str:
         return self.identity or self.name
@@ -141,10 +143,12 @@ def _dump(data: dict) -> str:
     return yaml.dump(data, Dumper=_CompactDumper, sort_keys=False, width=4096)
 
 
-@functools.lru_cache(maxsize=65536)
 def _peer_yaml(peer: Peer) -> str:
-    return yaml.dump([peer.model_dump(mode="json", exclude_defaults=True)], Dumper=_CompactDumper,
-                     sort_keys=False, width=4096)
+    # Cached on the object itself: hashing a frozen model on every lookup costs more than rendering.
+    if peer._yaml is None:
+        peer._yaml = yaml.dump([peer.model_dump(mode="json", exclude_defaults=True)], Dumper=_CompactDumper,
+                               sort_keys=False, width=4096)
+    return peer._yaml
 
 
 # libyaml's emitter and parser when PyYAML has them (its wheels do): several times faster.
