@@ -194,12 +194,13 @@ def progress(line: str) -> None:
 def forget_rendered_peers() -> bool:
     """Empty the renderer's per-Peer cache, if it has one, so that a run measures the operator's first pass.
 
-    Later passes in the same operator process find equal Peers in that cache; both are reported.
+    The cache is keyed by object identity and each plan() builds new Peer objects, so within one
+    pass every shared Peer renders once; "warm" (same plan rendered twice) is reported for contrast.
     """
-    clear = getattr(getattr(mesh_model, "_peer_yaml", None), "cache_clear", None)
-    if clear is not None:
-        clear()
-    return clear is not None
+    cache = getattr(mesh_model, "_PEER_CACHE", None)
+    if cache is not None:
+        cache.clear()
+    return cache is not None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from fabmesh.strongswan.conf import Backend  # the IPsec backend is a strongSwan notion, carried here
 
@@ -82,9 +82,6 @@ class Peer(_Model):
     local_subnets: tuple[Cidr, ...] = ()  # local TS of this tunnel; () = the node's local_subnets
     initiate: bool = False  # exactly one side of a pair initiates; the other only responds
 
-    # Its rendered YAML, filled on first use: a peer object is shared by every config that lists it.
-    _yaml: str | None = PrivateAttr(default=None)
-
     @property
     def id(self) -> str:
         return self.identity or self.name
@@ -143,12 +140,22 @@ def _dump(data: dict) -> str:
     return yaml.dump(data, Dumper=_CompactDumper, sort_keys=False, width=4096)
 
 
+_PEER_CACHE: dict[int, tuple[Peer, str]] = {}
+_PEER_CACHE_MAX = 100_000
+
+
 def _peer_yaml(peer: Peer) -> str:
-    # Cached on the object itself: hashing a frozen model on every lookup costs more than rendering.
-    if peer._yaml is None:
-        peer._yaml = yaml.dump([peer.model_dump(mode="json", exclude_defaults=True)], Dumper=_CompactDumper,
-                               sort_keys=False, width=4096)
-    return peer._yaml
+    # Keyed by identity, holding the object so its id cannot be reused: hashing a frozen model on
+    # each of ~400,000 lookups would cost more than the rendering it saves.
+    hit = _PEER_CACHE.get(id(peer))
+    if hit is not None and hit[0] is peer:
+        return hit[1]
+    if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+        _PEER_CACHE.clear()
+    text = yaml.dump([peer.model_dump(mode="json", exclude_defaults=True)], Dumper=_CompactDumper,
+                     sort_keys=False, width=4096)
+    _PEER_CACHE[id(peer)] = (peer, text)
+    return text
 
 
 # libyaml's emitter and parser when PyYAML has them (its wheels do): several times faster.
