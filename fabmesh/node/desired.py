@@ -28,6 +28,7 @@ agent compares equal and writes nothing.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,24 @@ class NodeState:
     bypass: tuple[BypassPolicy, ...] = ()  # xfrm policies keeping local traffic out of tunnels (kernel ESP)
 
 
-def _contains(cidr: str, address: str) -> bool:
-    return ipaddress.ip_address(address) in ipaddress.ip_network(cidr)
+class _Endpoints:
+    """IKE endpoints as sorted integers per family: "does this subnet hold one?" in O(log n).
+
+    A connector checks thousands of subnets against thousands of observed peer addresses on every
+    pass; comparing each pair would be quadratic.
+    """
+
+    def __init__(self, addresses: set[str]) -> None:
+        parsed = sorted((a.version, int(a), str(a)) for a in map(ipaddress.ip_address, addresses))
+        self._keys = [(version, value) for version, value, _ in parsed]
+        self._text = [text for _, _, text in parsed]
+
+    def inside(self, cidr: str) -> str | None:
+        net = ipaddress.ip_network(cidr)
+        i = bisect.bisect_left(self._keys, (net.version, int(net.network_address)))
+        if i < len(self._keys) and self._keys[i] <= (net.version, int(net.broadcast_address)):
+            return self._text[i]
+        return None
 
 
 def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
@@ -79,16 +96,18 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
     if device is None:
         raise ValueError("the kernel backend needs the uplink device to route tunnel traffic")
     own = {mesh.node.address, mesh.node.endpoint}
-    endpoints = {p.endpoint for p in mesh.peers if p.endpoint} | own | set(ike_remotes)
+    endpoints = _Endpoints({p.endpoint for p in mesh.peers if p.endpoint} | own | set(ike_remotes))
     src = _source(mesh)
     routes: dict[str, Route] = {}
     skipped: list[str] = []
     local = set(mesh.local_subnets)
     for peer in sorted(mesh.peers, key=lambda p: p.name):
         for subnet in peer.subnets:
-            blocked = sorted(e for e in endpoints if _contains(subnet, e))
+            if subnet in routes:
+                continue
+            blocked = endpoints.inside(subnet)
             if blocked:
-                skipped.append(f"{subnet} (peer {peer.name}) holds IKE endpoint {blocked[0]}: not routed")
+                skipped.append(f"{subnet} (peer {peer.name}) holds IKE endpoint {blocked}: not routed")
                 continue
             if subnet in local or subnet in routes:
                 continue
