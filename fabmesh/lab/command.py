@@ -75,10 +75,11 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         return
     print(f"KUBECONFIG={report['kubeconfig']}")
     kubectl_dir = os.environ.get("KUBEBUILDER_ASSETS") or str(cache_root() / f"k8s-{KUBERNETES_VERSION}")
-    print(f"  try: export KUBECONFIG={report['kubeconfig']} PATH={kubectl_dir}:$PATH\n"
+    venv_bin = os.path.dirname(sys.executable)
+    print(f"  try: export KUBECONFIG={report['kubeconfig']} PATH={kubectl_dir}:{venv_bin}:$PATH\n"
           "       kubectl get nodes -L community.fabmesh.io/a -L community.fabmesh.io/b\n"
           "       kubectl label node edge-3 community.fabmesh.io/a=   # then: fabmesh lab status\n"
-          "       kubectl-fabmesh status --namespace fabmesh-system")
+          "       kubectl fabmesh status --namespace fabmesh-system")
     names = [p["name"] for p in report["pods"]]
     ips = {p["name"]: p["ip"] for p in report["pods"]}
     width = max(len(n) for n in names) + 2

@@ -100,7 +100,7 @@ def add_pod(conflist_path: Path, host_netns: str, pod_name: str, *, cni_bin: Pat
         _delete_plugins(pod, reversed(added), prev)
         sh("ip", "netns", "del", netns, check=False)
         raise
-    log.info("pod=%s action=cni-add netns=%s ip=%s network=%s", pod_name, netns, pod.ip, conflist["name"])
+    log.debug("pod=%s action=cni-add netns=%s ip=%s network=%s", pod_name, netns, pod.ip, conflist["name"])
     return pod
 
 
@@ -109,7 +109,7 @@ def del_pod(pod: CniPod) -> None:
     conflist = pod.conflist or load_conflist(pod.conflist_path)
     _delete_plugins(pod, reversed(conflist["plugins"]), pod.result or None, conflist)
     sh("ip", "netns", "del", pod.netns, check=False)
-    log.info("pod=%s action=cni-del netns=%s ip=%s", pod.name, pod.netns, pod.ip)
+    log.debug("pod=%s action=cni-del netns=%s ip=%s", pod.name, pod.netns, pod.ip)
 
 
 def load_conflist(path: Path) -> Json:
