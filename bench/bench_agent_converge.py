@@ -44,7 +44,6 @@ import datetime
 import ipaddress
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -57,11 +56,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.machine import machine
 from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelSettings
 from fabmesh.node.desired import RULE_PRIORITY, NodeState, desired_state
 from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
 from fabmesh.strongswan.driver import Charon
-from fabmesh.testenv.hosts import CHARON, Host, Network, network, stop_pid
+from fabmesh.testenv.hosts import Host, Network, network, stop_pid
 
 RATIO_TARGET = 2.0
 REPO = Path(__file__).resolve().parents[1]
@@ -365,14 +365,6 @@ def plan_scaling(peers: int, ca_pem: str) -> dict[int, float]:
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    strongswan = subprocess.run([str(CHARON), "--version"], capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "strongswan": strongswan or "?"}
 
 
 def summarise(reps: list[dict[str, Any]], peers: int) -> dict[str, Any]:

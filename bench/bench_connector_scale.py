@@ -49,7 +49,6 @@ import datetime
 import ipaddress
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -65,6 +64,7 @@ from typing import Any
 
 import vici
 
+from bench.machine import machine
 from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelSettings
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
 from fabmesh.node.tunnels import connection
@@ -72,7 +72,7 @@ from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
 from fabmesh.strongswan.conf import Backend as SwanBackend
 from fabmesh.strongswan.conf import render_strongswan_conf
 from fabmesh.strongswan.driver import Charon as Vici
-from fabmesh.testenv.hosts import CHARON, Charon, Host, Network, network, wait_for
+from fabmesh.testenv.hosts import CHARON, Charon, Host, Network, network, vici_ready, wait_for
 
 TUNNELS_TARGET = 2000
 NOW = datetime.datetime.now(datetime.UTC)
@@ -175,21 +175,10 @@ def start_charon(host: Host, knobs: dict[str, str], backend: Backend = Backend.L
             ["ip", "netns", "exec", host.netns, "sh", "-c", f'mount --bind "{rundir}" /run && exec {CHARON}'],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     host.charon = Charon(host=host, process=proc, vici_socket=vici_socket, log_file=log)
-    wait_for(lambda: _vici_up(vici_socket) or proc.poll() is not None, timeout=20, what=f"charon on {host.name}")
+    wait_for(lambda: vici_ready(vici_socket) or proc.poll() is not None, timeout=20, what=f"charon on {host.name}")
     if proc.poll() is not None:
         raise RuntimeError(f"charon on {host.name} exited with {proc.returncode}; see {log}")
     return host.charon
-
-
-def _vici_up(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
 
 
 @contextlib.contextmanager
@@ -473,14 +462,6 @@ def log_counts(path: Path) -> dict[str, int]:
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    strongswan = subprocess.run([str(CHARON), "--version"], capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
-            "strongswan": strongswan or "?"}
 
 
 def print_report(report: dict[str, Any]) -> None:

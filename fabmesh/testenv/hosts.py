@@ -137,7 +137,7 @@ class Host:
                 stderr=stderr, start_new_session=True)
         self.charon = Charon(host=self, process=proc, vici_socket=vici_socket, log_file=log)
         try:
-            wait_for(lambda: _vici_ready(vici_socket) or proc.poll() is not None,
+            wait_for(lambda: vici_ready(vici_socket) or proc.poll() is not None,
                      timeout=20, what=f"charon VICI socket on {self.name}")
         except TimeoutError:
             self.charon.stop()
@@ -187,7 +187,7 @@ class Pod:
         return done.returncode == 0
 
 
-def _vici_ready(path: Path) -> bool:
+def vici_ready(path: Path) -> bool:
     if not path.exists():
         return False
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
