@@ -28,17 +28,14 @@ from kubernetes.config import ConfigException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.kubectl import checks
+from fabmesh.kubectl import doctor, status
 from fabmesh.kubectl.graph import mesh_dot
-from fabmesh.operator import objects as o
-from fabmesh.operator.inventory import STATUS_ANNOTATION
+from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
 CANNOT_RUN = 2
 DEFAULT_METRICS_PORT = 9100  # what the lab and the chart's connector pass to --metrics-port
 RENDER_FORMATS = ("svg", "png")
-AGENT_SELECTOR = f"app.kubernetes.io/managed-by=fabmesh,{o.KIND_LABEL}=agent"
-EVENTS_NAMESPACE = "default"  # where the operator records Events about (cluster-scoped) Nodes
 
 DESCRIPTIONS = {
     "status": "One row per Node: role, pod CIDR, communities, certificate expiry, agent Pod phase, "
@@ -52,6 +49,10 @@ DESCRIPTIONS = {
 
 class CannotRun(Exception):
     """The cluster (or a local tool) could not be used; the message says what to do."""
+
+
+def _role(row: status.StatusRow) -> str:
+    return row.role.value if row.role else "invalid"
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _fetch_metrics(targets: dict[str, str], timeout: float) -> dict[str, int]:
     def one(url: str) -> int | None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
-                return checks.count_tunnels_up(response.read().decode())
+                return status.count_tunnels_up(response.read().decode())
         except (OSError, ValueError):
             return None  # unreachable, timed out, or not Prometheus text: shown as "-"
 
@@ -172,14 +173,14 @@ def run_status(args: argparse.Namespace) -> int:
     pods = _read(f"pods in {ns}", lambda: kube.list("pods", ns, AGENT_SELECTOR), forbidden_ok=True) or []
     tunnels_up = None
     if args.metrics:
-        tunnels_up = _fetch_metrics(checks.metrics_targets(nodes, settings, args.metrics_port), args.metrics_timeout)
-    rows = checks.status_rows(nodes, configmaps, secrets, pods, settings, tunnels_up)
+        tunnels_up = _fetch_metrics(status.metrics_targets(nodes, settings, args.metrics_port), args.metrics_timeout)
+    rows = status.status_rows(nodes, configmaps, secrets, pods, settings, tunnels_up)
     if args.json:
-        print(json.dumps([{**asdict(r), "role": r.role.value, "communities": list(r.communities)} for r in rows],
+        print(json.dumps([{**asdict(r), "role": _role(r), "communities": list(r.communities)} for r in rows],
                          indent=2))
         return 0
     headers = ["NAME", "ROLE", "POD-CIDR", "COMMUNITIES", "CERT-EXPIRES", "AGENT", "PEERS", "TUNNELS-UP"]
-    print(_table(headers, [[r.name, r.role.value, _dash(r.pod_cidr), ",".join(r.communities) or "-",
+    print(_table(headers, [[r.name, _role(r), _dash(r.pod_cidr), ",".join(r.communities) or "-",
                             _dash(r.cert_expires), _dash(r.agent), _dash(r.peers), _dash(r.tunnels_up)]
                            for r in rows]))
     if secrets is None:
@@ -192,7 +193,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     settings, ns = _settings(args)
     kube = _kube(args)
     lease_name = settings.leader_election.lease_name
-    state = checks.ClusterState(
+    state = doctor.ClusterState(
         nodes=_read("nodes", lambda: kube.list("nodes")),
         configmaps=_read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns)),
         secrets=_read(f"secrets in {ns}", lambda: kube.list("secrets", ns), forbidden_ok=True),
@@ -201,19 +202,19 @@ def run_doctor(args: argparse.Namespace) -> int:
         events=_read("events", lambda: kube.list("events", EVENTS_NAMESPACE), forbidden_ok=True),
         server_date=_read("the server's date", lambda: _server_date(kube)),
         now=datetime.now(UTC), namespace=ns, settings=settings)
-    found = checks.run_checks(state, agent_pods=not args.no_agent_pods)
+    found = doctor.run_checks(state, agent_pods=not args.no_agent_pods)
     if args.json:
         print(json.dumps([{**asdict(c), "name": c.name.value, "status": c.status.value} for c in found], indent=2))
-        return checks.exit_code(found)
+        return doctor.exit_code(found)
     width = max(len(c.name) for c in found)
     for check in found:
         print(f"{check.status.value:<4}  {check.name.value:<{width}}  {check.message}")
-        if check.status is not checks.Status.PASS and check.hint:
+        if check.status is not doctor.Status.PASS and check.hint:
             print(f"{'':<4}  {'':<{width}}  fix: {check.hint}")
-    counts = {s: sum(1 for c in found if c.status is s) for s in checks.Status}
-    print(f"\n{counts[checks.Status.FAIL]} FAIL, {counts[checks.Status.WARN]} WARN, "
-          f"{counts[checks.Status.PASS]} PASS")
-    return checks.exit_code(found)
+    counts = {s: sum(1 for c in found if c.status is s) for s in doctor.Status}
+    print(f"\n{counts[doctor.Status.FAIL]} FAIL, {counts[doctor.Status.WARN]} WARN, "
+          f"{counts[doctor.Status.PASS]} PASS")
+    return doctor.exit_code(found)
 
 
 def _render(dot_text: str, output: Path, dot: str) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-from fabmesh.kubectl.checks import Obj, active_connector, by_name, communities_of, name_of, read_mesh, role_of
+from fabmesh.kubectl.cluster import Obj, active_connector, by_name, communities_of, name_of, read_mesh, role_of
 from fabmesh.mesh.model import NodeMesh, Role
+from fabmesh.mesh.topology import Path, intended_path
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 
@@ -31,6 +32,9 @@ def quote(text: str) -> str:
 
 def _node_statement(node: Obj, settings: OperatorSettings, indent: str) -> str:
     role = role_of(node, settings)
+    if role is None:  # contradicting labels: the operator leaves it out of the mesh
+        label = quote(f"{name_of(node)}\ninvalid labels")
+        return f"{indent}{quote(name_of(node))} [shape=octagon, color=red, label={label}];"
     communities = communities_of(node, settings)
     lines = [name_of(node), role.value]
     if len(communities) > 1:
@@ -80,9 +84,10 @@ def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: Operator
     connector = active_connector(ordered, settings)
     if connector is not None:
         label = quote(f"relayed via {name_of(connector)}")
-        edges = [name_of(n) for n in ordered if role_of(n, settings) is Role.EDGE]
+        roles = {name_of(n): role_of(n, settings) for n in ordered}
+        edges = [name for name, role in roles.items() if role is Role.EDGE]
         for a, b in combinations(edges, 2):
-            if (a, b) not in direct and not set(communities[a]) & set(communities[b]):
+            if (a, b) not in direct and intended_path(a, b, roles, communities) is Path.RELAYED:
                 out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=gray50, label={label}];")
     out.append("}")
     return "\n".join(out) + "\n"

@@ -30,6 +30,10 @@ import yaml
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.lab.topology import LabRole, Topology
+from fabmesh.mesh import names, topology
+from fabmesh.mesh.model import Role
+from fabmesh.mesh.names import FLANNEL_PREFIX
+from fabmesh.mesh.topology import LabelError, LabelKeys, read_labels
 from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
@@ -37,7 +41,6 @@ from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import Host, Network, owned_namespaces, sh, stop_pid, unique_prefix, wait_for
 
 log = logging.getLogger("fabmesh.lab")
-FLANNEL = "flannel.alpha.coreos.com/"
 Progress = Callable[[str], None]
 
 
@@ -149,13 +152,13 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
         labels: dict[str, str] = {}
         annotations: dict[str, str] = {}
         if h.role == "edge":
-            labels["node-role.kubernetes.io/edge"] = ""
-            labels.update({f"community.fabmesh.io/{c}": "" for c in h.communities})
+            labels[names.EDGE_LABEL] = ""
+            labels.update({f"{names.COMMUNITY_LABEL_PREFIX}{c}": "" for c in h.communities})
         else:
             if h.role == "connector":
-                labels["fabmesh.io/connector"] = ""
-            annotations = {FLANNEL + "backend-type": "vxlan", FLANNEL + "public-ip": h.wan_ip,
-                           FLANNEL + "backend-data": json.dumps({"VNI": 1, "VtepMAC": macs[h.name]})}
+                labels[names.CONNECTOR_LABEL] = ""
+            annotations = {FLANNEL_PREFIX + "backend-type": "vxlan", FLANNEL_PREFIX + "public-ip": h.wan_ip,
+                           FLANNEL_PREFIX + "backend-data": json.dumps({"VNI": 1, "VtepMAC": macs[h.name]})}
         admin.create("nodes", _node_object(h, labels, annotations, h.wan_ip if h.role == "edge" else None))
 
     progress("starting the operator")
@@ -229,15 +232,23 @@ def restart_charon(state: LabState, name: str) -> int:
     return pid
 
 
+def _placement(state: LabState) -> tuple[dict[str, Role | None], dict[str, tuple[str, ...]]]:
+    """Roles and communities from the API's Node labels (``kubectl label`` changes them); else the topology."""
+    try:
+        kube = Kube(load_api_client(state.kubeconfig), timeout=3)
+        placed = {n["metadata"]["name"]: read_labels(n["metadata"].get("labels") or {}, LabelKeys())
+                  for n in kube.list("nodes")}
+    except Exception:
+        return ({h.name: Role(h.role) for h in state.hosts}, {h.name: tuple(h.communities) for h in state.hosts})
+    roles = {n: None if isinstance(p, LabelError) else p.role for n, p in placed.items()}
+    communities = {n: () if isinstance(p, LabelError) else p.communities for n, p in placed.items()}
+    return roles, communities
+
+
 def expected_tunnels(state: LabState) -> dict[str, set[str]]:
-    """Per tunnel host, the peers it should have an IKE_SA with, from the topology."""
-    connector = next(h.name for h in state.hosts if h.role == "connector")
-    edges = [h for h in state.hosts if h.role == "edge"]
-    expected = {connector: {e.name for e in edges}}
-    for e in edges:
-        shared = {o.name for o in edges if o is not e and set(o.communities) & set(e.communities)}
-        expected[e.name] = {connector} | shared
-    return expected
+    """Per tunnel host, the peers it should have an IKE_SA with, by the topology rules."""
+    roles, communities = _placement(state)
+    return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities)
 
 
 def established_tunnels(state: LabState, name: str) -> set[str]:
@@ -253,24 +264,6 @@ def wait_tunnels(state: LabState, timeout: float) -> None:
     expected = expected_tunnels(state)
     wait_for(lambda: all(peers <= established_tunnels(state, n) for n, peers in expected.items()),
              timeout=timeout, interval=0.25, what="every expected tunnel to be established")
-
-
-def current_communities(state: LabState) -> dict[str, set[str]]:
-    """Communities per node from the API's Node labels (they change with kubectl label); else the topology."""
-    try:
-        kube = Kube(load_api_client(state.kubeconfig), timeout=3)
-        prefix = "community.fabmesh.io/"
-        return {n["metadata"]["name"]: {k[len(prefix):] for k in (n["metadata"].get("labels") or {})
-                                        if k.startswith(prefix)} for n in kube.list("nodes")}
-    except Exception:
-        return {h.name: set(h.communities) for h in state.hosts}
-
-
-def path_between(state: LabState, src: str, dst: str, communities: dict[str, set[str]]) -> str:
-    a, b = state.host(src), state.host(dst)
-    if a.role == "edge" and b.role == "edge":
-        return "direct" if communities.get(src, set()) & communities.get(dst, set()) else "relayed"
-    return "cloud"
 
 
 def ping(netns: str, ip: str, timeout_s: int = 1) -> bool:
@@ -292,11 +285,12 @@ def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
         time.sleep(0.5)
     pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
     node_of = {p.name: p.node for p in state.pods}
-    communities = current_communities(state)
-    pairs = [{"src": s, "dst": d, "ok": ok, "path": path_between(state, node_of[s], node_of[d], communities)}
+    roles, communities = _placement(state)
+    pairs = [{"src": s, "dst": d, "ok": ok,
+              "path": topology.intended_path(node_of[s], node_of[d], roles, communities).value}
              for (s, d), ok in results.items()]
     return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
-            "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, set())),
+            "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, ())),
                        "wan_ip": h.wan_ip, "node_ip": h.node_ip} for h in state.hosts]}
 
 

@@ -31,11 +31,11 @@ from typing import Any
 
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab.state import LabState
+from fabmesh.mesh.names import FLANNEL_PREFIX
 from fabmesh.operator import objects as o
 from fabmesh.testenv.hosts import sh
 
 log = logging.getLogger("fabmesh.lab.nodesim")
-FLANNEL = "flannel.alpha.coreos.com/"
 
 
 def project(directory: Path, files: dict[str, str]) -> bool:
@@ -105,8 +105,8 @@ def flannel_entries(nodes: list[dict[str, Any]], own_ip: str) -> dict[str, tuple
     for node in nodes:
         annotations = node["metadata"].get("annotations") or {}
         cidr = (node.get("spec") or {}).get("podCIDR")
-        public_ip = annotations.get(FLANNEL + "public-ip")
-        backend = annotations.get(FLANNEL + "backend-data")
+        public_ip = annotations.get(FLANNEL_PREFIX + "public-ip")
+        backend = annotations.get(FLANNEL_PREFIX + "backend-data")
         if not (cidr and public_ip and backend) or public_ip == own_ip:
             continue
         try:

@@ -2,26 +2,20 @@
 
 Pure. Every problem with one Node becomes an :class:`InvalidNode` naming the
 node and the field; the node is left out of the mesh and every other node is
-planned as usual. The same function reads the lab's inventory file, which
-carries Nodes in the same shape.
+planned as usual. Which role and communities a node has is
+:mod:`fabmesh.mesh.topology`'s rule; this module adds addresses and CIDRs.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fabmesh.mesh.model import Role
+from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
+from fabmesh.mesh.topology import LabelError, read_labels
 from fabmesh.operator.settings import OperatorSettings
-
-POD_CIDR_ANNOTATION = "fabmesh.io/pod-cidr"
-STATUS_ANNOTATION = "fabmesh.io/status"
-FLANNEL_PREFIX = "flannel.alpha.coreos.com/"
-FLANNEL_KEYS = ("backend-type", "backend-data", "public-ip")
-
-_COMMUNITY = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -72,24 +66,10 @@ def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | Inv
     name = meta.get("name", "")
     labels: dict[str, str] = meta.get("labels") or {}
     annotations: dict[str, str] = meta.get("annotations") or {}
-    is_edge = settings.edge_label in labels
-    is_connector = settings.connector_label in labels
-    if is_edge and is_connector:
-        return InvalidNode(name, f"metadata.labels[{settings.connector_label}]",
-                           f"a node cannot be both edge ({settings.edge_label}) and connector")
-    role = Role.EDGE if is_edge else Role.CONNECTOR if is_connector else Role.CLOUD
-    communities = []
-    for key in sorted(labels):
-        if not key.startswith(settings.community_label_prefix):
-            continue
-        community = key[len(settings.community_label_prefix):]
-        if not _COMMUNITY.match(community):
-            return InvalidNode(name, f"metadata.labels[{key}]",
-                               f"community name {community!r} must be a lowercase DNS label")
-        communities.append(community)
-    if communities and role is not Role.EDGE:
-        # Not fatal: only edges form communities; say so once and carry on.
-        communities = []
+    placed = read_labels(labels, settings.label_keys)
+    if isinstance(placed, LabelError):
+        return InvalidNode(name, placed.field, placed.reason)
+    role, communities = placed.role, placed.communities
     addresses = (obj.get("status") or {}).get("addresses") or []
     internal, error = _address(name, addresses, "InternalIP")
     if error:

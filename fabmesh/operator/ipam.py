@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fabmesh.mesh.names import POD_CIDR_ANNOTATION as ANNOTATION
+
 SPEC_FIELD = "spec.podCIDR"
-ANNOTATION = "fabmesh.io/pod-cidr"
 ANNOTATION_FIELD = f"metadata.annotations[{ANNOTATION}]"
 POOL_FIELD = "pool"
 

@@ -26,6 +26,7 @@ from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from fabmesh.kube.client import Kube
+from fabmesh.mesh.names import MANAGED_SELECTOR
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.operator.settings import OperatorSettings
 
@@ -60,7 +61,7 @@ class OperatorLoop:
     def _start_watches(self) -> None:
         core = client.CoreV1Api(self.api)
         ns = self.settings.namespace
-        selector = "app.kubernetes.io/managed-by=fabmesh"
+        selector = MANAGED_SELECTOR
         for what, fn, kwargs in (
             ("nodes", core.list_node, {}),
             ("configmaps", core.list_namespaced_config_map, {"namespace": ns, "label_selector": selector}),

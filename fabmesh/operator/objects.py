@@ -14,12 +14,9 @@ import hashlib
 import json
 from typing import Any
 
+from fabmesh.mesh.names import KIND_LABEL, MANAGED_BY, NODE_LABEL
+from fabmesh.mesh.names import SPEC_HASH_ANNOTATION as SPEC_HASH
 from fabmesh.operator.settings import OperatorSettings
-
-MANAGED_BY = {"app.kubernetes.io/managed-by": "fabmesh"}
-NODE_LABEL = "fabmesh.io/node"
-KIND_LABEL = "fabmesh.io/kind"
-SPEC_HASH = "fabmesh.io/spec-hash"
 
 CA_SECRET = "fabmesh-ca"
 IPAM_CONFIGMAP = "fabmesh-ipam"

@@ -3,7 +3,7 @@
 ``plan()`` is pure and deterministic (sorted everywhere), so the same cluster
 always yields byte-identical configs and an unchanged resync writes nothing.
 
-Topology:
+Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
 * An edge peers with the active connector (it initiates: edges sit behind NAT)
   and with every edge it shares a community with (the smaller name initiates).
 * The connector tunnel of an edge carries the cloud pod CIDRs, the Service
@@ -17,8 +17,8 @@ Topology:
   reaches kubelet (:10250) on edge nodes for ``kubectl logs/exec``. Cloud hosts
   talk to edges from their flannel address (inside the cloud pod CIDR): the
   connector routes with that source, flannel.1 on other cloud nodes has it.
-* The active connector is the first connector node by name; more than one
-  connector is accepted, the others stay idle until failover is built.
+* More than one connector is accepted; the ones not active stay idle until
+  failover is built.
 """
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ import bisect
 import gc
 import ipaddress
 import zlib
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
-from fabmesh.operator.inventory import (
-    FLANNEL_KEYS,
-    FLANNEL_PREFIX,
-    POD_CIDR_ANNOTATION,
-    InvalidNode,
-    NodeInfo,
-)
+from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
+from fabmesh.mesh.topology import active_connector, community_peers, initiates
+from fabmesh.operator.inventory import InvalidNode, NodeInfo
 from fabmesh.operator.ipam import Claim, plan_cidrs
 from fabmesh.operator.settings import OperatorSettings
 
@@ -121,7 +116,8 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     result.ipam_record = {n: c for n, c in recorded.items() if n in by_name} | result.cidrs
 
     ready = [n for n in edges if n.name in result.cidrs]
-    connector = connectors[0] if connectors else None
+    connector_name = active_connector(n.name for n in connectors)
+    connector = by_name[connector_name] if connector_name is not None else None
     if connector is None and ready:
         result.warnings.append("no node carries the connector label "
                                f"{settings.connector_label}: edges reach only their community peers")
@@ -130,10 +126,7 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     mesh_cidrs = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, settings.edge_pod_pool}))
     to_connector = tuple(sorted({*cloud_side, settings.edge_pod_pool}))
 
-    members: dict[str, list[NodeInfo]] = defaultdict(list)
-    for node in ready:
-        for community in node.communities:
-            members[community].append(node)
+    peers_of = community_peers({n.name: n.communities for n in ready})
 
     flannel = {}
     if connector is not None:
@@ -157,9 +150,8 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
     for node in ready:
         cidr = result.cidrs[node.name]
-        names = {o.name for c in node.communities for o in members[c]} - {node.name}
-        ordered = sorted(names)
-        peers = [as_peer[o][node.name < o] for o in ordered]
+        ordered = peers_of[node.name]
+        peers = [as_peer[o][initiates(node.name, o)] for o in ordered]
         if to_connector_peer is not None:
             peers.insert(bisect.bisect(ordered, to_connector_peer.name), to_connector_peer)
         result.edges[node.name] = NodeMesh.model_construct(

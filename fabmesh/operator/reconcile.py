@@ -25,14 +25,20 @@ from typing import Any
 
 from fabmesh.kube.client import ApiError, Kube
 from fabmesh.mesh.model import PeerShard, dump_yaml
+from fabmesh.mesh.names import (
+    AGENT_SELECTOR,
+    EVENTS_NAMESPACE,
+    INVALID_NODE_REASON,
+    MANAGED_SELECTOR,
+    STATUS_ANNOTATION,
+)
 from fabmesh.operator import objects as o
-from fabmesh.operator.inventory import STATUS_ANNOTATION, InvalidNode, NodeInfo, read_node
+from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, plan
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import KeyPair, PKIError, describe, issue_leaf, new_ca, renewal_reason
 
 log = logging.getLogger(__name__)
-MANAGED = "app.kubernetes.io/managed-by=fabmesh"
 Clock = Callable[[], datetime.datetime]
 
 
@@ -108,9 +114,9 @@ class Reconciler:
             log.info("node=%s action=allocate-pod-cidr cidr=%s", node, cidr)
 
         by_name = {n.name: n for n in infos}
-        secrets = {s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED)}
+        secrets = {s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)}
         configmaps = {c["metadata"]["name"]: c
-                      for c in self.kube.list("configmaps", self.ns, MANAGED)}
+                      for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)}
         expiry: dict[str, str] = {}
         for name, addresses in sorted(mesh.cert_addresses.items()):
             node = by_name[name]
@@ -231,9 +237,8 @@ class Reconciler:
         return True
 
     def _sync_pods(self, want: dict[str, str], edge_names: set[str]) -> None:
-        selector = f"{MANAGED},{o.KIND_LABEL}=agent"
         pods = {p["metadata"]["labels"].get(o.NODE_LABEL): p
-                for p in self.kube.list("pods", self.ns, selector)}
+                for p in self.kube.list("pods", self.ns, AGENT_SELECTOR)}
         for node, uid in sorted(want.items()):
             body = o.agent_pod(node, uid, self.settings)
             current = pods.get(node)
@@ -285,16 +290,16 @@ class Reconciler:
         now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": name, "namespace": "default", "labels": dict(o.MANAGED_BY)},
+            "metadata": {"name": name, "namespace": EVENTS_NAMESPACE, "labels": dict(o.MANAGED_BY)},
             "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": error.node,
                                **({"uid": node.uid} if node else {})},
-            "reason": "FabmeshInvalidNode", "type": "Warning",
+            "reason": INVALID_NODE_REASON, "type": "Warning",
             "message": f"{error.field}: {error.reason}",
             "source": {"component": "fabmesh-operator"},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            self.kube.create("events", body, "default")
+            self.kube.create("events", body, EVENTS_NAMESPACE)
         except ApiError as exc:
             if not exc.conflict:
                 raise

@@ -11,7 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fabmesh.mesh import names
 from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings
+from fabmesh.mesh.topology import LabelKeys
 
 
 class LeaderElection(BaseModel):
@@ -45,9 +47,9 @@ class OperatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     namespace: str = "fabmesh-system"
-    edge_label: str = "node-role.kubernetes.io/edge"
-    connector_label: str = "fabmesh.io/connector"
-    community_label_prefix: str = "community.fabmesh.io/"
+    edge_label: str = names.EDGE_LABEL
+    connector_label: str = names.CONNECTOR_LABEL
+    community_label_prefix: str = names.COMMUNITY_LABEL_PREFIX
     edge_pod_pool: Cidr = "10.233.0.0/16"
     edge_pod_prefix_len: int = Field(default=24, ge=8, le=128)
     cloud_pod_cidrs: tuple[Cidr, ...] = ("10.244.0.0/16",)
@@ -62,6 +64,10 @@ class OperatorSettings(BaseModel):
     node: NodeSettings = NodeSettings()
     agent_pods: AgentPods = AgentPods()
     leader_election: LeaderElection = LeaderElection()
+
+    @property
+    def label_keys(self) -> LabelKeys:
+        return LabelKeys(self.edge_label, self.connector_label, self.community_label_prefix)
 
     @model_validator(mode="after")
     def _pool_fits_prefix(self) -> OperatorSettings:

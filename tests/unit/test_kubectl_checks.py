@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from fabmesh.kubectl import checks as c
-from fabmesh.kubectl.checks import Check, CheckName, ClusterState, Status
+from fabmesh.kubectl import cluster
+from fabmesh.kubectl import doctor as c
+from fabmesh.kubectl import status as st
+from fabmesh.kubectl.doctor import Check, CheckName, ClusterState, Status
 from fabmesh.kubectl.graph import mesh_dot, quote
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, PeerShard, Role, dump_yaml
 from fabmesh.operator.settings import OperatorSettings
@@ -331,7 +333,7 @@ CONNECTOR_CASES = {
     "one-pass": ([CLOUD, connector()], [(Status.PASS, "conn is the active connector")]),
     "first-by-name-is-active": ([connector("conn-b"), connector("conn-a")],
                                 [(Status.PASS, "conn-a is the active connector (standby: conn-b)")]),
-    "edge-label-wins-over-connector-label": (
+    "node-with-both-labels-is-invalid-not-a-connector": (
         [node("both", labels={SETTINGS.edge_label: "", SETTINGS.connector_label: ""})],
         [(Status.FAIL, "no connector node")]),
 }
@@ -433,16 +435,16 @@ def test_run_checks(state: ClusterState, agent_pods: bool, code: int,
 
 def test_status_rows_cover_every_role_and_column() -> None:
     state = healthy_state(pods=[pod("e1", "Pending")])
-    rows = {r.name: r for r in c.status_rows(state.nodes, state.configmaps, state.secrets, state.pods, SETTINGS,
+    rows = {r.name: r for r in st.status_rows(state.nodes, state.configmaps, state.secrets, state.pods, SETTINGS,
                                              {"e1": 1})}
     assert list(rows) == ["cloud", "conn", "e1", "e2"]
-    assert rows["e1"] == c.StatusRow(name="e1", role=Role.EDGE, pod_cidr="10.233.0.0/24", communities=("a",),
+    assert rows["e1"] == st.StatusRow(name="e1", role=Role.EDGE, pod_cidr="10.233.0.0/24", communities=("a",),
                                      cert_expires=rows["e1"].cert_expires, agent="Pending", peers=2, tunnels_up=1)
     assert rows["e1"].cert_expires is not None and rows["e1"].cert_expires.startswith("2031-03-2")
     assert (rows["e2"].agent, rows["e2"].tunnels_up) == (None, None)
     assert (rows["conn"].role, rows["conn"].peers, rows["conn"].agent) == (Role.CONNECTOR, 2, None)
     assert rows["conn"].cert_expires is not None
-    assert rows["cloud"] == c.StatusRow(name="cloud", role=Role.CLOUD, pod_cidr=None, communities=(),
+    assert rows["cloud"] == st.StatusRow(name="cloud", role=Role.CLOUD, pod_cidr=None, communities=(),
                                         cert_expires=None, agent=None, peers=None, tunnels_up=None)
 
 
@@ -456,7 +458,7 @@ STATUS_FALLBACK_CASES = {
 @pytest.mark.parametrize(("secrets", "expected"), STATUS_FALLBACK_CASES.values(), ids=STATUS_FALLBACK_CASES.keys())
 def test_status_cert_expiry_sources(secrets: list[dict[str, Any]] | None, expected: str | None) -> None:
     nodes = [edge("e1", "192.0.2.1", annotations=_status("2031-01-02T03:04:05+00:00"))]
-    assert c.status_rows(nodes, [], secrets, [], SETTINGS)[0].cert_expires == expected
+    assert st.status_rows(nodes, [], secrets, [], SETTINGS)[0].cert_expires == expected
 
 
 METRICS_CASES = {
@@ -470,18 +472,18 @@ METRICS_CASES = {
 
 @pytest.mark.parametrize(("text", "up"), METRICS_CASES.values(), ids=METRICS_CASES.keys())
 def test_count_tunnels_up(text: str, up: int) -> None:
-    assert c.count_tunnels_up(text) == up
+    assert st.count_tunnels_up(text) == up
 
 
 def test_metrics_text_that_is_not_prometheus_raises_value_error() -> None:
     with pytest.raises(ValueError):
-        c.count_tunnels_up("<html>not metrics</html>\n")
+        st.count_tunnels_up("<html>not metrics</html>\n")
 
 
 def test_metrics_targets_are_edges_and_the_active_connector_on_their_internal_ip() -> None:
     nodes = [connector("conn-a"), connector("conn-b"), CLOUD, edge("e1", "192.0.2.1"), edge("e6", "fd00::6"),
              node("e-noip", None, {SETTINGS.edge_label: ""})]
-    assert c.metrics_targets(nodes, SETTINGS, 9100) == {
+    assert st.metrics_targets(nodes, SETTINGS, 9100) == {
         "conn-a": "http://198.51.100.1:9100/metrics", "e1": "http://192.0.2.1:9100/metrics",
         "e6": "http://[fd00::6]:9100/metrics"}
 
@@ -516,7 +518,8 @@ GRAPH_CASES = {
          f'  "e3" -- "e4" {RELAYED}'],
         ['"e1" -- "e2" [', '"e2" -- "e3" [']),
     "no-connector-no-relayed-edges": (
-        [n for n in GRAPH_NODES if c.name_of(n) != "conn"], GRAPH_CMS, ['  "e1" -- "e2";'], ["relayed", '"conn"']),
+        [n for n in GRAPH_NODES if cluster.name_of(n) != "conn"],
+        GRAPH_CMS, ['  "e1" -- "e2";'], ["relayed", '"conn"']),
     "edge-without-configmap-still-drawn": (
         GRAPH_NODES, GRAPH_CMS[:1], ['"e4" [shape=ellipse', '  "conn" -- "e1";'], ['"conn" -- "e4";']),
 }
@@ -532,7 +535,7 @@ def test_mesh_dot(nodes: list[dict[str, Any]], cms: list[dict[str, Any]], presen
     for text in absent:
         assert text not in dot, f"{text!r} unexpectedly in:\n{dot}"
     for n in nodes:  # every node declared exactly once
-        assert dot.count(f'"{c.name_of(n)}" [shape=') == 1
+        assert dot.count(f'"{cluster.name_of(n)}" [shape=') == 1
 
 
 def test_mesh_dot_is_the_same_whatever_the_input_order() -> None:

@@ -1,42 +1,44 @@
-"""What ``fabmesh status`` and ``fabmesh doctor`` conclude from the cluster's objects (pure).
+"""What ``fabmesh doctor`` concludes from the cluster's objects (pure).
 
-Inputs are the API's own JSON as plain dicts: Nodes, the operator's ConfigMaps,
-Secrets and agent Pods, its Lease, Events; the time is passed in as ``now``.
-Nothing here reads the clock, the network or the API, so every check is tested
-with tables of objects. Each check returns :class:`Check` records: one PASS
-when all is well, else one WARN or FAIL per problem, each with a one-line fix.
-
-A user without ``get secrets`` in the namespace still gets certificate dates:
-the operator mirrors each edge's expiry in its ``fabmesh.io/status`` annotation
-(``cidr=... communities=a,b cert-expires=ISO``), which is used instead.
+Nothing here reads the clock, the network or the API (the time is passed in
+as ``now``), so every check is tested with tables of objects. Each check
+returns :class:`Check` records: one PASS when all is well, else one WARN or
+FAIL per problem, each with a one-line fix.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
+from fabmesh.kubectl.cluster import (
+    Obj,
+    active_connector,
+    agent_pods_by_node,
+    annotations_of,
+    by_name,
+    cert_not_after,
+    cert_secret_name,
+    format_time,
+    name_of,
+    parse_status_annotation,
+    parse_time,
+    pod_cidrs_of,
+    pod_phase,
+    read_mesh,
+    role_of,
+)
+from fabmesh.mesh.model import MeshConfigError, Role
+from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, INVALID_NODE_REASON, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
 from fabmesh.operator import objects as o
-from fabmesh.operator.inventory import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
 from fabmesh.operator.settings import OperatorSettings
-from fabmesh.pki.authority import PKIError, describe
-
-Obj = dict[str, Any]
+from fabmesh.pki.authority import PKIError
 
 EXPIRY_WARNING = timedelta(days=30)
 CLOCK_SKEW_WARNING = timedelta(seconds=30)
-INVALID_NODE_REASON = "FabmeshInvalidNode"
-TUNNEL_UP_METRIC = "fabmesh_tunnel_up"
-SHARD_PREFIX = "fabmesh-connector-peers-"
 
 
 class Status(StrEnum):
@@ -65,225 +67,6 @@ class Check:
     message: str
     hint: str = ""
 
-
-# -- reading one object ---------------------------------------------------------------------------
-
-def name_of(obj: Obj) -> str:
-    return (obj.get("metadata") or {}).get("name", "")
-
-
-def _labels(obj: Obj) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("labels") or {}
-
-
-def _annotations(obj: Obj) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("annotations") or {}
-
-
-def by_name(objs: Sequence[Obj]) -> dict[str, Obj]:
-    return {name_of(obj): obj for obj in objs}
-
-
-def role_of(node: Obj, settings: OperatorSettings) -> Role:
-    """As the operator reads it (``inventory.read_node``): the edge label wins over the connector label."""
-    labels = _labels(node)
-    if settings.edge_label in labels:
-        return Role.EDGE
-    return Role.CONNECTOR if settings.connector_label in labels else Role.CLOUD
-
-
-def communities_of(node: Obj, settings: OperatorSettings) -> tuple[str, ...]:
-    """Only edges form communities; the operator ignores community labels elsewhere."""
-    if role_of(node, settings) is not Role.EDGE:
-        return ()
-    prefix = settings.community_label_prefix
-    return tuple(sorted(key[len(prefix):] for key in _labels(node) if key.startswith(prefix)))
-
-
-def internal_ip(node: Obj) -> str | None:
-    for entry in (node.get("status") or {}).get("addresses") or []:
-        if entry.get("type") == "InternalIP" and entry.get("address"):
-            return str(entry["address"])
-    return None
-
-
-def pod_cidrs_of(node: Obj) -> tuple[str, ...]:
-    """Every pod CIDR a Node records: ``spec.podCIDR(s)`` and the operator's annotation, deduplicated."""
-    spec = node.get("spec") or {}
-    values = [spec.get("podCIDR"), *(spec.get("podCIDRs") or []), _annotations(node).get(POD_CIDR_ANNOTATION)]
-    return tuple(dict.fromkeys(v for v in values if v))
-
-
-def active_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> Obj | None:
-    """The first connector by name, as the operator's planner picks it."""
-    connectors = sorted((n for n in nodes if role_of(n, settings) is Role.CONNECTOR), key=name_of)
-    return connectors[0] if connectors else None
-
-
-def parse_status_annotation(text: str) -> dict[str, str]:
-    return dict(part.split("=", 1) for part in text.split() if "=" in part)
-
-
-def read_mesh(configmap: Obj | None) -> NodeMesh | MeshConfigError | None:
-    """An edge's ``mesh.yaml``: the model, the reason it cannot be read, or None when there is none."""
-    if configmap is None:
-        return None
-    text = (configmap.get("data") or {}).get("mesh.yaml")
-    if text is None:
-        return MeshConfigError(name_of(configmap), "data", "no mesh.yaml key")
-    try:
-        return parse_node_mesh(text, name_of(configmap))
-    except MeshConfigError as exc:
-        return exc
-
-
-def connector_peer_count(configmaps: Mapping[str, Obj]) -> int | None:
-    """Peers across the connector's shards; None when no shard exists or one cannot be read."""
-    shards = [cm for name, cm in configmaps.items() if name.startswith(SHARD_PREFIX)]
-    if not shards:
-        return None
-    try:
-        return sum(len(parse_peer_shard((cm.get("data") or {}).get("peers.yaml", ""), name_of(cm)).peers)
-                   for cm in shards)
-    except MeshConfigError:
-        return None
-
-
-def cert_secret_name(node: Obj, settings: OperatorSettings, connector: Obj | None) -> str | None:
-    role = role_of(node, settings)
-    if role is Role.EDGE:
-        return o.tls_secret_name(name_of(node))
-    if role is Role.CONNECTOR and connector is not None and name_of(node) == name_of(connector):
-        return o.CONNECTOR_SECRET
-    return None
-
-
-def cert_not_after(secret: Obj) -> datetime:
-    """The expiry of the Secret's ``tls.crt``; ValueError (or PKIError) when it is not readable."""
-    raw = (secret.get("data") or {}).get("tls.crt")
-    if not raw:
-        raise ValueError("no tls.crt")
-    try:
-        pem = base64.b64decode(raw, validate=True)
-    except binascii.Error as exc:
-        raise ValueError(f"tls.crt is not base64: {exc}") from exc
-    return describe(pem).not_after
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def agent_pods_by_node(pods: Sequence[Obj]) -> dict[str, Obj]:
-    found: dict[str, Obj] = {}
-    for pod in pods:
-        node = _labels(pod).get(o.NODE_LABEL) or (pod.get("spec") or {}).get("nodeName")
-        if node and _labels(pod).get(o.KIND_LABEL, "agent") == "agent":
-            found[node] = pod
-    return found
-
-
-def pod_phase(pod: Obj) -> str:
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return "Terminating"
-    return (pod.get("status") or {}).get("phase") or "Unknown"
-
-
-def count_tunnels_up(metrics_text: str) -> int:
-    """Peers whose ``fabmesh_tunnel_up`` is 1 in an agent's Prometheus text; ValueError if it is not that."""
-    up = 0
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == TUNNEL_UP_METRIC:
-            up += sum(1 for sample in family.samples if sample.name == TUNNEL_UP_METRIC and sample.value == 1)
-    return up
-
-
-def metrics_url(ip: str, port: int) -> str:
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/metrics"
-
-
-def metrics_targets(nodes: Sequence[Obj], settings: OperatorSettings, port: int) -> dict[str, str]:
-    """Node -> metrics URL for every node that runs the node loop (edges and the active connector)."""
-    connector = active_connector(nodes, settings)
-    targets = {}
-    for node in nodes:
-        ip = internal_ip(node)
-        runs_loop = role_of(node, settings) is Role.EDGE or node is connector
-        if ip and runs_loop:
-            targets[name_of(node)] = metrics_url(ip, port)
-    return targets
-
-
-# -- status ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StatusRow:
-    name: str
-    role: Role
-    pod_cidr: str | None
-    communities: tuple[str, ...]
-    cert_expires: str | None
-    agent: str | None
-    peers: int | None
-    tunnels_up: int | None
-
-
-def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj] | None) -> str | None:
-    if secret_name is None:
-        return None
-    if secrets is None:  # not allowed to read Secrets: the operator's annotation says the same
-        moment = _parse_time(parse_status_annotation(_annotations(node).get(STATUS_ANNOTATION, ""))
-                             .get("cert-expires"))
-        return format_time(moment) if moment else None
-    secret = secrets.get(secret_name)
-    if secret is None:
-        return None
-    try:
-        return format_time(cert_not_after(secret))
-    except (ValueError, PKIError):
-        return "unreadable"
-
-
-def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequence[Obj] | None,
-                pods: Sequence[Obj], settings: OperatorSettings,
-                tunnels_up: Mapping[str, int] | None = None) -> list[StatusRow]:
-    """One row per Node, sorted by name; ``secrets`` None means they could not be read."""
-    cms = by_name(configmaps)
-    secs = by_name(secrets) if secrets is not None else None
-    agents = agent_pods_by_node(pods)
-    connector = active_connector(nodes, settings)
-    rows = []
-    for node in sorted(nodes, key=name_of):
-        name, role = name_of(node), role_of(node, settings)
-        peers: int | None = None
-        if role is Role.EDGE:
-            mesh = read_mesh(cms.get(o.agent_configmap_name(name)))
-            peers = len(mesh.peers) if isinstance(mesh, NodeMesh) else None
-        elif node is connector:
-            peers = connector_peer_count(cms)
-        pod = agents.get(name)
-        cidrs = pod_cidrs_of(node)
-        rows.append(StatusRow(
-            name=name, role=role, pod_cidr=cidrs[0] if cidrs else None,
-            communities=communities_of(node, settings),
-            cert_expires=_cert_expires(node, cert_secret_name(node, settings, connector), secs),
-            agent=pod_phase(pod) if pod is not None and role is Role.EDGE else None,
-            peers=peers, tunnels_up=(tunnels_up or {}).get(name)))
-    return rows
-
-
-# -- doctor's checks ------------------------------------------------------------------------------
 
 def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
     """Any two Nodes whose recorded pod CIDRs overlap: a sweep over sorted intervals, not all pairs."""
@@ -343,8 +126,8 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
         for node in sorted(nodes, key=name_of):
             if role_of(node, settings) is not Role.EDGE:
                 continue
-            status = parse_status_annotation(_annotations(node).get(STATUS_ANNOTATION, ""))
-            moment = _parse_time(status.get("cert-expires"))
+            status = parse_status_annotation(annotations_of(node).get(STATUS_ANNOTATION, ""))
+            moment = parse_time(status.get("cert-expires"))
             if moment is None:
                 problems.append(Check(CheckName.CERTIFICATES, Status.FAIL,
                                       f"{name_of(node)}: no cert-expires in its {STATUS_ANNOTATION} annotation",
@@ -434,7 +217,7 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
     if connector is None:
         return [Check(CheckName.FLANNEL, Status.WARN, "no connector node to compare edge annotations with",
                       "see the connector check")]
-    wanted = {FLANNEL_PREFIX + k: _annotations(connector).get(FLANNEL_PREFIX + k) for k in FLANNEL_KEYS}
+    wanted = {FLANNEL_PREFIX + k: annotations_of(connector).get(FLANNEL_PREFIX + k) for k in FLANNEL_KEYS}
     missing = [k for k, v in wanted.items() if v is None]
     if missing:
         return [Check(CheckName.FLANNEL, Status.FAIL,
@@ -443,7 +226,7 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
     problems = []
     edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
     for node in edges:
-        have = _annotations(node)
+        have = annotations_of(node)
         absent = [k.removeprefix(FLANNEL_PREFIX) for k in wanted if k not in have]
         stale = [k.removeprefix(FLANNEL_PREFIX) for k, v in wanted.items() if k in have and have[k] != v]
         hint = (f"the operator copies them from {name_of(connector)} on its next pass: is it running "
@@ -460,13 +243,14 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
 
 
 def check_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
-    connectors = sorted(name_of(n) for n in nodes if role_of(n, settings) is Role.CONNECTOR)
-    if not connectors:
+    active = active_connector(nodes, settings)
+    if active is None:
         return [Check(CheckName.CONNECTOR, Status.FAIL, "no connector node: edges reach only their community peers",
                       f"label the cloud node that runs the connector: kubectl label node NAME "
                       f"{settings.connector_label}=")]
-    standby = f" (standby: {', '.join(connectors[1:])})" if len(connectors) > 1 else ""
-    return [Check(CheckName.CONNECTOR, Status.PASS, f"{connectors[0]} is the active connector{standby}")]
+    standby = sorted(name_of(n) for n in nodes if role_of(n, settings) is Role.CONNECTOR and n is not active)
+    suffix = f" (standby: {', '.join(standby)})" if standby else ""
+    return [Check(CheckName.CONNECTOR, Status.PASS, f"{name_of(active)} is the active connector{suffix}")]
 
 
 def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, lease_name: str) -> list[Check]:
@@ -477,7 +261,7 @@ def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, leas
                       hint)]
     spec = lease.get("spec") or {}
     holder = spec.get("holderIdentity")
-    renewed = _parse_time(spec.get("renewTime"))
+    renewed = parse_time(spec.get("renewTime"))
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
     if not holder or renewed is None:
         return [Check(CheckName.LEADER, Status.FAIL, f"Lease {namespace}/{lease_name} has no holder", hint)]
@@ -523,9 +307,9 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
         meta = node.get("metadata") or {}
         if involved.get("uid") and involved["uid"] != meta.get("uid"):
             continue
-        when = _parse_time(event.get("lastTimestamp") or event.get("eventTime")
+        when = parse_time(event.get("lastTimestamp") or event.get("eventTime")
                            or (event.get("metadata") or {}).get("creationTimestamp"))
-        created = _parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if when and created and when < created:
             continue
         key = (involved["name"], event.get("message", ""))

@@ -1,0 +1,157 @@
+"""Reading the cluster's objects for the kubectl plugin (pure): the facts status, doctor and graph share.
+
+Inputs are the API's own JSON as plain dicts. Where a Node stands in the mesh
+(role, communities, the active connector) is :mod:`fabmesh.mesh.topology`'s
+rule, applied to the Node's labels exactly as the operator applies it.
+
+A user without ``get secrets`` in the namespace still gets certificate dates:
+the operator mirrors each edge's expiry in its ``fabmesh.io/status`` annotation
+(``cidr=... communities=a,b cert-expires=ISO``), which is used instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fabmesh.mesh import topology
+from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
+from fabmesh.mesh.names import POD_CIDR_ANNOTATION
+from fabmesh.operator import objects as o
+from fabmesh.operator.settings import OperatorSettings
+from fabmesh.pki.authority import describe
+
+Obj = dict[str, Any]
+
+SHARD_PREFIX = "fabmesh-connector-peers-"
+
+
+def name_of(obj: Obj) -> str:
+    return (obj.get("metadata") or {}).get("name", "")
+
+
+def labels_of(obj: Obj) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def annotations_of(obj: Obj) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
+def by_name(objs: Sequence[Obj]) -> dict[str, Obj]:
+    return {name_of(obj): obj for obj in objs}
+
+
+
+def role_of(node: Obj, settings: OperatorSettings) -> Role | None:
+    """The node's role, or None when its labels contradict each other (the operator leaves it out)."""
+    placed = topology.read_labels(labels_of(node), settings.label_keys)
+    return None if isinstance(placed, topology.LabelError) else placed.role
+
+
+def communities_of(node: Obj, settings: OperatorSettings) -> tuple[str, ...]:
+    placed = topology.read_labels(labels_of(node), settings.label_keys)
+    return () if isinstance(placed, topology.LabelError) else placed.communities
+
+
+def internal_ip(node: Obj) -> str | None:
+    for entry in (node.get("status") or {}).get("addresses") or []:
+        if entry.get("type") == "InternalIP" and entry.get("address"):
+            return str(entry["address"])
+    return None
+
+
+def pod_cidrs_of(node: Obj) -> tuple[str, ...]:
+    """Every pod CIDR a Node records: ``spec.podCIDR(s)`` and the operator's annotation, deduplicated."""
+    spec = node.get("spec") or {}
+    values = [spec.get("podCIDR"), *(spec.get("podCIDRs") or []), annotations_of(node).get(POD_CIDR_ANNOTATION)]
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
+def active_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> Obj | None:
+    connectors = {name_of(n): n for n in nodes if role_of(n, settings) is Role.CONNECTOR}
+    name = topology.active_connector(connectors)
+    return connectors[name] if name is not None else None
+
+
+def parse_status_annotation(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+def read_mesh(configmap: Obj | None) -> NodeMesh | MeshConfigError | None:
+    """An edge's ``mesh.yaml``: the model, the reason it cannot be read, or None when there is none."""
+    if configmap is None:
+        return None
+    text = (configmap.get("data") or {}).get("mesh.yaml")
+    if text is None:
+        return MeshConfigError(name_of(configmap), "data", "no mesh.yaml key")
+    try:
+        return parse_node_mesh(text, name_of(configmap))
+    except MeshConfigError as exc:
+        return exc
+
+
+def connector_peer_count(configmaps: Mapping[str, Obj]) -> int | None:
+    """Peers across the connector's shards; None when no shard exists or one cannot be read."""
+    shards = [cm for name, cm in configmaps.items() if name.startswith(SHARD_PREFIX)]
+    if not shards:
+        return None
+    try:
+        return sum(len(parse_peer_shard((cm.get("data") or {}).get("peers.yaml", ""), name_of(cm)).peers)
+                   for cm in shards)
+    except MeshConfigError:
+        return None
+
+
+def cert_secret_name(node: Obj, settings: OperatorSettings, connector: Obj | None) -> str | None:
+    role = role_of(node, settings)
+    if role is Role.EDGE:
+        return o.tls_secret_name(name_of(node))
+    if role is Role.CONNECTOR and connector is not None and name_of(node) == name_of(connector):
+        return o.CONNECTOR_SECRET
+    return None
+
+
+def cert_not_after(secret: Obj) -> datetime:
+    """The expiry of the Secret's ``tls.crt``; ValueError (or PKIError) when it is not readable."""
+    raw = (secret.get("data") or {}).get("tls.crt")
+    if not raw:
+        raise ValueError("no tls.crt")
+    try:
+        pem = base64.b64decode(raw, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"tls.crt is not base64: {exc}") from exc
+    return describe(pem).not_after
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def agent_pods_by_node(pods: Sequence[Obj]) -> dict[str, Obj]:
+    found: dict[str, Obj] = {}
+    for pod in pods:
+        node = labels_of(pod).get(o.NODE_LABEL) or (pod.get("spec") or {}).get("nodeName")
+        if node and labels_of(pod).get(o.KIND_LABEL, "agent") == "agent":
+            found[node] = pod
+    return found
+
+
+def pod_phase(pod: Obj) -> str:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "Terminating"
+    return (pod.get("status") or {}).get("phase") or "Unknown"
+

@@ -1,0 +1,33 @@
+"""Every Kubernetes key fabmesh reads or writes, defined once.
+
+Labels a user puts on Nodes, annotations the operator records, the labels on
+the objects the operator owns and the selectors that find them. The operator,
+the kubectl plugin, the lab and the chart's tests all import them from here,
+so a renamed key cannot drift between a writer and its readers.
+"""
+
+from __future__ import annotations
+
+# -- labels a user sets on Nodes (defaults; the operator's settings may rename them) ---------------
+EDGE_LABEL = "node-role.kubernetes.io/edge"
+CONNECTOR_LABEL = "fabmesh.io/connector"
+COMMUNITY_LABEL_PREFIX = "community.fabmesh.io/"
+
+# -- annotations on Nodes ---------------------------------------------------------------------------
+POD_CIDR_ANNOTATION = "fabmesh.io/pod-cidr"  # written by the operator on edges
+STATUS_ANNOTATION = "fabmesh.io/status"  # "cidr=... communities=a,b cert-expires=ISO"
+FLANNEL_PREFIX = "flannel.alpha.coreos.com/"  # written by flanneld; copied from the connector onto edges
+FLANNEL_KEYS = ("backend-type", "backend-data", "public-ip")
+
+# -- labels on the objects the operator owns -------------------------------------------------------
+MANAGED_BY_KEY = "app.kubernetes.io/managed-by"
+MANAGED_BY = {MANAGED_BY_KEY: "fabmesh"}
+MANAGED_SELECTOR = f"{MANAGED_BY_KEY}=fabmesh"
+NODE_LABEL = "fabmesh.io/node"
+KIND_LABEL = "fabmesh.io/kind"
+SPEC_HASH_ANNOTATION = "fabmesh.io/spec-hash"
+AGENT_SELECTOR = f"{MANAGED_SELECTOR},{KIND_LABEL}=agent"
+
+# Nodes are cluster-scoped; Events about them go to this namespace, as kubelet's do.
+EVENTS_NAMESPACE = "default"
+INVALID_NODE_REASON = "FabmeshInvalidNode"
