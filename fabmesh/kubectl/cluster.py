@@ -19,7 +19,7 @@ from typing import Any
 
 from fabmesh.mesh import topology
 from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
-from fabmesh.mesh.names import POD_CIDR_ANNOTATION
+from fabmesh.mesh.names import POD_CIDR_ANNOTATION, STATUS_ANNOTATION
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import describe
@@ -79,6 +79,11 @@ def active_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> Obj | 
 
 def parse_status_annotation(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+def annotated_cert_expiry(node: Obj) -> datetime | None:
+    """The edge's certificate expiry as the operator mirrors it in the status annotation."""
+    return parse_time(parse_status_annotation(annotations_of(node).get(STATUS_ANNOTATION, "")).get("cert-expires"))
 
 
 def read_mesh(configmap: Obj | None) -> NodeMesh | MeshConfigError | None:

@@ -14,23 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from fabmesh.kubectl.cluster import (
-    Obj,
-    active_connector,
-    agent_pods_by_node,
-    annotations_of,
-    by_name,
-    cert_not_after,
-    cert_secret_name,
-    format_time,
-    name_of,
-    parse_status_annotation,
-    parse_time,
-    pod_cidrs_of,
-    pod_phase,
-    read_mesh,
-    role_of,
-)
+from fabmesh.kubectl import cluster
+from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import MeshConfigError, Role
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, INVALID_NODE_REASON, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
 from fabmesh.operator import objects as o
@@ -72,7 +57,7 @@ def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
     """Any two Nodes whose recorded pod CIDRs overlap: a sweep over sorted intervals, not all pairs."""
     spans: list[tuple[int, int, int, str, str]] = []
     for node in nodes:
-        for text in pod_cidrs_of(node):
+        for text in cluster.pod_cidrs_of(node):
             try:
                 net = ipaddress.ip_network(text, strict=False)
             except ValueError:
@@ -105,11 +90,11 @@ def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
 
 def _expiry_check(what: str, not_after: datetime, now: datetime, hint: str) -> Check | None:
     if not_after <= now:
-        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {format_time(not_after)}", hint)
+        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {cluster.format_time(not_after)}", hint)
     if not_after - now < EXPIRY_WARNING:
         days = (not_after - now).days
         return Check(CheckName.CERTIFICATES, Status.WARN,
-                     f"{what} expires in {days} day(s), at {format_time(not_after)}", hint)
+                     f"{what} expires in {days} day(s), at {cluster.format_time(not_after)}", hint)
     return None
 
 
@@ -117,17 +102,16 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
                        settings: OperatorSettings) -> list[Check]:
     """Every edge's leaf, the connector's leaf and the CA: missing or expired FAIL, < 30 days WARN."""
     renew = "the operator renews leaves at 2/3 of their lifetime: is it running (see operator-leader)?"
-    connector = active_connector(nodes, settings)
+    connector = cluster.active_connector(nodes, settings)
     targets = [(name_of(n), secret) for n in sorted(nodes, key=name_of)
-               if (secret := cert_secret_name(n, settings, connector))]
+               if (secret := cluster.cert_secret_name(n, settings, connector))]
     problems: list[Check] = []
     checked = 0
     if secrets is None:
         for node in sorted(nodes, key=name_of):
             if role_of(node, settings) is not Role.EDGE:
                 continue
-            status = parse_status_annotation(annotations_of(node).get(STATUS_ANNOTATION, ""))
-            moment = parse_time(status.get("cert-expires"))
+            moment = cluster.annotated_cert_expiry(node)
             if moment is None:
                 problems.append(Check(CheckName.CERTIFICATES, Status.FAIL,
                                       f"{name_of(node)}: no cert-expires in its {STATUS_ANNOTATION} annotation",
@@ -141,7 +125,7 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
                               "the connector's and the CA's not checked",
                               "run doctor with a user allowed to get secrets in the namespace"))
         return problems
-    secs = by_name(secrets)
+    secs = cluster.by_name(secrets)
     for node, secret_name in [*targets, ("CA", o.CA_SECRET)]:
         secret = secs.get(secret_name)
         if secret is None:
@@ -150,7 +134,7 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
                                   "and the operator's log"))
             continue
         try:
-            not_after = cert_not_after(secret)
+            not_after = cluster.cert_not_after(secret)
         except (ValueError, PKIError) as exc:
             problems.append(Check(CheckName.CERTIFICATES, Status.FAIL,
                                   f"{node}: Secret {secret_name} holds no readable certificate ({exc})",
@@ -169,13 +153,13 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
 
 def check_edge_configmaps(nodes: Sequence[Obj], configmaps: Sequence[Obj],
                           settings: OperatorSettings) -> list[Check]:
-    cms = by_name(configmaps)
+    cms = cluster.by_name(configmaps)
     edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
     problems = []
     for node in edges:
         name = name_of(node)
         cm_name = o.agent_configmap_name(name)
-        mesh = read_mesh(cms.get(cm_name))
+        mesh = cluster.read_mesh(cms.get(cm_name))
         if mesh is None:
             problems.append(Check(CheckName.EDGE_CONFIGMAPS, Status.FAIL, f"{name}: no ConfigMap {cm_name}",
                                   f"the operator writes it once the node is valid: kubectl describe node {name} "
@@ -188,7 +172,7 @@ def check_edge_configmaps(nodes: Sequence[Obj], configmaps: Sequence[Obj],
 
 
 def check_agent_pods(nodes: Sequence[Obj], pods: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
-    agents = agent_pods_by_node(pods)
+    agents = cluster.agent_pods_by_node(pods)
     edges = [name_of(n) for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
     problems = [Check(CheckName.AGENT_PODS, Status.FAIL, f"{name}: no agent Pod {o.agent_pod_name(name)}",
                       "the operator creates it when agent_pods.enabled is true; "
@@ -198,10 +182,10 @@ def check_agent_pods(nodes: Sequence[Obj], pods: Sequence[Obj], settings: Operat
 
 
 def check_agents_running(pods: Sequence[Obj]) -> list[Check]:
-    agents = agent_pods_by_node(pods)
+    agents = cluster.agent_pods_by_node(pods)
     problems = []
     for node, pod in sorted(agents.items()):
-        phase = pod_phase(pod)
+        phase = cluster.pod_phase(pod)
         if phase != "Running":
             namespace = (pod.get("metadata") or {}).get("namespace", "")
             problems.append(Check(CheckName.AGENTS_RUNNING, Status.WARN,
@@ -213,11 +197,11 @@ def check_agents_running(pods: Sequence[Obj]) -> list[Check]:
 
 def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
     """Edges must carry the connector's three flannel annotations: cloud nodes route edge CIDRs with them."""
-    connector = active_connector(nodes, settings)
+    connector = cluster.active_connector(nodes, settings)
     if connector is None:
         return [Check(CheckName.FLANNEL, Status.WARN, "no connector node to compare edge annotations with",
                       "see the connector check")]
-    wanted = {FLANNEL_PREFIX + k: annotations_of(connector).get(FLANNEL_PREFIX + k) for k in FLANNEL_KEYS}
+    wanted = {FLANNEL_PREFIX + k: cluster.annotations_of(connector).get(FLANNEL_PREFIX + k) for k in FLANNEL_KEYS}
     missing = [k for k, v in wanted.items() if v is None]
     if missing:
         return [Check(CheckName.FLANNEL, Status.FAIL,
@@ -226,7 +210,7 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
     problems = []
     edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
     for node in edges:
-        have = annotations_of(node)
+        have = cluster.annotations_of(node)
         absent = [k.removeprefix(FLANNEL_PREFIX) for k in wanted if k not in have]
         stale = [k.removeprefix(FLANNEL_PREFIX) for k, v in wanted.items() if k in have and have[k] != v]
         hint = (f"the operator copies them from {name_of(connector)} on its next pass: is it running "
@@ -243,7 +227,7 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
 
 
 def check_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
-    active = active_connector(nodes, settings)
+    active = cluster.active_connector(nodes, settings)
     if active is None:
         return [Check(CheckName.CONNECTOR, Status.FAIL, "no connector node: edges reach only their community peers",
                       f"label the cloud node that runs the connector: kubectl label node NAME "
@@ -261,7 +245,7 @@ def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, leas
                       hint)]
     spec = lease.get("spec") or {}
     holder = spec.get("holderIdentity")
-    renewed = parse_time(spec.get("renewTime"))
+    renewed = cluster.parse_time(spec.get("renewTime"))
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
     if not holder or renewed is None:
         return [Check(CheckName.LEADER, Status.FAIL, f"Lease {namespace}/{lease_name} has no holder", hint)]
@@ -293,7 +277,7 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
     if events is None:
         return [Check(CheckName.INVALID_NODES, Status.WARN, "cannot list Events in the default namespace",
                       "run doctor with a user allowed to list events in default")]
-    current = by_name(nodes)
+    current = cluster.by_name(nodes)
     never = datetime.min.replace(tzinfo=UTC)
     latest: dict[tuple[str, str], datetime] = {}
     for event in events:
@@ -307,9 +291,9 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
         meta = node.get("metadata") or {}
         if involved.get("uid") and involved["uid"] != meta.get("uid"):
             continue
-        when = parse_time(event.get("lastTimestamp") or event.get("eventTime")
+        when = cluster.parse_time(event.get("lastTimestamp") or event.get("eventTime")
                            or (event.get("metadata") or {}).get("creationTimestamp"))
-        created = parse_time(meta.get("creationTimestamp"))
+        created = cluster.parse_time(meta.get("creationTimestamp"))
         if when and created and when < created:
             continue
         key = (involved["name"], event.get("message", ""))
@@ -317,7 +301,7 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
     if not latest:
         return [Check(CheckName.INVALID_NODES, Status.PASS, f"no {INVALID_NODE_REASON} events on current nodes")]
     return [Check(CheckName.INVALID_NODES, Status.WARN,
-                  f"{node}: {message}" + (f" (last {format_time(when)})" if when > never else ""),
+                  f"{node}: {message}" + (f" (last {cluster.format_time(when)})" if when > never else ""),
                   f"fix the field named on the Node; kubectl describe node {node}")
             for (node, message), when in sorted(latest.items())]
 

@@ -7,28 +7,9 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fabmesh.kubectl.cluster import (
-    Obj,
-    active_connector,
-    agent_pods_by_node,
-    annotations_of,
-    by_name,
-    cert_not_after,
-    cert_secret_name,
-    communities_of,
-    connector_peer_count,
-    format_time,
-    internal_ip,
-    name_of,
-    parse_status_annotation,
-    parse_time,
-    pod_cidrs_of,
-    pod_phase,
-    read_mesh,
-    role_of,
-)
+from fabmesh.kubectl import cluster
+from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import NodeMesh, Role
-from fabmesh.mesh.names import STATUS_ANNOTATION
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import PKIError
@@ -52,10 +33,10 @@ def metrics_url(ip: str, port: int) -> str:
 
 def metrics_targets(nodes: Sequence[Obj], settings: OperatorSettings, port: int) -> dict[str, str]:
     """Node -> metrics URL for every node that runs the node loop (edges and the active connector)."""
-    connector = active_connector(nodes, settings)
+    connector = cluster.active_connector(nodes, settings)
     targets = {}
     for node in nodes:
-        ip = internal_ip(node)
+        ip = cluster.internal_ip(node)
         runs_loop = role_of(node, settings) is Role.EDGE or node is connector
         if ip and runs_loop:
             targets[name_of(node)] = metrics_url(ip, port)
@@ -79,14 +60,13 @@ def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj]
     if secret_name is None:
         return None
     if secrets is None:  # not allowed to read Secrets: the operator's annotation says the same
-        moment = parse_time(parse_status_annotation(annotations_of(node).get(STATUS_ANNOTATION, ""))
-                             .get("cert-expires"))
-        return format_time(moment) if moment else None
+        moment = cluster.annotated_cert_expiry(node)
+        return cluster.format_time(moment) if moment else None
     secret = secrets.get(secret_name)
     if secret is None:
         return None
     try:
-        return format_time(cert_not_after(secret))
+        return cluster.format_time(cluster.cert_not_after(secret))
     except (ValueError, PKIError):
         return "unreadable"
 
@@ -95,26 +75,26 @@ def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequen
                 pods: Sequence[Obj], settings: OperatorSettings,
                 tunnels_up: Mapping[str, int] | None = None) -> list[StatusRow]:
     """One row per Node, sorted by name; ``secrets`` None means they could not be read."""
-    cms = by_name(configmaps)
-    secs = by_name(secrets) if secrets is not None else None
-    agents = agent_pods_by_node(pods)
-    connector = active_connector(nodes, settings)
+    cms = cluster.by_name(configmaps)
+    secs = cluster.by_name(secrets) if secrets is not None else None
+    agents = cluster.agent_pods_by_node(pods)
+    connector = cluster.active_connector(nodes, settings)
     rows = []
     for node in sorted(nodes, key=name_of):
         name, role = name_of(node), role_of(node, settings)
         peers: int | None = None
         if role is Role.EDGE:
-            mesh = read_mesh(cms.get(o.agent_configmap_name(name)))
+            mesh = cluster.read_mesh(cms.get(o.agent_configmap_name(name)))
             peers = len(mesh.peers) if isinstance(mesh, NodeMesh) else None
         elif node is connector:
-            peers = connector_peer_count(cms)
+            peers = cluster.connector_peer_count(cms)
         pod = agents.get(name)
-        cidrs = pod_cidrs_of(node)
+        cidrs = cluster.pod_cidrs_of(node)
         rows.append(StatusRow(
             name=name, role=role, pod_cidr=cidrs[0] if cidrs else None,
-            communities=communities_of(node, settings),
-            cert_expires=_cert_expires(node, cert_secret_name(node, settings, connector), secs),
-            agent=pod_phase(pod) if pod is not None and role is Role.EDGE else None,
+            communities=cluster.communities_of(node, settings),
+            cert_expires=_cert_expires(node, cluster.cert_secret_name(node, settings, connector), secs),
+            agent=cluster.pod_phase(pod) if pod is not None and role is Role.EDGE else None,
             peers=peers, tunnels_up=(tunnels_up or {}).get(name)))
     return rows
 
