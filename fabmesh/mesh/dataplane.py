@@ -12,7 +12,6 @@ quirks behind each check are told in the driver that writes the value: ``fabmesh
 
 from __future__ import annotations
 
-import builtins
 import ipaddress
 import re
 import socket
@@ -212,7 +211,7 @@ class BypassPolicy:
         return f"{self.key()} priority={self.priority}"
 
 
-def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> builtins.set[BypassPolicy]:
+def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> set[BypassPolicy]:
     """Bypass policies that keep traffic among ``local_subnets`` out of every tunnel (pure).
 
     Pass the node's pod CIDR and the node's own addresses (a bare address means /32 or /128), not
@@ -241,7 +240,7 @@ def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORI
     for subnet in local_subnets:
         network = ipaddress.ip_network(subnet)
         by_version[network.version].append(network)
-    policies: builtins.set[BypassPolicy] = set()
+    policies: set[BypassPolicy] = set()
     for networks in by_version.values():
         merged = [str(n) for n in ipaddress.collapse_addresses(networks)]
         policies |= {
