@@ -69,7 +69,6 @@ from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelS
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
 from fabmesh.node.tunnels import connection
 from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
-from fabmesh.strongswan.conf import Backend as SwanBackend
 from fabmesh.strongswan.conf import render_strongswan_conf
 from fabmesh.strongswan.driver import Charon as Vici
 from fabmesh.testenv.hosts import CHARON, Charon, Host, Network, network, vici_ready, wait_for
@@ -149,7 +148,7 @@ def edge_connection(i: int, connector_ip: str, leaf: KeyPair, ca_pem: str, tunne
 
 def bench_conf(log_file: Path, knobs: dict[str, str], backend: Backend = Backend.LIBIPSEC) -> str:
     """fabmesh's strongswan.conf, plus the counters plugin and any ``charon.<knob>`` overrides."""
-    text = render_strongswan_conf(backend=SwanBackend(backend.value), vici_socket=Path("/run/charon.vici"),
+    text = render_strongswan_conf(backend=backend, vici_socket=Path("/run/charon.vici"),
                                   log_file=log_file)
     lines = text.splitlines()
     out: list[str] = []

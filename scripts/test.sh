@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 printf '\n==> ruff check\n' >&2
 .venv/bin/ruff check fabmesh tests bench
+printf '\n==> import contracts\n' >&2
+.venv/bin/lint-imports --no-logo
 printf '\n==> pytest (all tiers)\n' >&2
 eval "$(.venv/bin/python -m fabmesh.testenv.assets | sed 's/^/export /')"
 set +e

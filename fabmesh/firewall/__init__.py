@@ -1,1 +1,2 @@
-"""Thin drivers that keep fabmesh's own iptables chains and ipsets equal to a desired state."""
+"""fabmesh's firewall: which chains and ipsets a node gets (``rules``, pure), and the thin drivers
+that keep the kernel's equal to them (``iptables``, ``ipset``)."""

@@ -23,7 +23,6 @@ Kernel quirks handled here:
 from __future__ import annotations
 
 import builtins
-import ipaddress
 import logging
 import re
 from collections import Counter
@@ -32,19 +31,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from fabmesh.firewall.iptables import FirewallError, run_tool
+from fabmesh.mesh.dataplane import MAX_SET_NAME, Family, IPSet, canonical_member
 
 log = logging.getLogger(__name__)
 
-MAX_SET_NAME = 31  # IPSET_MAXNAMELEN is 32, including the NUL
 TMP_SUFFIX = "-tmp"
 SET_TYPE = "hash:net"
 DEFAULT_MAXELEM = 65536
 _REFERENCES = re.compile(r"^References:\s*(\d+)", re.MULTILINE)
-
-
-class Family(StrEnum):
-    INET = "inet"
-    INET6 = "inet6"
 
 
 class Action(StrEnum):
@@ -53,39 +47,6 @@ class Action(StrEnum):
     RECREATE = "recreate"
     DELETE = "delete"
     KEEP_STALE = "keep-stale"
-
-
-def canonical_member(member: str, family: str) -> str:
-    """``member`` as the kernel stores it in a hash:net set of ``family``, always with a prefix length."""
-    net = ipaddress.ip_network(member.strip(), strict=False)
-    if (net.version == 4) != (family == Family.INET):
-        raise ValueError(f"{member!r} is not an address of family {family}")
-    if net.prefixlen == 0:
-        raise ValueError(f"{member!r}: hash:net cannot hold a /0; use two halves (/1) instead")
-    return str(net)
-
-
-@dataclass(frozen=True)
-class IPSet:
-    """A hash:net set; ``members`` are canonicalised to network CIDRs on construction."""
-
-    name: str
-    family: str
-    members: frozenset[str]
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.name) <= MAX_SET_NAME or any(c.isspace() for c in self.name):
-            raise ValueError(
-                f"ipset {self.name!r}: name must be 1-{MAX_SET_NAME} characters without whitespace "
-                f"(it has {len(self.name)})"
-            )
-        if self.family not in tuple(Family):
-            raise ValueError(f"ipset {self.name}: family must be inet or inet6, got {self.family!r}")
-        try:
-            members = frozenset(canonical_member(m, self.family) for m in self.members)
-        except ValueError as err:
-            raise ValueError(f"ipset {self.name}: members: {err}") from err
-        object.__setattr__(self, "members", members)
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from fabmesh.mesh.dataplane import Chain, Jump
+
 log = logging.getLogger(__name__)
 
-TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
-MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN is 29, including the NUL
 RESTORE_WAIT_SECONDS = "5"  # xtables lock (iptables-legacy only; iptables-nft accepts and ignores it)
 
-# xtables_save_string() prints a value bare only when it is made of these; anything else is quoted.
-_BARE_VALUE = re.compile(r"[A-Za-z0-9_-]+")
-_COMMENT = re.compile(r"[A-Za-z0-9 _.,:/=+@-]{1,256}")
 _ERROR_LINE = re.compile(r"line:? (\d+)")
 _TOOL_PREFIX = re.compile(r"^\S+ v[\d.]+(?: \([\w-]+\))?:\s*")
 
@@ -104,51 +101,6 @@ def run_tool(netns: str | None, argv: Sequence[str], subject: str, stdin: str | 
         if 0 < line_number <= len(batch):
             line = batch[line_number - 1]
     raise FirewallError(argv[0], subject, reason, line_number, line)
-
-
-@dataclass(frozen=True)
-class Chain:
-    """One of our chains: ``rules`` are iptables-restore specs without the ``-A CHAIN`` prefix."""
-
-    table: str
-    name: str
-    rules: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        where = f"chain {self.table}/{self.name}"
-        if self.table not in TABLES:
-            raise ValueError(f"{where}: table {self.table!r} is not one of {sorted(TABLES)}")
-        if not 0 < len(self.name) <= MAX_CHAIN_NAME or any(c.isspace() for c in self.name):
-            raise ValueError(f"{where}: name must be 1-{MAX_CHAIN_NAME} characters without whitespace")
-        for i, rule in enumerate(self.rules):
-            if not rule.strip() or "\n" in rule or "\r" in rule:
-                raise ValueError(f"{where}: rules[{i}] must be one non-empty line, got {rule!r}")
-
-
-@dataclass(frozen=True)
-class Jump:
-    """A rule in ``from_chain`` (usually built-in) that jumps to our ``to_chain``; one per pair."""
-
-    table: str
-    from_chain: str
-    to_chain: str
-    position: int = 1
-    comment: str = "fabmesh"
-
-    def __post_init__(self) -> None:
-        where = f"jump {self.table}/{self.from_chain}->{self.to_chain}"
-        if self.table not in TABLES:
-            raise ValueError(f"{where}: table {self.table!r} is not one of {sorted(TABLES)}")
-        if self.position < 1:
-            raise ValueError(f"{where}: position must be >= 1, got {self.position}")
-        if not _COMMENT.fullmatch(self.comment):
-            raise ValueError(f"{where}: comment {self.comment!r} must match {_COMMENT.pattern}")
-
-    @property
-    def rule(self) -> str:
-        """The rule spec, quoted the way iptables-save prints it."""
-        comment = self.comment if _BARE_VALUE.fullmatch(self.comment) else f'"{self.comment}"'
-        return f"-m comment --comment {comment} -j {self.to_chain}"
 
 
 Ruleset = dict[str, dict[str, list[str]]]  # table -> chain -> rule specs, in kernel order

@@ -18,8 +18,6 @@ from typing import Annotated, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from fabmesh.strongswan.conf import Backend  # the IPsec backend is a strongSwan notion, carried here
-
 API_VERSION = "fabmesh.io/v1alpha1"
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -35,6 +33,17 @@ def _ip(value: str) -> str:
 Cidr = Annotated[str, AfterValidator(_cidr)]
 IP = Annotated[str, AfterValidator(_ip)]
 DNS1123 = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+
+
+class Backend(StrEnum):
+    """Where ESP runs: in the kernel (xfrm), or in charon's userspace ``kernel-libipsec`` over a TUN device.
+
+    A strongSwan notion (``fabmesh/strongswan/conf.py`` picks the plugins from it), kept here because
+    the planners decide routes and bypass policies from it and must not import the renderer.
+    """
+
+    KERNEL = "kernel"
+    LIBIPSEC = "libipsec"
 
 
 class Role(StrEnum):

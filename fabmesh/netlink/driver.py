@@ -1,7 +1,7 @@
 """A typed, idempotent netlink driver: bridges, routes in one table, and ``ip rule`` entries.
 
 It exists so that nothing else in fabmesh speaks pyroute2: callers pass plain
-``Route`` values and get back what was changed; pyroute2's string verbs
+``Route`` values (``fabmesh/mesh/dataplane.py``) and get back what was changed; pyroute2's string verbs
 (``ipr.route("add", ...)``) stay in here. It knows netlink, not fabmesh, and
 works in the namespace it is given (``None`` for the current one).
 
@@ -40,6 +40,8 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError as _KernelError
+
+from fabmesh.mesh.dataplane import Route
 
 log = logging.getLogger(__name__)
 
@@ -85,50 +87,6 @@ class _Object(StrEnum):
 
 class NetlinkError(RuntimeError):
     """A netlink request could not be carried out; the message names the object and the reason."""
-
-
-@dataclass(frozen=True, order=True)
-class Route:
-    """One unicast route through a device, optionally via a gateway, in one table.
-
-    ``dst`` is normalised to a canonical CIDR (``10.1.0.7`` becomes
-    ``10.1.0.7/32``, IPv6 is compressed and lower-case); host bits in ``dst``
-    raise ``ValueError``, as the kernel would refuse them. Routes sort by ``key()``: comparing
-    the fields one by one would fail on ``None`` against a gateway, source or MTU.
-    """
-
-    _order: str = field(init=False, repr=False)  # first, so that ordering compares it alone
-    dst: str
-    dev: str
-    table: int
-    gateway: str | None = None
-    src: str | None = None
-    mtu: int | None = None
-
-    def __post_init__(self) -> None:
-        network = ipaddress.ip_network(self.dst)
-        object.__setattr__(self, "dst", str(network))
-        for name in ("gateway", "src"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            address = ipaddress.ip_address(value)
-            if address.version != network.version:
-                raise ValueError(f"route to {self.dst}: {name} {value} is not IPv{network.version}")
-            object.__setattr__(self, name, str(address))
-        object.__setattr__(self, "_order", self.key())
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.dst else socket.AF_INET
-
-    def key(self) -> str:
-        """Canonical identity: two routes with the same key are the same kernel route."""
-        mtu = "-" if self.mtu is None else str(self.mtu)
-        return (
-            f"table={self.table} dst={self.dst} dev={self.dev} via={self.gateway or '-'} "
-            f"src={self.src or '-'} mtu={mtu}"
-        )
 
 
 @dataclass(frozen=True)

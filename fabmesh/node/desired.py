@@ -15,15 +15,12 @@ swallowing traffic they must not carry:
   tunnel's own UDP packets would be routed into it (the endpoint stays
   reachable directly, which IKE needs anyway).
 
-iptables, all in ``FABMESH-*`` chains jumped to first:
-* filter FORWARD: mesh to mesh is accepted (before any default DROP),
-* nat POSTROUTING: mesh to mesh is ACCEPTed, which ends NAT processing, so no
-  later MASQUERADE (flannel's, kube-proxy's) can rewrite a pod source IP;
-  pods leaving the mesh are masqueraded (edges only),
-* mangle FORWARD/OUTPUT: TCP SYNs into the mesh get their MSS clamped to the
-  tunnel MTU (an MTU mistake costs several times the throughput).
-Rules are written exactly as ``iptables-save`` prints them, so a restarted
-agent compares equal and writes nothing.
+The iptables chains and the mesh ipset are rendered by ``fabmesh/firewall/rules.py``
+from this node's CIDRs, MTU and role.
+
+Pure: this module and everything it imports stay free of pyroute2, vici,
+kubernetes, jinja2 and the drivers (the import contract in ``pyproject.toml``
+checks it), so planning a node never needs the tools that apply the plan.
 """
 
 from __future__ import annotations
@@ -33,18 +30,14 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabmesh.firewall.ipset import IPSet
-from fabmesh.firewall.iptables import Chain, Jump
+from fabmesh.firewall.rules import firewall_chains, firewall_jumps, mesh_ipset
+from fabmesh.mesh.dataplane import BypassPolicy, Chain, IPSet, Jump, Route, bypass_policies
 from fabmesh.mesh.model import Backend, NodeMesh, Role
-from fabmesh.netlink.driver import Route
 from fabmesh.node.cni import gateway
 from fabmesh.node.tunnels import desired_connections
-from fabmesh.xfrm.driver import BypassPolicy, bypass_policies
 
-MESH_SET = "FABMESH-MESH"
 RULE_PRIORITY = 100
 LIBIPSEC_DEVICE = "ipsec0"
-IP_OVERHEAD = 40  # IPv4 + TCP headers, for MSS from MTU
 
 
 @dataclass(frozen=True)
@@ -132,11 +125,11 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
     if mesh.tunnel.backend is Backend.KERNEL and mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
         bypass = bypass_policies([mesh.node.pod_cidr, mesh.node.address])
     members = set(mesh.mesh_cidrs) | local | {s for p in mesh.peers for s in p.subnets}
-    ipsets = (IPSet(name=MESH_SET, family="inet", members=frozenset(members)),)
+    masquerade = mesh.node.pod_cidr if mesh.node.role is Role.EDGE else None
     return NodeState(
         bridge=bridge, conflist=conflist if bridge else None,
-        routes=tuple(sorted(routes.values())), route_table=table, ipsets=ipsets,
-        chains=_chains(mesh), jumps=_jumps(),
+        routes=tuple(sorted(routes.values())), route_table=table, ipsets=(mesh_ipset(members),),
+        chains=firewall_chains(tunnel_mtu=mesh.tunnel.mtu, masquerade=masquerade), jumps=firewall_jumps(),
         connections=desired_connections(mesh, cert_pem),
         initiators=frozenset(p.name for p in mesh.peers if p.initiate), skipped=tuple(skipped),
         anchors=tuple(sorted(anchors)), bypass=tuple(sorted(bypass)))
@@ -155,27 +148,3 @@ def _source(mesh: NodeMesh) -> str:
         return gateway(mesh.node.pod_cidr)
     return str(ipaddress.ip_network(mesh.node.pod_cidr).network_address)
 
-
-def _chains(mesh: NodeMesh) -> tuple[Chain, ...]:
-    both = f"-m set --match-set {MESH_SET} src -m set --match-set {MESH_SET} dst"
-    nat = [f"{both} -j ACCEPT"]
-    if mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
-        nat.append(f"-s {mesh.node.pod_cidr} -m set ! --match-set {MESH_SET} dst -j MASQUERADE")
-    mss = mesh.tunnel.mtu - IP_OVERHEAD
-    return (
-        Chain("filter", "FABMESH-FORWARD", (f"{both} -j ACCEPT",)),
-        Chain("nat", "FABMESH-POSTROUTING", tuple(nat)),
-        Chain("mangle", "FABMESH-MSS",
-              # The cheap SYN test first: every forwarded TCP packet passes here, few are SYNs.
-              (f"-p tcp -m tcp --tcp-flags SYN,RST SYN -m set --match-set {MESH_SET} dst "
-               f"-j TCPMSS --set-mss {mss}",)),
-    )
-
-
-def _jumps() -> tuple[Jump, ...]:
-    return (
-        Jump("filter", "FORWARD", "FABMESH-FORWARD"),
-        Jump("nat", "POSTROUTING", "FABMESH-POSTROUTING"),
-        Jump("mangle", "FORWARD", "FABMESH-MSS"),
-        Jump("mangle", "OUTPUT", "FABMESH-MSS"),
-    )

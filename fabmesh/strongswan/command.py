@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from fabmesh.strongswan.conf import Backend, render_strongswan_conf
+from fabmesh.mesh.model import Backend
+from fabmesh.strongswan.conf import render_strongswan_conf
 
 CHARON = "/usr/lib/ipsec/charon"
 

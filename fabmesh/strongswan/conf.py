@@ -17,16 +17,11 @@ We load an explicit plugin list (``load_modular = no``) so a stray file in
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-
-class Backend(StrEnum):
-    KERNEL = "kernel"
-    LIBIPSEC = "libipsec"
-
+from fabmesh.mesh.model import Backend
 
 _COMMON_PLUGINS = (
     "random nonce openssl aes sha1 sha2 hmac kdf gcm pem pkcs1 pkcs8 x509 revocation "

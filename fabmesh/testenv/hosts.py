@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabmesh.strongswan.conf import Backend, render_strongswan_conf
+from fabmesh.mesh.model import Backend
+from fabmesh.strongswan.conf import render_strongswan_conf
 
 CHARON = Path("/usr/lib/ipsec/charon")
 

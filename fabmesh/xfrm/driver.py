@@ -55,19 +55,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from fabmesh.mesh.dataplane import PRIORITY_BAND, BypassPolicy, Direction
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PRIORITY = 5
-PRIORITY_BAND = range(1, 1000)
-"""Priorities fabmesh writes and recognises as its own (see the module docstring)."""
-
 _C_LOCALE = {**os.environ, "LC_ALL": "C"}  # error texts are matched below
-
-
-class Direction(StrEnum):
-    OUT = "out"
-    IN = "in"
-    FWD = "fwd"
 
 
 class _Verb(StrEnum):
@@ -78,81 +70,6 @@ class _Verb(StrEnum):
 
 class XfrmError(RuntimeError):
     """``ip xfrm`` could not read or write policies; the message names the namespace and the reason."""
-
-
-@dataclass(frozen=True, order=True)
-class BypassPolicy:
-    """Send packets from ``src`` to ``dst`` in ``direction`` without IPsec, at ``priority``.
-
-    ``src`` and ``dst`` are canonicalised (``10.1.0.7`` becomes ``10.1.0.7/32``, IPv6 compressed);
-    host bits raise ``ValueError``, as do mixed families and a priority outside ``PRIORITY_BAND``.
-    """
-
-    src: str
-    dst: str
-    direction: Direction
-    priority: int = DEFAULT_PRIORITY
-
-    def __post_init__(self) -> None:
-        src, dst = ipaddress.ip_network(self.src), ipaddress.ip_network(self.dst)
-        if src.version != dst.version:
-            raise ValueError(f"bypass {self.src} -> {self.dst}: source and destination are of different families")
-        if self.priority not in PRIORITY_BAND:
-            raise ValueError(
-                f"bypass {self.src} -> {self.dst}: priority {self.priority} is outside "
-                f"{PRIORITY_BAND.start}-{PRIORITY_BAND.stop - 1}, where fabmesh recognises its own policies"
-            )
-        object.__setattr__(self, "src", str(src))
-        object.__setattr__(self, "dst", str(dst))
-        object.__setattr__(self, "direction", Direction(self.direction))
-
-    def key(self) -> str:
-        """The kernel's identity of the policy: two policies with the same key cannot coexist."""
-        return f"dir={self.direction} src={self.src} dst={self.dst}"
-
-    def __str__(self) -> str:
-        return f"{self.key()} priority={self.priority}"
-
-
-def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> builtins.set[BypassPolicy]:
-    """Bypass policies that keep traffic among ``local_subnets`` out of every tunnel (pure).
-
-    Pass the node's pod CIDR and the node's own addresses (a bare address means /32 or /128), not
-    the whole uplink subnet: a bypass covers every address of both subnets, other hosts' included.
-
-    One policy per ordered pair (a, b) of subnets of the same family, a == b included, in each of
-    the three directions the kernel checks:
-
-    * ``out``: packets the host sends (gateway or node IP to a local pod) are looked up in the out
-      policies on output; so are forwarded packets (``__xfrm_route_forward`` uses ``out``).
-    * ``in``: packets delivered to the host (a pod's reply to the gateway or to the node IP) are
-      checked against in policies; a tunnel's in policy covering them drops them for not having
-      come through its SA.
-    * ``fwd``: packets routed through the host between local subnets (pod to pod when the CNI
-      routes per pod instead of bridging, pod to the node IP on another device) are checked
-      against fwd policies in ``ip_forward``, then looked up in ``out``.
-
-    a == b is needed because the gateway and the pods share the pod CIDR. Overlapping or adjacent
-    subnets are merged first (``10.233.1.0/24`` and ``10.233.1.1`` give one subnet), so ``n``
-    disjoint subnets give ``3 n**2`` policies. Traffic to any other address (a remote pod) still
-    meets the tunnel's policies. In and fwd bypasses match on addresses only: a plaintext packet
-    arriving on the uplink with a forged local source passes them, exactly as it would without any
-    tunnel; strict reverse-path filtering or the firewall is what drops it.
-    """
-    by_version: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
-    for subnet in local_subnets:
-        network = ipaddress.ip_network(subnet)
-        by_version[network.version].append(network)
-    policies: builtins.set[BypassPolicy] = set()
-    for networks in by_version.values():
-        merged = [str(n) for n in ipaddress.collapse_addresses(networks)]
-        policies |= {
-            BypassPolicy(src=a, dst=b, direction=d, priority=priority)
-            for a in merged
-            for b in merged
-            for d in Direction
-        }
-    return policies
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import subprocess
 
 import pytest
 
-from fabmesh.firewall.ipset import IPSet, IPSets
-from fabmesh.firewall.iptables import Chain, FirewallError, IPTables, Jump
+from fabmesh.firewall.ipset import IPSets
+from fabmesh.firewall.iptables import FirewallError, IPTables
+from fabmesh.mesh.dataplane import Chain, IPSet, Jump
 
 pytestmark = pytest.mark.dataplane
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from fabmesh.mesh.dataplane import Route
 from fabmesh.netlink.driver import (
     RTPROT_FABMESH,
     Netlink,
     NetlinkError,
-    Route,
     RouteChanges,
     RoutesNotApplied,
 )

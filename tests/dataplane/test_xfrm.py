@@ -15,14 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabmesh.xfrm.driver import (
-    DEFAULT_PRIORITY,
-    BypassPolicy,
-    Direction,
-    PoliciesNotApplied,
-    XfrmPolicies,
-    bypass_policies,
-)
+from fabmesh.mesh.dataplane import DEFAULT_PRIORITY, BypassPolicy, Direction, bypass_policies
+from fabmesh.xfrm.driver import PoliciesNotApplied, XfrmPolicies
 
 pytestmark = pytest.mark.dataplane
 

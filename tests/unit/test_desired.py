@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fabmesh.mesh.dataplane import Direction
 from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelSettings
 from fabmesh.node.desired import desired_state
-from fabmesh.xfrm.driver import Direction
 
 pytestmark = pytest.mark.unit
 
