@@ -24,13 +24,14 @@ networking: {podSubnet: 10.244.0.0/16}
 nodes:
   - role: control-plane
   - role: worker
-    labels: {fabmesh.io/connector: ""}
   - role: worker
     labels: {node-role.kubernetes.io/edge: "", community.fabmesh.io/a: ""}
   - role: worker
     labels: {node-role.kubernetes.io/edge: "", community.fabmesh.io/a: ""}
 YAML
 kind load docker-image "$image" --name "$name"
+# The connector label is one a kubelet may not set (node-restriction.kubernetes.io/): label it as admin.
+kubectl label node "$name-worker" node-restriction.kubernetes.io/fabmesh-connector=
 helm install fabmesh charts/fabmesh -n fabmesh-system --create-namespace \
   --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
   --set operator.settings.tunnel.backend=libipsec

@@ -73,8 +73,12 @@ def pod_cidrs_of(node: Obj) -> tuple[str, ...]:
 
 def active_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> Obj | None:
     connectors = {name_of(n): n for n in nodes if role_of(n, settings) is Role.CONNECTOR}
-    name = topology.active_connector(connectors)
+    name = topology.active_connector({n: created_of(obj) for n, obj in connectors.items()})
     return connectors[name] if name is not None else None
+
+
+def created_of(obj: Obj) -> str:
+    return (obj.get("metadata") or {}).get("creationTimestamp") or ""
 
 
 def parse_status_annotation(text: str) -> dict[str, str]:

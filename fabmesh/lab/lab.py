@@ -232,23 +232,28 @@ def restart_charon(state: LabState, name: str) -> int:
     return pid
 
 
-def _placement(state: LabState) -> tuple[dict[str, Role | None], dict[str, tuple[str, ...]]]:
-    """Roles and communities from the API's Node labels (``kubectl label`` changes them); else the topology."""
+def _placement(state: LabState) -> tuple[dict[str, Role | None], dict[str, tuple[str, ...]], str | None]:
+    """Roles, communities and the active connector from the API's Nodes (``kubectl label`` changes them);
+    from the topology when the API cannot be read."""
     try:
         kube = Kube(load_api_client(state.kubeconfig), timeout=3)
-        placed = {n["metadata"]["name"]: read_labels(n["metadata"].get("labels") or {}, LabelKeys())
-                  for n in kube.list("nodes")}
+        nodes = kube.list("nodes")
     except Exception:
-        return ({h.name: Role(h.role) for h in state.hosts}, {h.name: tuple(h.communities) for h in state.hosts})
+        roles: dict[str, Role | None] = {h.name: Role(h.role) for h in state.hosts}
+        connector = topology.active_connector({h.name: "" for h in state.hosts if h.role == Role.CONNECTOR})
+        return roles, {h.name: tuple(h.communities) for h in state.hosts}, connector
+    placed = {n["metadata"]["name"]: read_labels(n["metadata"].get("labels") or {}, LabelKeys()) for n in nodes}
     roles = {n: None if isinstance(p, LabelError) else p.role for n, p in placed.items()}
     communities = {n: () if isinstance(p, LabelError) else p.communities for n, p in placed.items()}
-    return roles, communities
+    created = {n["metadata"]["name"]: n["metadata"].get("creationTimestamp") or "" for n in nodes}
+    connector = topology.active_connector({n: created[n] for n, r in roles.items() if r is Role.CONNECTOR})
+    return roles, communities, connector
 
 
 def expected_tunnels(state: LabState) -> dict[str, set[str]]:
     """Per tunnel host, the peers it should have an IKE_SA with, by the topology rules."""
-    roles, communities = _placement(state)
-    return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities)
+    roles, communities, connector = _placement(state)
+    return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities, connector)
 
 
 def established_tunnels(state: LabState, name: str) -> set[str]:
@@ -285,7 +290,7 @@ def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
         time.sleep(0.5)
     pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
     node_of = {p.name: p.node for p in state.pods}
-    roles, communities = _placement(state)
+    roles, communities, _ = _placement(state)
     pairs = [{"src": s, "dst": d, "ok": ok,
               "path": topology.intended_path(node_of[s], node_of[d], roles, communities).value}
              for (s, d), ok in results.items()]

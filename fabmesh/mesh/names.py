@@ -9,9 +9,15 @@ so a renamed key cannot drift between a writer and its readers.
 from __future__ import annotations
 
 # -- labels a user sets on Nodes (defaults; the operator's settings may rename them) ---------------
+# Role labels live where a kubelet cannot write them: the NodeRestriction admission plugin refuses a
+# kubelet any change to labels in node-restriction.kubernetes.io/ and to kubernetes.io labels outside
+# the kubelet's own set (node-role.kubernetes.io/ is not in it). A compromised node cannot make
+# itself an edge of another's choosing or the connector. Community labels are kubelet-writable on
+# purpose: joining a community gives a node direct tunnels, never another node's traffic.
 EDGE_LABEL = "node-role.kubernetes.io/edge"
-CONNECTOR_LABEL = "fabmesh.io/connector"
+CONNECTOR_LABEL = "node-restriction.kubernetes.io/fabmesh-connector"
 COMMUNITY_LABEL_PREFIX = "community.fabmesh.io/"
+KUBELET_PROOF_NAMESPACE = "node-restriction.kubernetes.io"
 
 # -- annotations on Nodes ---------------------------------------------------------------------------
 POD_CIDR_ANNOTATION = "fabmesh.io/pod-cidr"  # written by the operator on edges

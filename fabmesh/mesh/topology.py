@@ -8,7 +8,9 @@ the lab all call these functions; none of them may restate a rule. The rules:
   an error on that node (it is left out of the mesh, never guessed).
 * Only edges are in communities (``<prefix><name>=``, the name a DNS label);
   community labels on other nodes have no effect.
-* The active connector is the first connector by name; the others stand by.
+* The active connector is the oldest connector Node (by creationTimestamp,
+  then name): a node labelled later never takes over from a working one, and
+  a name chosen to sort first gains nothing. The others stand by.
 * Two edges sharing a community get a direct tunnel, initiated by the one
   whose name sorts first; every edge has a tunnel to the active connector,
   which it initiates (edges sit behind NAT).
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -80,8 +82,9 @@ def read_labels(labels: Mapping[str, str], keys: LabelKeys) -> NodeLabels | Labe
     return NodeLabels(role, tuple(communities))
 
 
-def active_connector(connectors: Iterable[str]) -> str | None:
-    return min(connectors, default=None)
+def active_connector(connectors: Mapping[str, str]) -> str | None:
+    """``connectors`` maps each connector Node's name to its creationTimestamp (RFC 3339, UTC)."""
+    return min(connectors, key=lambda name: (connectors[name], name), default=None)
 
 
 def initiates(node: str, peer: str) -> bool:
@@ -106,9 +109,9 @@ def shares_community(a: Sequence[str], b: Sequence[str]) -> bool:
     return not set(a).isdisjoint(b)
 
 
-def expected_tunnels(roles: Mapping[str, Role], communities: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+def expected_tunnels(roles: Mapping[str, Role], communities: Mapping[str, Sequence[str]],
+                     connector: str | None) -> dict[str, set[str]]:
     """Node -> the peers it has a tunnel with: the active connector and every edge, each edge its peers."""
-    connector = active_connector(n for n, r in roles.items() if r is Role.CONNECTOR)
     edges = {n: tuple(communities.get(n, ())) for n, r in roles.items() if r is Role.EDGE}
     peers = community_peers(edges)
     expected = {edge: set(peers[edge]) | ({connector} if connector else set()) for edge in edges}

@@ -116,7 +116,7 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     result.ipam_record = {n: c for n, c in recorded.items() if n in by_name} | result.cidrs
 
     ready = [n for n in edges if n.name in result.cidrs]
-    connector_name = active_connector(n.name for n in connectors)
+    connector_name = active_connector({n.name: n.created for n in connectors})
     connector = by_name[connector_name] if connector_name is not None else None
     if connector is None and ready:
         result.warnings.append("no node carries the connector label "

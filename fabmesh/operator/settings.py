@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fabmesh.mesh import names
 from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings
@@ -64,6 +64,16 @@ class OperatorSettings(BaseModel):
     node: NodeSettings = NodeSettings()
     agent_pods: AgentPods = AgentPods()
     leader_election: LeaderElection = LeaderElection()
+
+    @field_validator("connector_label")
+    @classmethod
+    def _kubelet_proof(cls, key: str) -> str:
+        namespace = key.split("/", 1)[0] if "/" in key else ""
+        if namespace != names.KUBELET_PROOF_NAMESPACE and not namespace.endswith("." + names.KUBELET_PROOF_NAMESPACE):
+            raise ValueError(f"{key!r} is a label a kubelet may set on its own Node: a compromised node could make "
+                             f"itself the connector; use one under {names.KUBELET_PROOF_NAMESPACE}/ "
+                             f"(default {names.CONNECTOR_LABEL})")
+        return key
 
     @property
     def label_keys(self) -> LabelKeys:

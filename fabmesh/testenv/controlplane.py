@@ -1,9 +1,12 @@
 """A real etcd + kube-apiserver on loopback, for the api tier and the lab.
 
-The apiserver runs with RBAC authorization on (so RBAC tests mean something),
-TLS with a serving certificate made by fabmesh's own PKI, an admin bearer token
-in ``system:masters`` (``--token-auth-file``), and a service-account signing key
-so the TokenRequest API can mint tokens for least-privilege clients.
+The apiserver runs with Node and RBAC authorization and the NodeRestriction
+admission plugin, as production clusters do (so RBAC tests and "what may a
+kubelet write" tests mean something), TLS with a serving certificate made by
+fabmesh's own PKI, an admin bearer token in ``system:masters``
+(``--token-auth-file``), client certificates for kubelet identities
+(``system:node:<name>``), and a service-account signing key so the TokenRequest
+API can mint tokens for least-privilege clients.
 
 There is no kube-controller-manager: nothing garbage-collects owner references
 and no controller creates a namespace's ``default`` ServiceAccount. The
@@ -29,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fabmesh.pki.authority import issue_leaf, new_ca
+from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
 from fabmesh.testenv.assets import Assets, ensure_assets
 from fabmesh.testenv.hosts import stop_pid, wait_for
 
@@ -55,6 +60,7 @@ class ControlPlane:
     url: str = ""
     token: str = ""
     ca_pem: str = ""
+    ca: KeyPair | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -97,7 +103,7 @@ class ControlPlane:
     def _start_apiserver(self, etcd_url: str) -> None:
         assert self.assets
         now = datetime.datetime.now(datetime.UTC)
-        ca = new_ca("fabmesh-testenv-ca", now=now)
+        ca = self.ca = new_ca("fabmesh-testenv-ca", now=now)
         serving = issue_leaf(ca, name="localhost", addresses=["127.0.0.1"], now=now)
         certs = self.directory / "pki"
         certs.mkdir(exist_ok=True)
@@ -124,7 +130,8 @@ class ControlPlane:
             "--tls-private-key-file", str(certs / "apiserver.key"),
             "--client-ca-file", str(certs / "ca.crt"),
             "--token-auth-file", str(certs / "tokens.csv"),
-            "--authorization-mode", "RBAC",
+            "--authorization-mode", "Node,RBAC",
+            "--enable-admission-plugins", "NodeRestriction",
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--service-account-key-file", str(certs / "sa.pub"),
@@ -144,13 +151,17 @@ class ControlPlane:
             raise RuntimeError(f"kube-apiserver exited ({proc.returncode}); "
                                f"see {self.directory / 'kube-apiserver.log'}")
 
-    def _write_kubeconfig(self, path: Path, *, user: str, token: str, namespace: str = "default") -> None:
+    def _write_kubeconfig(self, path: Path, *, user: str, token: str | None = None,
+                          client: KeyPair | None = None, namespace: str = "default") -> None:
+        credentials = {"token": token} if token else {} if client is None else {
+            "client-certificate-data": base64.b64encode(client.cert_pem.encode()).decode(),
+            "client-key-data": base64.b64encode(client.key_pem.encode()).decode()}
         config = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "fabmesh", "cluster": {
                 "server": self.url,
                 "certificate-authority-data": base64.b64encode(self.ca_pem.encode()).decode()}}],
-            "users": [{"name": user, "user": {"token": token}}],
+            "users": [{"name": user, "user": credentials}],
             "contexts": [{"name": user, "context": {"cluster": "fabmesh", "user": user,
                                                     "namespace": namespace}}],
             "current-context": user,
@@ -164,10 +175,37 @@ class ControlPlane:
         self._write_kubeconfig(path, user=name, token=token, namespace=namespace)
         return path
 
+    def kubeconfig_for_node(self, node: str) -> Path:
+        """A kubeconfig with the identity a kubelet has (``system:node:<node>`` in ``system:nodes``):
+        the Node authorizer and NodeRestriction limit it to what a kubelet may do."""
+        assert self.ca is not None, "start the control plane first"
+        path = self.directory / f"kubeconfig-node-{node}"
+        self._write_kubeconfig(path, user=f"system:node:{node}",
+                               client=client_certificate(self.ca, f"system:node:{node}", "system:nodes"))
+        return path
+
     def stop(self) -> None:
         for pid in reversed(self.pids):
             stop_pid(pid, timeout=10)
         self.pids.clear()
+
+
+def client_certificate(ca: KeyPair, user: str, group: str) -> KeyPair:
+    """An X.509 client certificate as the apiserver reads it: CN is the user, O the group."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
+    ca_key = serialization.load_pem_private_key(ca.key_pem.encode(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, group)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return KeyPair(cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem=key_pem)
 
 
 def _http_ok(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> bool:

@@ -16,7 +16,7 @@ from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv
 
 EDGE = "node-role.kubernetes.io/edge"
-CONNECTOR = "fabmesh.io/connector"
+CONNECTOR = "node-restriction.kubernetes.io/fabmesh-connector"
 FLANNEL = {
     "flannel.alpha.coreos.com/backend-type": "vxlan",
     "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',

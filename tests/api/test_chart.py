@@ -126,7 +126,7 @@ def test_operator_deployment_runs_two_replicas_as_the_operator_service_account(
 def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(
         rendered: dict[tuple[str, str], Obj]) -> None:
     spec = rendered[("DaemonSet", "fabmesh-connector")]["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"fabmesh.io/connector": ""}
+    assert spec["nodeSelector"] == {"node-restriction.kubernetes.io/fabmesh-connector": ""}
     assert spec["hostNetwork"] is True
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert [c["name"] for c in spec["containers"]] == ["connector", "strongswan"]
@@ -230,7 +230,7 @@ def test_helm_install_creates_every_rendered_object_in_the_api(
 def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]) -> None:
     namespace, _, output = installed
     for step in ("kubectl label node <edge-node> node-role.kubernetes.io/edge=",
-                 "kubectl label node <cloud-node> fabmesh.io/connector=",
+                 "kubectl label node <cloud-node> node-restriction.kubernetes.io/fabmesh-connector=",
                  "community.fabmesh.io/<name>=", "kubectl fabmesh doctor", "kubectl fabmesh status",
                  f"kubectl -n {namespace} get cm -l app.kubernetes.io/managed-by=fabmesh"):
         assert step in output, output

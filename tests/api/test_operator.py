@@ -194,7 +194,7 @@ BAD = [
     ("bad-community", edge("bad-community", "192.0.2.10", "Bad_Name"),
      "metadata.labels[community.fabmesh.io/Bad_Name]"),
     ("both-roles", node("both-roles", "192.0.2.11", {EDGE: "", CONNECTOR: ""}),
-     "metadata.labels[fabmesh.io/connector]"),
+     "metadata.labels[node-restriction.kubernetes.io/fabmesh-connector]"),
     ("bad-annotation", edge("bad-annotation", "192.0.2.12", annotations={"fabmesh.io/pod-cidr": "ten.dot/24"}),
      "metadata.annotations[fabmesh.io/pod-cidr]"),
     ("outside-pool", edge("outside-pool", "192.0.2.13", pod_cidr="172.31.0.0/24"), "spec.podCIDR"),

@@ -33,7 +33,8 @@ def edge(name: str, ip: str, *communities: str, **kw: Any) -> dict[str, Any]:
     return raw(name, ip, labels, **kw)
 
 
-CONNECTOR = raw("conn", "198.51.100.1", {"fabmesh.io/connector": ""}, FLANNEL)
+CONNECTOR_LABEL = "node-restriction.kubernetes.io/fabmesh-connector"
+CONNECTOR = raw("conn", "198.51.100.1", {CONNECTOR_LABEL: ""}, FLANNEL)
 CLOUD = raw("cloud", "198.51.100.2")
 
 
@@ -122,7 +123,7 @@ def test_edge_gets_the_connectors_flannel_annotations_and_only_changed_keys_are_
 
 
 def test_connector_without_flannel_annotations_is_an_error_on_the_connector() -> None:
-    result, _ = run(raw("conn", "198.51.100.1", {"fabmesh.io/connector": ""}), edge("e1", "192.0.2.1"))
+    result, _ = run(raw("conn", "198.51.100.1", {CONNECTOR_LABEL: ""}), edge("e1", "192.0.2.1"))
     assert [(e.node, e.field.split("[")[0]) for e in result.errors] == [("conn", "metadata.annotations")]
     assert "e1" in result.edges and "fabmesh.io/pod-cidr" in result.node_patches["e1"].annotations
 
@@ -137,8 +138,8 @@ def test_external_ip_is_the_tunnel_endpoint_and_is_in_the_certificate() -> None:
 
 BAD = {
     "uppercase-community": (edge("x", "192.0.2.9", "Bad"), "metadata.labels[community.fabmesh.io/Bad]"),
-    "edge-and-connector": (raw("x", "192.0.2.9", {"node-role.kubernetes.io/edge": "", "fabmesh.io/connector": ""}),
-                           "metadata.labels[fabmesh.io/connector]"),
+    "edge-and-connector": (raw("x", "192.0.2.9", {"node-role.kubernetes.io/edge": "", CONNECTOR_LABEL: ""}),
+                           f"metadata.labels[{CONNECTOR_LABEL}]"),
     "no-internal-ip": (edge("x", None), "status.addresses"),  # type: ignore[arg-type]
     "malformed-ip": (edge("x", "999.1.1.1"), "status.addresses[0]"),
 }

@@ -54,10 +54,17 @@ def test_renamed_label_keys_are_honoured() -> None:
     assert read_labels({"example.com/gw": ""}, keys) == NodeLabels(Role.CONNECTOR)
 
 
+T1, T2 = "2026-01-01T00:00:00Z", "2026-06-01T00:00:00Z"
+
+
 @pytest.mark.parametrize(("connectors", "active"), [
-    ([], None), (["c1"], "c1"), (["conn-b", "conn-a"], "conn-a"), (iter(["z", "a"]), "a"),
-], ids=["none", "one", "first-by-name", "any-iterable"])
-def test_active_connector(connectors: list[str], active: str | None) -> None:
+    ({}, None),
+    ({"c1": T1}, "c1"),
+    ({"conn-b": T1, "conn-a": T2}, "conn-b"),
+    ({"aaa-newcomer": T2, "zzz-first": T1}, "zzz-first"),
+    ({"conn-b": T1, "conn-a": T1}, "conn-a"),
+], ids=["none", "one", "oldest-wins", "a-name-that-sorts-first-gains-nothing", "same-second-ties-go-by-name"])
+def test_active_connector(connectors: dict[str, str], active: str | None) -> None:
     assert active_connector(connectors) == active
 
 
@@ -79,14 +86,14 @@ def test_exactly_one_side_of_each_pair_initiates() -> None:
 
 def test_expected_tunnels_connector_to_every_edge_and_community_pairs() -> None:
     roles = {"conn": Role.CONNECTOR, "cloud": Role.CLOUD, **{e: Role.EDGE for e in COMMUNITIES}}
-    assert expected_tunnels(roles, COMMUNITIES) == {
+    assert expected_tunnels(roles, COMMUNITIES, "conn") == {
         "conn": {"e1", "e2", "e3", "e4", "e5"},
         "e1": {"conn", "e2"}, "e2": {"conn", "e1", "e4"}, "e3": {"conn"}, "e4": {"conn", "e2"}, "e5": {"conn"},
     }
 
 
 def test_expected_tunnels_without_a_connector_are_community_pairs_only() -> None:
-    assert expected_tunnels({"e1": Role.EDGE, "e2": Role.EDGE}, {"e1": ("a",), "e2": ("a",)}) == {
+    assert expected_tunnels({"e1": Role.EDGE, "e2": Role.EDGE}, {"e1": ("a",), "e2": ("a",)}, None) == {
         "e1": {"e2"}, "e2": {"e1"}}
 
 
