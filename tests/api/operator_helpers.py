@@ -115,6 +115,16 @@ def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
     return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
 
 
+def wait_matches_plan(env: OperatorEnv, timeout: float = 60) -> None:
+    """Until every agent ConfigMap holds what plan() makes of the cluster as it is now: the operator
+    has seen the latest change (what that plan says is for the caller to check)."""
+    def matches() -> bool:
+        desired, cms = desired_from_cluster(env), configmaps(env)
+        return all(cms.get(name, {}).get("data", {}).get("mesh.yaml") == text for name, text in desired.items())
+
+    wait_for(matches, timeout=timeout, interval=0.5, what="agent ConfigMaps to match the plan")
+
+
 def resource_versions(env: OperatorEnv) -> dict[str, str]:
     versions = {}
     for kind, items in (("cm", configmaps(env)), ("secret", secrets(env)), ("pod", pods(env)),
