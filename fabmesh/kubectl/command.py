@@ -30,12 +30,12 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.kubectl import checks
 from fabmesh.kubectl.graph import mesh_dot
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.operator import objects as o
 from fabmesh.operator.inventory import STATUS_ANNOTATION
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
 CANNOT_RUN = 2
-DEFAULT_METRICS_PORT = 9100  # what the lab and the chart's connector pass to --metrics-port
 RENDER_FORMATS = ("svg", "png")
 AGENT_SELECTOR = f"app.kubernetes.io/managed-by=fabmesh,{o.KIND_LABEL}=agent"
 EVENTS_NAMESPACE = "default"  # where the operator records Events about (cluster-scoped) Nodes

@@ -30,6 +30,7 @@ import yaml
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.lab.topology import LabRole, Topology
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
@@ -203,7 +204,7 @@ def start_node_process(state: LabState, name: str) -> int:
     base = Path(state.directory) / "hosts" / name
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
-              "--metrics-port", "9100", "--metrics-address", h.wan_ip]
+              "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]
     if h.role == "connector":
         return _spawn(state, f"node-{name}", _fabmesh("connector", *common), h.netns)
     return _spawn(state, f"node-{name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),
