@@ -85,9 +85,9 @@ class NodeLoop:
     def run_pass(self) -> bool:
         """One observe-plan-apply pass; True when the node is fully as desired."""
         config = self._read()
+        self._serve_metrics(config)
         if config is None:
             return False
-        self._serve_metrics(config)
         started = time.monotonic()
         if self.applier is None:
             self.applier = NodeApplier(config.mesh.node.name, self.options.vici_socket, self.options.state_dir,
@@ -106,13 +106,16 @@ class NodeLoop:
         self.metrics.duration.observe(time.monotonic() - started)
         return self.healthy
 
-    def _serve_metrics(self, config: NodeConfig) -> None:
-        """Once, as soon as the node's address is known; a bind failure leaves the loop running (logged)."""
-        if self.metrics_tried or not self.options.metrics_port:
+    def _serve_metrics(self, config: NodeConfig | None) -> None:
+        """Once, as soon as the address is known (``--metrics-address``, else the first usable mesh.yaml).
+
+        A bind failure is logged by ``serve`` and not retried: the loop runs on without metrics.
+        """
+        address = self.options.metrics_address or (config.mesh.node.address if config else None)
+        if self.metrics_tried or not self.options.metrics_port or address is None:
             return
         self.metrics_tried = True
-        serve(self.metrics.registry, self.options.metrics_address or config.mesh.node.address,
-              self.options.metrics_port)
+        serve(self.metrics.registry, address, self.options.metrics_port)
 
     def _uplink(self, config: NodeConfig) -> str | None:
         """``--uplink``, else the device the kernel routes towards the first peer (or the internet)."""
