@@ -140,7 +140,11 @@ def edge_connection(i: int, connector_ip: str, leaf: KeyPair, ca_pem: str, tunne
                      pod_cidr=edge_pod(i))
     mesh = NodeMesh(node=node, local_subnets=(edge_pod(i), f"{edge_internal(i)}/32"), mesh_cidrs=TO_CONNECTOR,
                     peers=(peer,), caCert=ca_pem, tunnel=tunnel)
-    return connection(mesh, peer, leaf.cert_pem)
+    conn = connection(mesh, peer, leaf.cert_pem)
+    # fabmesh binds %any locally (the kernel picks the source, as on a real edge host); one charon
+    # playing every edge must pin each edge's own source address, as separate hosts would have.
+    conn["local_addrs"] = [edge_wan(i)]
+    return conn
 
 
 # -- charon with the benchmark's own strongswan.conf -------------------------------------------------------------

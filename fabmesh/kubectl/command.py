@@ -31,10 +31,10 @@ from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.kubectl import doctor, status
 from fabmesh.kubectl.graph import mesh_dot
 from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
 CANNOT_RUN = 2
-DEFAULT_METRICS_PORT = 9100  # what the lab and the chart's connector pass to --metrics-port
 RENDER_FORMATS = ("svg", "png")
 
 DESCRIPTIONS = {

@@ -33,6 +33,7 @@ from fabmesh.lab.topology import LabRole, Topology
 from fabmesh.mesh import names, topology
 from fabmesh.mesh.model import Role
 from fabmesh.mesh.names import FLANNEL_PREFIX
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.mesh.topology import LabelError, LabelKeys, read_labels
 from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv import cni
@@ -206,7 +207,7 @@ def start_node_process(state: LabState, name: str) -> int:
     base = Path(state.directory) / "hosts" / name
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
-              "--metrics-port", "9100", "--metrics-address", h.wan_ip]
+              "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]
     if h.role == "connector":
         return _spawn(state, f"node-{name}", _fabmesh("connector", *common), h.netns)
     return _spawn(state, f"node-{name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),

@@ -100,7 +100,9 @@ class LocalNode(_Model):
     name: DNS1123
     role: Role
     address: IP  # the node's InternalIP
-    endpoint: IP  # address it runs IKE from (ExternalIP where it has one)
+    # What peers dial (ExternalIP where it has one). Behind a cloud's 1:1 NAT it is on no local
+    # interface, so charon never binds to it (tunnels.py uses %any locally).
+    endpoint: IP
     pod_cidr: Cidr | None = None
     communities: tuple[str, ...] = ()
 

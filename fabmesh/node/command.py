@@ -8,7 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.node.loop import NodeLoop, NodeLoopOptions
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 disables)")
+    return port
 
 
 def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
@@ -23,9 +31,13 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
                         help="where the loop keeps what it loaded into charon (default: /var/run/fabmesh)")
     parser.add_argument("--uplink", help="device IKE leaves by, for the kernel backend "
                         "(default: the device the kernel routes towards the peers)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on this port (default: off)")
-    parser.add_argument("--metrics-address", default="0.0.0.0", help="metrics bind address (default: 0.0.0.0)")
+    parser.add_argument("--metrics-port", type=_port, default=DEFAULT_METRICS_PORT,
+                        help=f"serve Prometheus /metrics on this TCP port; 0 disables (default: "
+                        f"{DEFAULT_METRICS_PORT}). If it cannot be bound, one error is logged and the "
+                        "data plane runs on without metrics")
+    parser.add_argument("--metrics-address", default=None,
+                        help="address /metrics binds to (default: the node's own address, mesh.yaml "
+                        "node.address, i.e. its InternalIP; 0.0.0.0 or :: for every address)")
     if edge:
         parser.add_argument("--cni-conf-dir", type=Path, default=None,
                             help="override mesh.yaml's settings.cni_conf_dir (where the conflist goes)")

@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
 from fabmesh.mesh.model import Backend, MeshConfigError
 from fabmesh.netlink.driver import Netlink
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
 from fabmesh.node.config import NodeConfig, fingerprint, load
 from fabmesh.node.desired import desired_state
+from fabmesh.node.metrics import Metrics, serve
 from fabmesh.strongswan.driver import Charon, ViciError
 
 log = logging.getLogger(__name__)
@@ -44,26 +43,8 @@ class NodeLoopOptions:
     cni_conf_dir: Path | None = None  # None: from mesh.yaml settings; the connector has none
     ipam_data_dir: str | None = None
     uplink: str | None = None
-    metrics_address: str = "0.0.0.0"
-    metrics_port: int | None = None
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.passes = Counter("fabmesh_reconcile_total", "Reconcile passes by result", ["result"],
-                              registry=self.registry)
-        self.duration = Histogram("fabmesh_reconcile_duration_seconds", "Reconcile pass duration",
-                                  registry=self.registry)
-        self.config_errors = Counter("fabmesh_config_errors_total",
-                                     "Mounted configs that could not be used (last good state kept)",
-                                     registry=self.registry)
-        self.writes = Gauge("fabmesh_writes", "Writes made so far, by resource", ["resource"],
-                            registry=self.registry)
-        self.tunnel_up = Gauge("fabmesh_tunnel_up", "1 when the peer's IKE_SA is established", ["peer"],
-                               registry=self.registry)
-        self.tunnel_bytes = Gauge("fabmesh_tunnel_bytes", "Bytes through the peer's CHILD_SAs (from list-sas)",
-                                  ["peer", "direction"], registry=self.registry)
+    metrics_address: str | None = None  # None: the node's own address (mesh.yaml node.address)
+    metrics_port: int = 0  # 0: no metrics server (the CLI defaults to DEFAULT_METRICS_PORT)
 
 
 class NodeLoop:
@@ -74,6 +55,7 @@ class NodeLoop:
         self.last_good: NodeConfig | None = None
         self.applier: NodeApplier | None = None
         self.healthy = False
+        self.metrics_tried = False
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -103,6 +85,7 @@ class NodeLoop:
     def run_pass(self) -> bool:
         """One observe-plan-apply pass; True when the node is fully as desired."""
         config = self._read()
+        self._serve_metrics(config)
         if config is None:
             return False
         started = time.monotonic()
@@ -123,6 +106,17 @@ class NodeLoop:
         self.metrics.duration.observe(time.monotonic() - started)
         return self.healthy
 
+    def _serve_metrics(self, config: NodeConfig | None) -> None:
+        """Once, as soon as the address is known (``--metrics-address``, else the first usable mesh.yaml).
+
+        A bind failure is logged by ``serve`` and not retried: the loop runs on without metrics.
+        """
+        address = self.options.metrics_address or (config.mesh.node.address if config else None)
+        if self.metrics_tried or not self.options.metrics_port or address is None:
+            return
+        self.metrics_tried = True
+        serve(self.metrics.registry, address, self.options.metrics_port)
+
     def _uplink(self, config: NodeConfig) -> str | None:
         """``--uplink``, else the device the kernel routes towards the first peer (or the internet)."""
         if self.options.uplink or config.mesh.tunnel.backend is Backend.LIBIPSEC:
@@ -135,12 +129,7 @@ class NodeLoop:
         assert self.applier
         for resource, count in self.applier.writes().items():
             self.metrics.writes.labels(resource).set(count)
-        for peer in config.mesh.peers:
-            sa = sas.get(peer.name, {})
-            self.metrics.tunnel_up.labels(peer.name).set(1 if sa.get("state") == "ESTABLISHED" else 0)
-            children = sa.get("child-sas", {}).values()
-            self.metrics.tunnel_bytes.labels(peer.name, "in").set(sum(int(c.get("bytes-in", 0)) for c in children))
-            self.metrics.tunnel_bytes.labels(peer.name, "out").set(sum(int(c.get("bytes-out", 0)) for c in children))
+        self.metrics.export_peers((p.name for p in config.mesh.peers), sas)
 
     def _socket_mark(self) -> tuple[int, float] | None:
         try:
@@ -152,8 +141,6 @@ class NodeLoop:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
-        if self.options.metrics_port is not None:
-            start_http_server(self.options.metrics_port, self.options.metrics_address, registry=self.metrics.registry)
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         while not self.stop.is_set():
             files = fingerprint(self.options.config_dir, self.options.tls_dir)

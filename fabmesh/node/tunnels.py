@@ -19,6 +19,15 @@ Choices, and why:
   has left the mesh (its connection is gone), gets no tunnel.
 * ``unique = replace``: an edge that reboots and reconnects replaces its stale
   IKE_SA on the connector instead of stacking a second one.
+* ``local_addrs = %any``, never the node's ``endpoint``: the endpoint is what
+  peers dial, the ExternalIP where a Node has one, and on the major clouds that
+  address lives in the provider's 1:1 NAT, on no interface of the VM. charon
+  matches an incoming IKE_SA_INIT against ``local_addrs`` using the address the
+  packet arrived at (the VM's own one), so a pinned ExternalIP refuses every
+  edge. Nor the InternalIP: in the lab, as on edges whose kubelet address is a
+  loopback alias, it is not the address packets leave by. ``%any`` answers on
+  the address the packet arrived at and initiates from the one the kernel routes
+  by, which is exactly what the peer sees.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
     }
     return {
         "version": "2",
-        "local_addrs": [mesh.node.endpoint],
+        "local_addrs": ["%any"],
         "remote_addrs": [peer.endpoint] if peer.endpoint else ["%any"],
         "proposals": list(tunnel.ike_proposals),
         "encap": "yes" if tunnel.encap else "no",

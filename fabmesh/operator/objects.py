@@ -93,7 +93,9 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
         "containers": [
             {"name": "agent", "image": images.image, "imagePullPolicy": images.image_pull_policy,
              "args": ["agent", "--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
-                      "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh"],
+                      "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
+                      "--metrics-port", str(images.metrics_port),
+                      *(["--metrics-address", images.metrics_address] if images.metrics_address else [])],
              "securityContext": {"capabilities": caps},
              "volumeMounts": [*mounts_common,
                               {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fabmesh.mesh import names
 from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings
+from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.mesh.topology import LabelKeys
 
 
@@ -41,6 +42,9 @@ class AgentPods(BaseModel):
     image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     strongswan_image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     image_pull_policy: str = "IfNotPresent"
+    # The agent's /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    metrics_address: str = ""
 
 
 class OperatorSettings(BaseModel):

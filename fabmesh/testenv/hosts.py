@@ -239,6 +239,43 @@ class Network:
         self.hosts[name] = host
         return host
 
+    def add_host_behind_nat(self, name: str, external_ip: str, lan_cidr: str = "10.250.0.0/30") -> Host:
+        """A host behind a 1:1 NAT, as a cloud VM with an ExternalIP: that address is on no interface of it.
+
+        A router namespace (``<prefix>-<name>-nat``) owns ``external_ip`` on the WAN and translates it
+        to and from the host's own address (the second address of ``lan_cidr``; the router has the
+        first and is the host's default gateway). The host sees only its own address, as on EC2, GCE
+        or Azure, where the public IP lives in the provider's NAT.
+        """
+        lan = ipaddress.ip_network(lan_cidr)
+        gateway, own = (str(a) for a in list(lan.hosts())[:2])
+        router = f"{self.prefix}-{name}-nat"
+        netns = f"{self.prefix}-{name}"
+        sh("ip", "netns", "add", router)
+        sh("ip", "netns", "add", netns)
+        port = f"w{uuid.uuid4().hex[:10]}"
+        sh("ip", "link", "add", "wan0", "netns", router, "type", "veth", "peer", "name", port,
+           "netns", self.wan_netns)
+        sh("ip", "-n", self.wan_netns, "link", "set", port, "master", "br0", "up")
+        sh("ip", "link", "add", "lan0", "netns", router, "type", "veth", "peer", "name", "wan0", "netns", netns)
+        wan_prefix = ipaddress.ip_network(self.wan_cidr).prefixlen
+        sh("ip", "-n", router, "addr", "add", f"{external_ip}/{wan_prefix}", "dev", "wan0")
+        sh("ip", "-n", router, "addr", "add", f"{gateway}/{lan.prefixlen}", "dev", "lan0")
+        sh("ip", "-n", netns, "addr", "add", f"{own}/{lan.prefixlen}", "dev", "wan0")
+        for ns, devices in ((router, ("lo", "wan0", "lan0")), (netns, ("lo", "wan0"))):
+            for device in devices:
+                sh("ip", "-n", ns, "link", "set", device, "up")
+            sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+        sh("ip", "-n", netns, "route", "add", "default", "via", gateway)
+        sh("iptables", "-t", "nat", "-A", "PREROUTING", "-d", external_ip, "-j", "DNAT",
+           "--to-destination", own, ns=router)
+        sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", own, "-o", "wan0", "-j", "SNAT",
+           "--to-source", external_ip, ns=router)
+        host = Host(name=name, netns=netns, wan_ip=own, directory=self.directory / name)
+        host.directory.mkdir(parents=True, exist_ok=True)
+        self.hosts[name] = host
+        return host
+
     def destroy(self) -> None:
         """Stop every charon by PID, then delete every namespace we made (tolerates 'gone')."""
         for host in self.hosts.values():

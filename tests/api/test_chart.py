@@ -134,7 +134,7 @@ def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(
     connector = container(spec, "connector")
     assert connector["args"] == ["connector", "--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
                                  "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
-                                 "--metrics-port", "9100"]
+                                 "--metrics-port", "10120"]
     assert connector["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     assert container(spec, "strongswan")["args"] == ["charon", "--run-dir", "/var/run/fabmesh", "--backend", "kernel"]
 

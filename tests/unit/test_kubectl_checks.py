@@ -483,9 +483,9 @@ def test_metrics_text_that_is_not_prometheus_raises_value_error() -> None:
 def test_metrics_targets_are_edges_and_the_active_connector_on_their_internal_ip() -> None:
     nodes = [connector("conn-a"), connector("conn-b"), CLOUD, edge("e1", "192.0.2.1"), edge("e6", "fd00::6"),
              node("e-noip", None, {SETTINGS.edge_label: ""})]
-    assert st.metrics_targets(nodes, SETTINGS, 9100) == {
-        "conn-a": "http://198.51.100.1:9100/metrics", "e1": "http://192.0.2.1:9100/metrics",
-        "e6": "http://[fd00::6]:9100/metrics"}
+    assert st.metrics_targets(nodes, SETTINGS, 10120) == {
+        "conn-a": "http://198.51.100.1:10120/metrics", "e1": "http://192.0.2.1:10120/metrics",
+        "e6": "http://[fd00::6]:10120/metrics"}
 
 
 # -- graph ----------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The node loop's Prometheus metrics: the series, the per-peer export, and a server that never kills the loop.
+
+Why a server that may fail quietly: the agent and the connector run on the host
+network, where the port can already be taken (an exporter, a second copy of us)
+or the address missing. Metrics are a convenience; the tunnels are the product.
+So a bind failure is logged once (address, port, errno) and the data plane runs
+on without metrics, instead of crash-looping the Pod on ``EADDRINUSE``.
+
+Why per-peer series are removed: a ``Gauge`` keeps every label set it has ever
+seen, so a peer deleted from ``mesh.yaml`` would report its last value (often
+``fabmesh_tunnel_up 1``) for the life of the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+DIRECTIONS = ("in", "out")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.passes = Counter("fabmesh_reconcile_total", "Reconcile passes by result", ["result"],
+                              registry=self.registry)
+        self.duration = Histogram("fabmesh_reconcile_duration_seconds", "Reconcile pass duration",
+                                  registry=self.registry)
+        self.config_errors = Counter("fabmesh_config_errors_total",
+                                     "Mounted configs that could not be used (last good state kept)",
+                                     registry=self.registry)
+        self.writes = Gauge("fabmesh_writes", "Writes made so far, by resource", ["resource"],
+                            registry=self.registry)
+        self.tunnel_up = Gauge("fabmesh_tunnel_up", "1 when the peer's IKE_SA is established", ["peer"],
+                               registry=self.registry)
+        self.tunnel_bytes = Gauge("fabmesh_tunnel_bytes", "Bytes through the peer's CHILD_SAs (from list-sas)",
+                                  ["peer", "direction"], registry=self.registry)
+        self._peers: set[str] = set()
+
+    def export_peers(self, peers: Iterable[str], sas: Mapping[str, dict]) -> None:
+        """Set the per-peer series of ``peers`` from ``list-sas``; drop the series of every other peer."""
+        current = set(peers)
+        for gone in sorted(self._peers - current):
+            self.tunnel_up.remove(gone)
+            for direction in DIRECTIONS:
+                self.tunnel_bytes.remove(gone, direction)
+        for peer in sorted(current):
+            sa = sas.get(peer, {})
+            self.tunnel_up.labels(peer).set(1 if sa.get("state") == "ESTABLISHED" else 0)
+            children = list(sa.get("child-sas", {}).values())
+            for direction in DIRECTIONS:
+                self.tunnel_bytes.labels(peer, direction).set(
+                    sum(int(c.get(f"bytes-{direction}", 0)) for c in children))
+        self._peers = current
+
+
+def serve(registry: CollectorRegistry, address: str, port: int) -> bool:
+    """Start the /metrics server in a daemon thread; False (logged once, with errno) when it cannot bind."""
+    try:
+        start_http_server(port, address, registry=registry)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        log.error("metrics server not started: cannot bind address=%s port=%d errno=%s (%s); "
+                  "the data plane runs on without metrics", address, port, code, exc.strerror or exc)
+        return False
+    log.info("metrics server listening address=%s port=%d", address, port)
+    return True
