@@ -164,7 +164,7 @@ def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(
     assert volumes["xtables-lock"]["hostPath"]["path"] == "/run/xtables.lock"
     mounts = {m["name"]: m["mountPath"] for m in connector["volumeMounts"]}
     assert mounts == {"run": "/var/run/fabmesh", "mesh": "/etc/fabmesh/mesh", "tls": "/etc/fabmesh/tls",
-                      "xtables-lock": "/run/xtables.lock"}
+                      "xtables-lock": "/run/xtables.lock", "tmp": "/tmp"}
 
 
 def test_connector_has_no_api_token_and_no_rbac(rendered: dict[tuple[str, str], Obj]) -> None:
