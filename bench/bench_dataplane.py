@@ -5,7 +5,8 @@ strongSwan tunnel carries between the same kind of namespaces with the same
 backend, and the connector-relayed path >= 0.9 x. Both sides use
 ``kernel-libipsec`` (ESP in userspace over a TUN device, ``ipsec0``) and the
 proposals of fabmesh's default ``TunnelSettings`` (IKE
-aes256gcm16-prfsha256-ecp256, ESP aes256gcm16, UDP encapsulation forced).
+aes256gcm16-prfsha256-ecp256, ESP aes256gcm16-ecp256 (its group is used on rekey only), UDP encapsulation
+forced).
 
 Everything lives in namespaces this benchmark creates: a baseline WAN with two
 hosts, a pod behind each and a charon per host (``install_routes = yes``, the
@@ -71,7 +72,7 @@ PING_INTERVAL = "0.01"
 IPERF_PORT = 5201
 TUNNEL = TunnelSettings()
 IKE_PROPOSAL = TUNNEL.ike_proposals[0]  # aes256gcm16-prfsha256-ecp256
-ESP_PROPOSAL = TUNNEL.esp_proposals[0]  # aes256gcm16
+ESP_PROPOSAL = TUNNEL.esp_proposals[0]  # aes256gcm16-ecp256 (the group is used on rekey only)
 BASELINE_WAN = "203.0.113.0/24"
 BASELINE_PODS = ("10.10.1.2/24", "10.10.2.2/24")
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -12,11 +12,17 @@ Private keys never appear here: they travel in the node's Secret only.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
+import re
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+
+from fabmesh.mesh.crypto import Kind, proposal_problem
 
 API_VERSION = "fabmesh.io/v1alpha1"
 _M = TypeVar("_M", bound=BaseModel)
@@ -30,9 +36,60 @@ def _ip(value: str) -> str:
     return str(ipaddress.ip_address(value))
 
 
+def _refuse(value: str, reason: str) -> PydanticCustomError:
+    # A custom error type keeps pydantic's "Value error, " prefix out of the message an operator reads.
+    return PydanticCustomError("fabmesh", "{value} is not allowed: {reason}", {"value": repr(value), "reason": reason})
+
+
+def _proposal(kind: Kind) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        problem = proposal_problem(kind, value)
+        if problem:
+            raise _refuse(value, problem)
+        return value
+    return check
+
+
+def _abs_dir(value: str) -> str:
+    # The agent mounts this host directory and writes the CNI file into it: a relative path or a
+    # ".." part would point it somewhere the chart and the docs do not say it touches.
+    if not value.startswith("/"):
+        raise _refuse(value, "must be an absolute path")
+    if posixpath.normpath(value) != value or value.startswith("//"):
+        raise _refuse(value, f"must be normalised, without '..', '.', '//' or a trailing '/' "
+                             f"(did you mean {posixpath.normpath(value)!r}?)")
+    return value
+
+
+# Only .conflist: the agent always writes a plugin list, and container runtimes (libcni) read a
+# ".conf" file as one plugin's config, which a list is not.
+CONF_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\.conflist$"
+# The schema's spelling of _abs_dir (Go's regexp has no lookahead): "/" or components other than "." and "..".
+ABS_DIR_PATTERN = r"^(/|(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+)$"
+
+
+def _conf_name(value: str) -> str:
+    if not re.fullmatch(CONF_NAME_PATTERN, value):
+        raise _refuse(value, "must be a plain file name (letters, digits, '.', '_', '-'; no '/') ending in "
+                             ".conflist (the agent writes a plugin list; runtimes read a .conf as one plugin)")
+    return value
+
+
 Cidr = Annotated[str, AfterValidator(_cidr)]
 IP = Annotated[str, AfterValidator(_ip)]
 DNS1123 = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+IkeProposal = Annotated[str, AfterValidator(_proposal(Kind.IKE))]
+EspProposal = Annotated[str, AfterValidator(_proposal(Kind.ESP))]
+AbsoluteDir = Annotated[str, AfterValidator(_abs_dir)]
+ConfFileName = Annotated[str, AfterValidator(_conf_name)]
+
+
+def error_field(loc: Sequence[str | int]) -> str:
+    """A pydantic error location as a person writes it: ``tunnel.esp_proposals[1]``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<document>"
 
 
 class Backend(StrEnum):
@@ -57,10 +114,16 @@ class _Model(BaseModel):
 
 
 class TunnelSettings(_Model):
-    """Cluster-wide IPsec settings; every tunnel of a node uses the same ones."""
+    """Cluster-wide IPsec settings; every tunnel of a node uses the same ones.
 
-    ike_proposals: tuple[str, ...] = ("aes256gcm16-prfsha256-ecp256", "aes128gcm16-prfsha256-x25519")
-    esp_proposals: tuple[str, ...] = ("aes256gcm16", "aes128gcm16")
+    Proposals are checked against the allow-list in ``fabmesh/mesh/crypto.py`` (AEAD only, SHA-2
+    PRFs, strong DH groups; ESP proposals carry a group so CHILD_SA rekeys have PFS).
+    """
+
+    ike_proposals: tuple[IkeProposal, ...] = Field(
+        default=("aes256gcm16-prfsha256-ecp256", "aes128gcm16-prfsha256-x25519"), min_length=1)
+    esp_proposals: tuple[EspProposal, ...] = Field(
+        default=("aes256gcm16-ecp256", "aes128gcm16-x25519"), min_length=1)
     dpd_delay_s: int = Field(default=10, ge=1, le=3600)
     rekey_time_s: int = Field(default=4 * 3600, ge=60)
     backend: Backend = Backend.KERNEL
@@ -74,8 +137,8 @@ class NodeSettings(_Model):
     """Where an agent puts things on its node."""
 
     bridge: str = Field(default="fabmesh0", max_length=15)
-    cni_conf_dir: str = "/etc/cni/net.d"
-    cni_conf_name: str = "10-fabmesh.conflist"
+    cni_conf_dir: AbsoluteDir = "/etc/cni/net.d"
+    cni_conf_name: ConfFileName = "10-fabmesh.conflist"
     route_table: int = Field(default=2620, ge=1, le=2**31 - 1)
     resync_period_s: int = Field(default=30, ge=1)
 
@@ -222,5 +285,4 @@ def _parse(model: type[_M], text: str, source: str) -> _M:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "<document>"
-        raise MeshConfigError(source, field, first["msg"]) from exc
+        raise MeshConfigError(source, error_field(first["loc"]), first["msg"]) from exc

@@ -83,6 +83,7 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
     caps = {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     mounts_common = [{"name": "run", "mountPath": "/var/run/fabmesh"}]
     spec: dict[str, Any] = {
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "nodeName": node,
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
@@ -96,8 +97,9 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
                       "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
                       "--metrics-port", str(images.metrics_port),
                       *(["--metrics-address", images.metrics_address] if images.metrics_address else [])],
-             "securityContext": {"capabilities": caps},
-             "volumeMounts": [*mounts_common,
+             "securityContext": hardened(caps),
+             "resources": images.resources.to_api(),
+             "volumeMounts": [*mounts_common, {"name": "tmp", "mountPath": "/tmp"},
                               {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},
                               {"name": "tls", "mountPath": "/etc/fabmesh/tls", "readOnly": True},
                               {"name": "cni", "mountPath": settings.node.cni_conf_dir},
@@ -105,12 +107,15 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
             {"name": "strongswan", "image": images.strongswan_image,
              "imagePullPolicy": images.image_pull_policy,
              "args": ["charon", "--run-dir", "/var/run/fabmesh", "--backend", settings.tunnel.backend.value],
-             "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"],
-                                                  "drop": ["ALL"]}},
-             "volumeMounts": mounts_common},
+             "securityContext": hardened({"add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"], "drop": ["ALL"]}),
+             "resources": images.strongswan_resources.to_api(),
+             # charon refuses to start without its pid file, /var/run/charon.pid (compiled in).
+             "volumeMounts": [{"name": "charon-run", "mountPath": "/var/run"}, *mounts_common]},
         ],
         "volumes": [
             {"name": "run", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
+            {"name": "charon-run", "emptyDir": {"sizeLimit": "1Mi"}},
             {"name": "mesh", "configMap": {"name": agent_configmap_name(node)}},
             {"name": "tls", "secret": {"secretName": tls_secret_name(node), "defaultMode": 0o400}},
             {"name": "cni", "hostPath": {"path": settings.node.cni_conf_dir, "type": "DirectoryOrCreate"}},
@@ -123,6 +128,16 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
     meta = metadata(agent_pod_name(node), ns, "agent", node, uid)
     meta["annotations"] = {SPEC_HASH: spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def hardened(capabilities: dict[str, list[str]]) -> dict[str, Any]:
+    """A container's securityContext: the capabilities it needs and nothing else.
+
+    ``allowPrivilegeEscalation: false`` (no_new_privs) does not take capabilities away from a root
+    process; it stops a setuid binary from gaining more. The root filesystem is read-only: every
+    path a process writes is an emptyDir or an explicit hostPath.
+    """
+    return {"capabilities": capabilities, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -7,12 +7,13 @@ documented in ``docs/operator.md`` and in the chart's ``values.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fabmesh.mesh import names
-from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings
+from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings, error_field
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.mesh.topology import LabelKeys
 
@@ -35,6 +36,25 @@ class LeaderElection(BaseModel):
         return self
 
 
+# A Kubernetes resource quantity (cpu "250m", memory "128Mi"); a bare YAML number is taken as text.
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) else v),
+                     Field(pattern=QUANTITY_PATTERN)]
+ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
+
+
+class Resources(BaseModel):
+    """A container's requests and limits (the subset of core/v1 ResourceRequirements we set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: dict[ResourceName, Quantity] = {}
+    limits: dict[ResourceName, Quantity] = {}
+
+    def to_api(self) -> dict[str, dict[str, str]]:
+        return {k: dict(v) for k, v in (("requests", self.requests), ("limits", self.limits)) if v}
+
+
 class AgentPods(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,6 +65,13 @@ class AgentPods(BaseModel):
     # The agent's /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     metrics_address: str = ""
+    # An edge agent holds one node's mesh (tens of peers): small. Memory limits stop a leak from
+    # taking the node down; charon's CPU limit is generous because with libipsec ESP runs in charon,
+    # so its limit caps tunnel throughput.
+    resources: Resources = Resources(requests={"cpu": "20m", "memory": "64Mi"},
+                                     limits={"cpu": "500m", "memory": "256Mi"})
+    strongswan_resources: Resources = Resources(requests={"cpu": "20m", "memory": "32Mi"},
+                                                limits={"cpu": "1", "memory": "256Mi"})
 
 
 class OperatorSettings(BaseModel):
@@ -111,5 +138,4 @@ def load_settings(path: Path | None) -> OperatorSettings:
         raise SettingsError(f"{path}: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "<document>"
-        raise SettingsError(f"{path}: {field}: {first['msg']}") from exc
+        raise SettingsError(f"{path}: {error_field(first['loc'])}: {first['msg']}") from exc

@@ -111,6 +111,14 @@ class Charon:
             message["ike"] = ike
         self._call(f"initiate {child}", lambda: list(self._session.initiate(message)))
 
+    def rekey_child(self, child: str) -> int:
+        """Start rekeying the CHILD_SAs named ``child``; returns how many matched.
+
+        Asynchronous, as charon does it: the new CHILD_SA shows in :meth:`sas` once installed.
+        """
+        reply = decode(self._call(f"rekey {child}", self._session.rekey, {"child": child}))
+        return int(reply.get("matches", 0))
+
     def terminate_ike(self, ike: str, timeout_ms: int = -1) -> None:
         message = {"ike": ike, "timeout": str(timeout_ms), "force": "yes"}
         try:

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, CONNECTOR_SECRET, connector_shard_name
+from fabmesh.operator.settings import OperatorSettings
 from fabmesh.testenv.cluster import CHART, render_chart
 from fabmesh.testenv.controlplane import ControlPlane
 
@@ -98,6 +100,20 @@ BAD_VALUES = [
     pytest.param("template", "operator.settings.edge_lable=x", r"edge_lable", id="misspelt-setting"),
     pytest.param("template", "operator.settings.leader_election.retry_period_s=9", r"leader_election",
                  id="lease-shorter-than-retry"),
+    pytest.param("template", "operator.settings.tunnel.esp_proposals={aes256gcm16-ecp256,aes128-sha1-modp1024}",
+                 r"operator[./]settings[./]tunnel[./]esp_proposals[./[]1", id="weak-esp-proposal"),
+    pytest.param("template", "operator.settings.tunnel.esp_proposals={aes256gcm16}",
+                 r"tunnel[./]esp_proposals[./[]0", id="esp-proposal-without-pfs"),
+    pytest.param("template", "operator.settings.tunnel.ike_proposals={aes256gcm16-prfsha1-modp1024}",
+                 r"tunnel[./]ike_proposals[./[]0", id="weak-ike-proposal"),
+    pytest.param("template", "operator.settings.node.cni_conf_dir=/etc/cni/../../root", r"node[./]cni_conf_dir",
+                 id="cni-dir-with-dot-dot"),
+    pytest.param("template", "operator.settings.node.cni_conf_name=../evil.conflist", r"node[./]cni_conf_name",
+                 id="cni-name-with-slash"),
+    pytest.param("template", "operator.settings.agent_pods.resources.limits.memory=lots",
+                 r"agent_pods[./]resources[./]limits[./]memory", id="malformed-agent-quantity"),
+    pytest.param("template", "connector.resources.limits.cpu=fast", r"connector[./]resources[./]limits",
+                 id="malformed-connector-quantity"),
 ]
 
 
@@ -148,7 +164,7 @@ def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(
     assert volumes["xtables-lock"]["hostPath"]["path"] == "/run/xtables.lock"
     mounts = {m["name"]: m["mountPath"] for m in connector["volumeMounts"]}
     assert mounts == {"run": "/var/run/fabmesh", "mesh": "/etc/fabmesh/mesh", "tls": "/etc/fabmesh/tls",
-                      "xtables-lock": "/run/xtables.lock"}
+                      "xtables-lock": "/run/xtables.lock", "tmp": "/tmp"}
 
 
 def test_connector_has_no_api_token_and_no_rbac(rendered: dict[tuple[str, str], Obj]) -> None:
@@ -177,6 +193,68 @@ def test_shard_projections_follow_the_setting_and_the_connector_can_be_left_out(
         CONNECTOR_CONFIGMAP, "fabmesh-connector-peers-00", "fabmesh-connector-peers-01", "fabmesh-connector-peers-02"]
     without = render_chart(helm.binary, "fm-render", {"connector": {"enabled": False}})
     assert [o["metadata"]["name"] for o in without if "connector" in o["metadata"]["name"]] == []
+
+
+def _containers(rendered: dict[tuple[str, str], Obj]) -> dict[str, tuple[Obj, Obj]]:
+    """"<workload>/<container>" -> (the Pod spec, the container), for every workload the chart renders."""
+    found = {}
+    for (kind, name), obj in rendered.items():
+        if kind in ("Deployment", "DaemonSet"):
+            spec = obj["spec"]["template"]["spec"]
+            found.update({f"{name}/{c['name']}": (spec, c) for c in spec["containers"]})
+    return found
+
+
+def test_every_container_is_locked_down_and_has_requests_and_limits(rendered: dict[tuple[str, str], Obj]) -> None:
+    containers = _containers(rendered)
+    assert set(containers) == {"fabmesh-operator/operator", "fabmesh-connector/connector",
+                               "fabmesh-connector/strongswan"}
+    for where, (spec, c) in containers.items():
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        context = c["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context["readOnlyRootFilesystem"] is True, where
+        assert context["capabilities"]["drop"] == ["ALL"], where
+        assert set(context["capabilities"].get("add", [])) <= {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"}, where
+        assert "privileged" not in context, where
+        resources = c["resources"]
+        assert set(resources["requests"]) == {"cpu", "memory"} == set(resources["limits"]), where
+    operator_spec, operator = containers["fabmesh-operator/operator"]
+    assert operator_spec["securityContext"]["runAsNonRoot"] is True
+    assert "add" not in operator["securityContext"]["capabilities"]
+    assert containers["fabmesh-connector/strongswan"][1]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+
+
+def test_every_path_a_connector_container_writes_is_a_volume(rendered: dict[tuple[str, str], Obj]) -> None:
+    spec = rendered[("DaemonSet", "fabmesh-connector")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    writable = {c["name"]: {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly")}
+                for c in spec["containers"]}
+    assert set(writable["connector"]) == {"/var/run/fabmesh", "/tmp", "/run/xtables.lock"}
+    assert "emptyDir" in writable["connector"]["/tmp"]
+    # charon will not start without its compiled-in pid file, /var/run/charon.pid.
+    assert set(writable["strongswan"]) == {"/var/run", "/var/run/fabmesh"}
+    assert "emptyDir" in writable["strongswan"]["/var/run"]
+
+
+def test_resources_follow_the_values(helm: Helm) -> None:
+    values = {"operator": {"resources": {"limits": {"memory": "2Gi"}}},
+              "connector": {"resources": {"requests": {"cpu": "1"}}, "strongswanResources": {}}}
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
+    containers = _containers(objects)
+    assert containers["fabmesh-operator/operator"][1]["resources"]["limits"] == {"memory": "2Gi", "cpu": "1"}
+    assert containers["fabmesh-connector/connector"][1]["resources"]["requests"] == {"cpu": "1", "memory": "128Mi"}
+
+
+def test_agent_pod_resources_and_proposals_reach_the_operator_settings(helm: Helm) -> None:
+    values = {"operator": {"settings": {"agent_pods": {"resources": {"limits": {"memory": "1Gi"}}},
+                                        "tunnel": {"esp_proposals": ["chacha20poly1305-x25519"]}}}}
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
+    text = objects[("ConfigMap", "fabmesh-operator-settings")]["data"]["operator.yaml"]
+    settings = OperatorSettings.model_validate(yaml.safe_load(text))
+    assert settings.agent_pods.resources.limits == {"cpu": "500m", "memory": "1Gi"}
+    assert settings.tunnel.esp_proposals == ("chacha20poly1305-x25519",)
 
 
 # -- helm install into the real API server ---------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from fabmesh.kube.client import ApiError
 from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
@@ -273,3 +274,61 @@ def test_moving_the_connector_label_repoints_every_edge_at_the_new_connectors_vt
     wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"cloud-9"},
              timeout=30, what="e1 to peer with the new connector")
     assert describe(secret_text(secrets(env)[o.CONNECTOR_SECRET], "tls.crt")).common_name == "cloud-9"
+
+
+def _pod_security_verdict(env: OperatorEnv, pod: dict, level: str) -> str:
+    """What the API server's PodSecurity admission says about ``pod`` in a namespace enforcing ``level``:
+    "" when admitted (a dry run: nothing is created), else its refusal."""
+    namespace = f"{env.namespace}-{level}"
+    env.kube.create("namespaces", {"metadata": {"name": namespace,
+                                                "labels": {"pod-security.kubernetes.io/enforce": level}}})
+    try:
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod["metadata"]["name"]},
+                "spec": pod["spec"]}
+        env.kube._call("POST", f"/api/v1/namespaces/{namespace}/pods", body, query={"dryRun": "All"})
+        return ""
+    except ApiError as exc:
+        assert exc.status == 403, exc
+        return exc.body
+    finally:
+        env.kube.delete("namespaces", namespace)
+
+
+def test_agent_pod_as_stored_is_locked_down_and_only_a_privileged_namespace_admits_it(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    # The operator's namespace labelled as docs/operator.md says it must be.
+    env.kube.merge_patch("namespaces", env.namespace,
+                         {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}})
+    create_nodes(env.kube, cloud_nodes())
+    env.start()
+    create_nodes(env.kube, [edge("edge-1", edge_ip(1), "c1")])
+    wait_converged(env, {"edge-1"})
+    pod = pods(env)[o.agent_pod_name("edge-1")]  # as the API server stored it, defaults applied
+
+    spec = pod["spec"]
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"agent", "strongswan"}
+    for name, container in containers.items():
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["readOnlyRootFilesystem"] is True, name
+        assert context["capabilities"]["drop"] == ["ALL"], name
+        assert "privileged" not in context, name
+    assert containers["agent"]["resources"] == {"requests": {"cpu": "20m", "memory": "64Mi"},
+                                                "limits": {"cpu": "500m", "memory": "256Mi"}}
+    assert containers["strongswan"]["resources"] == {"requests": {"cpu": "20m", "memory": "32Mi"},
+                                                     "limits": {"cpu": "1", "memory": "256Mi"}}
+    assert pod["status"].get("qosClass") == "Burstable"
+
+    # PodSecurity admission, asked with the stored Pod: baseline refuses exactly what the agent's job needs
+    # (host network, host paths, NET_ADMIN/NET_RAW) ...
+    baseline = _pod_security_verdict(env, pod, "baseline")
+    for needed in ("hostNetwork=true", "hostPath volumes", "NET_ADMIN", "NET_RAW"):
+        assert needed in baseline, baseline
+    # ... and restricted adds only running as root: every other restricted check is already met.
+    restricted = _pod_security_verdict(env, pod, "restricted")
+    assert "runAsNonRoot != true" in restricted, restricted
+    for met in ("allowPrivilegeEscalation", "seccompProfile", "privileged"):
+        assert met not in restricted, restricted
