@@ -1,4 +1,4 @@
-"""Bring a whole hybrid cluster up in network namespaces, check it, and take it down.
+"""Bring a whole hybrid cluster up in network namespaces: hosts, Nodes, the operator, node processes, pods.
 
 Real parts only: etcd + kube-apiserver, the real operator process with the
 chart's RBAC, one charon per tunnel host (userspace ESP), the real agent and
@@ -6,21 +6,16 @@ connector processes inside their hosts' namespaces, pods added by the real CNI
 plugins with the conflist the agent wrote, flannel-style VXLAN between cloud
 hosts programmed from the Node annotations the operator writes
 (:mod:`fabmesh.lab.nodesim`, which also projects ConfigMaps and Secrets like
-kubelet).
+kubelet). Everything started is recorded in :class:`LabState` as soon as it
+runs, so a bring-up that fails half way is still removed by
+:func:`fabmesh.lab.teardown.down`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import logging
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,40 +23,22 @@ from typing import Any
 import yaml
 
 from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab import probe
+from fabmesh.lab.processes import spawn, start_charon, start_node_process
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.lab.topology import LabRole, Topology
-from fabmesh.mesh import names, topology
-from fabmesh.mesh.model import Role
+from fabmesh.mesh import names
 from fabmesh.mesh.names import FLANNEL_PREFIX
-from fabmesh.mesh.topology import LabelError, LabelKeys, read_labels
-from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
 from fabmesh.testenv.controlplane import ControlPlane
-from fabmesh.testenv.hosts import Host, Network, owned_namespaces, sh, stop_pid, unique_prefix, wait_for
+from fabmesh.testenv.hosts import Host, Network, unique_prefix, wait_for
 
-log = logging.getLogger("fabmesh.lab")
 Progress = Callable[[str], None]
 
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _spawn(state: LabState, name: str, argv: list[str], netns: str | None = None) -> int:
-    logs = Path(state.directory) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    cmd = (["ip", "netns", "exec", netns] if netns else []) + argv
-    with open(logs / f"{name}.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    state.pids[name] = proc.pid
-    state.save()
-    return proc.pid
-
-
-def _fabmesh(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fabmesh.cli", *args]
 
 
 def _setup_cloud_host(host: Host, pod_cidr: str) -> str:
@@ -117,8 +94,12 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory))
     state.save()
     progress("starting etcd and kube-apiserver")
-    cp = ControlPlane(directory=directory / "controlplane").start()
-    state.pids.update({f"controlplane-{i}": pid for i, pid in enumerate(cp.pids)})
+    cp = ControlPlane(directory=directory / "controlplane")
+    try:
+        cp.start()
+    finally:  # etcd may run even if kube-apiserver never came up: record what did start
+        state.pids.update({f"controlplane-{i}": pid for i, pid in enumerate(cp.pids)})
+        state.save()
     state.kubeconfig = str(cp.kubeconfig)
     state.save()
     admin = Kube(load_api_client(str(cp.kubeconfig)))
@@ -168,13 +149,12 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     state.save()
 
     progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
-    _spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
+    spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
     for h in state.hosts:
         if h.role == "cloud":
             continue
-        state.pids[f"charon-{h.name}"] = hosts[h.name].start_charon().pid
+        start_charon(state, h.name)
         start_node_process(state, h.name)
-    state.save()
 
     progress("adding pods with the CNI plugins")
     for h in state.hosts:
@@ -191,118 +171,5 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
             h.pod_cidr = str(ipaddress.ip_network(f"{pod.ip}/24", strict=False))
     state.save()
     progress("waiting for every tunnel")
-    wait_tunnels(state, timeout)
+    probe.wait_tunnels(state, timeout)
     return state
-
-
-def _host(state: LabState, name: str) -> Host:
-    h = state.host(name)
-    return Host(name=h.name, netns=h.netns, wan_ip=h.wan_ip, directory=Path(state.directory) / "hosts" / h.name)
-
-
-def start_node_process(state: LabState, name: str) -> int:
-    """Start the agent (edge) or connector process of one host; returns its PID."""
-    h = state.host(name)
-    base = Path(state.directory) / "hosts" / name
-    common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
-              "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
-              "--metrics-port", "9100", "--metrics-address", h.wan_ip]
-    if h.role == "connector":
-        return _spawn(state, f"node-{name}", _fabmesh("connector", *common), h.netns)
-    return _spawn(state, f"node-{name}", _fabmesh("agent", *common, "--cni-conf-dir", str(base / "cni"),
-                                                  "--ipam-data-dir", str(base / "ipam")), h.netns)
-
-
-def restart_node_process(state: LabState, name: str) -> int:
-    """Stop the agent/connector by PID (SIGTERM: it leaves the data plane alone) and start it again."""
-    stop_pid(state.pids[f"node-{name}"])
-    return start_node_process(state, name)
-
-
-def restart_charon(state: LabState, name: str) -> int:
-    """Kill charon (SIGKILL, as a crash) and start a fresh one, as kubelet restarts a container."""
-    host = _host(state, name)
-    old = state.pids[f"charon-{name}"]
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(old, signal.SIGKILL)
-    stop_pid(old)
-    pid = host.start_charon().pid
-    state.pids[f"charon-{name}"] = pid
-    state.save()
-    return pid
-
-
-def _placement(state: LabState) -> tuple[dict[str, Role | None], dict[str, tuple[str, ...]]]:
-    """Roles and communities from the API's Node labels (``kubectl label`` changes them); else the topology."""
-    try:
-        kube = Kube(load_api_client(state.kubeconfig), timeout=3)
-        placed = {n["metadata"]["name"]: read_labels(n["metadata"].get("labels") or {}, LabelKeys())
-                  for n in kube.list("nodes")}
-    except Exception:
-        return ({h.name: Role(h.role) for h in state.hosts}, {h.name: tuple(h.communities) for h in state.hosts})
-    roles = {n: None if isinstance(p, LabelError) else p.role for n, p in placed.items()}
-    communities = {n: () if isinstance(p, LabelError) else p.communities for n, p in placed.items()}
-    return roles, communities
-
-
-def expected_tunnels(state: LabState) -> dict[str, set[str]]:
-    """Per tunnel host, the peers it should have an IKE_SA with, by the topology rules."""
-    roles, communities = _placement(state)
-    return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities)
-
-
-def established_tunnels(state: LabState, name: str) -> set[str]:
-    try:
-        with Charon(Path(state.directory) / "hosts" / name / "run" / "charon.vici", timeout=5) as charon:
-            return {n for n, sa in charon.sas().items() if sa.get("state") == "ESTABLISHED" and sa.get("child-sas")}
-    except ViciError:
-        return set()
-
-
-def wait_tunnels(state: LabState, timeout: float) -> None:
-    """Until every tunnel the topology implies is up (a ping can pass through the relay before that)."""
-    expected = expected_tunnels(state)
-    wait_for(lambda: all(peers <= established_tunnels(state, n) for n, peers in expected.items()),
-             timeout=timeout, interval=0.25, what="every expected tunnel to be established")
-
-
-def ping(netns: str, ip: str, timeout_s: int = 1) -> bool:
-    return sh("ping", "-n", "-q", "-c", "1", "-W", str(timeout_s), ip, ns=netns, check=False).returncode == 0
-
-
-def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
-    """Ping every pod from every pod; with ``wait``, retry failing pairs until they pass or time runs out."""
-    deadline = time.monotonic() + wait
-    results: dict[tuple[str, str], bool] = {}
-    while True:
-        for src in state.pods:
-            for dst in state.pods:
-                if src is dst or results.get((src.name, dst.name)):
-                    continue
-                results[(src.name, dst.name)] = ping(src.netns, dst.ip)
-        if all(results.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
-    node_of = {p.name: p.node for p in state.pods}
-    roles, communities = _placement(state)
-    pairs = [{"src": s, "dst": d, "ok": ok,
-              "path": topology.intended_path(node_of[s], node_of[d], roles, communities).value}
-             for (s, d), ok in results.items()]
-    return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
-            "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, ())),
-                       "wan_ip": h.wan_ip, "node_ip": h.node_ip} for h in state.hosts]}
-
-
-def down(directory: Path) -> str | None:
-    state = LabState.load(directory)
-    if state is None:
-        return None
-    for name, pid in sorted(state.pids.items(), key=lambda kv: kv[0].startswith("controlplane")):
-        stop_pid(pid, timeout=10)
-        log.debug("stopped %s pid=%d", name, pid)
-    for netns in owned_namespaces(state.prefix):
-        sh("ip", "netns", "del", netns, check=False)
-    shutil.rmtree(directory, ignore_errors=True)
-    return state.prefix
-
