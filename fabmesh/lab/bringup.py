@@ -90,11 +90,38 @@ def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
 
 
 def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120) -> LabState:
+    """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails."""
     directory.mkdir(parents=True, exist_ok=True)
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory))
     state.save()
     progress("starting etcd and kube-apiserver")
-    cp = ControlPlane(directory=directory / "controlplane")
+    cp = _start_control_plane(state, directory / "controlplane")
+    admin = Kube(load_api_client(str(cp.kubeconfig)))
+    progress("creating hosts (network namespaces)")
+    macs = _create_hosts(state, topology, directory / "hosts")
+    progress("registering Nodes and installing the operator's RBAC")
+    op_kubeconfig = install_operator_rbac(cp, admin, state.operator_namespace)
+    _register_nodes(admin, state, macs)
+    progress("starting the operator")
+    settings_file = directory / "operator.yaml"
+    settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace)))
+    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
+    state.save()
+    progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
+    spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
+    for h in state.hosts:
+        if h.role != "cloud":
+            start_charon(state, h.name)
+            start_node_process(state, h.name)
+    progress("adding pods with the CNI plugins")
+    _add_pods(state, directory / "hosts", timeout)
+    progress("waiting for every tunnel")
+    probe.wait_tunnels(state, timeout)
+    return state
+
+
+def _start_control_plane(state: LabState, directory: Path) -> ControlPlane:
+    cp = ControlPlane(directory=directory)
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start
@@ -102,16 +129,16 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
         state.save()
     state.kubeconfig = str(cp.kubeconfig)
     state.save()
-    admin = Kube(load_api_client(str(cp.kubeconfig)))
+    return cp
 
-    progress("creating hosts (network namespaces)")
-    net = Network(prefix=state.prefix, directory=directory / "hosts", wan_cidr=topology.wan_cidr).create()
-    hosts: dict[str, Host] = {}
+
+def _create_hosts(state: LabState, topology: Topology, directory: Path) -> dict[str, str]:
+    """One namespace per node on the WAN bridge; returns each cloud host's flannel VtepMAC."""
+    net = Network(prefix=state.prefix, directory=directory, wan_cidr=topology.wan_cidr).create()
     macs: dict[str, str] = {}
     cloud_index = edge_index = 0
     for i, node in enumerate(topology.nodes):
         host = net.add_host(node.name, topology.wan_ip(i))
-        hosts[node.name] = host
         if node.role is LabRole.EDGE:
             node_ip = topology.edge_ip(edge_index)
             edge_index += 1
@@ -125,10 +152,11 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
             state.hosts.append(LabHost(name=node.name, role=node.role.value, netns=host.netns, wan_ip=host.wan_ip,
                                        node_ip=host.wan_ip, pod_cidr=pod_cidr))
     state.save()
+    return macs
 
-    progress("registering Nodes and installing the operator's RBAC")
-    namespace = state.operator_namespace
-    op_kubeconfig = install_operator_rbac(cp, admin, namespace)
+
+def _register_nodes(admin: Kube, state: LabState, macs: dict[str, str]) -> None:
+    """A Node per host with the labels an admin would set and the annotations flanneld would write."""
     for h in state.hosts:
         labels: dict[str, str] = {}
         annotations: dict[str, str] = {}
@@ -142,23 +170,11 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
                            FLANNEL_PREFIX + "backend-data": json.dumps({"VNI": 1, "VtepMAC": macs[h.name]})}
         admin.create("nodes", _node_object(h, labels, annotations, h.wan_ip if h.role == "edge" else None))
 
-    progress("starting the operator")
-    settings_file = directory / "operator.yaml"
-    settings_file.write_text(yaml.safe_dump(operator_settings(topology, namespace)))
-    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
-    state.save()
 
-    progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
-    spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
+def _add_pods(state: LabState, hosts_dir: Path, timeout: float) -> None:
+    """One pod per host, through the CNI config its network plugin wrote (the agent's, on edges)."""
     for h in state.hosts:
-        if h.role == "cloud":
-            continue
-        start_charon(state, h.name)
-        start_node_process(state, h.name)
-
-    progress("adding pods with the CNI plugins")
-    for h in state.hosts:
-        base = hosts[h.name].directory
+        base = hosts_dir / h.name
         if h.role == "edge":
             conflist = base / "cni" / "10-fabmesh.conflist"
             wait_for(conflist.exists, timeout=timeout, interval=0.2, what=f"the agent's CNI config on {h.name}")
@@ -169,7 +185,4 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
         state.pods.append(LabPod(name=f"pod-{h.name}", node=h.name, ip=pod.ip, netns=pod.netns))
         if h.role == "edge":
             h.pod_cidr = str(ipaddress.ip_network(f"{pod.ip}/24", strict=False))
-    state.save()
-    progress("waiting for every tunnel")
-    probe.wait_tunnels(state, timeout)
-    return state
+        state.save()
