@@ -114,15 +114,17 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     from fabmesh.lab import teardown
+    from fabmesh.lab.processes import Outcome
 
     started = time.monotonic()
     removed = teardown.down(args.dir)
     if removed is None:
-        print(f"no lab in {args.dir}; nothing to do")
+        print(f"no lab in {args.dir}: nothing running, nothing to do")
         return 0
     for p in removed.processes:
-        how = {"terminated": f"stopped ({p.seconds:.1f}s)", "killed": f"killed after {p.seconds:.1f}s",
-               "gone": "was not running", "not-ours": "left alone: the PID now belongs to another process"}
+        how = {Outcome.TERMINATED: f"stopped ({p.seconds:.1f}s)", Outcome.KILLED: f"killed after {p.seconds:.1f}s",
+               Outcome.GONE: "was not running",
+               Outcome.NOT_OURS: "left alone: the PID now belongs to another process"}
         print(f"process {p.name} pid {p.pid}: {how[p.outcome]}")
     for ns in removed.namespaces:
         print(f"namespace {ns}: deleted")
