@@ -3,9 +3,13 @@
 Only what :class:`LabState` names is touched: the recorded PIDs (their
 process groups) and the namespaces carrying the recorded prefix. The node
 side (operator, nodesim, charons, agents, connector) is stopped first, all at
-once, so none of it spends the grace period retrying a vanished API server;
-then etcd and kube-apiserver, together. It works on whatever a failed
-``lab up`` left: state is saved as each part starts.
+once, so none of it spends the grace period retrying a vanished API server.
+Then the control plane in reverse start order, kube-apiserver before etcd:
+signalled together, etcd's graceful stop waits about 7 s for the API server's
+watch streams while the API server never finishes without etcd (measured: it
+needed SIGKILL after 30 s); one after the other both are gone in about a
+second. It works on whatever a failed ``lab up`` left: state is saved as each
+part starts.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ def down(directory: Path, grace: float = GRACE_S) -> Removed | None:
     if state is None:
         return None
     node_side = {n: p for n, p in state.pids.items() if not n.startswith(CONTROL_PLANE)}
-    control_plane = {n: p for n, p in state.pids.items() if n.startswith(CONTROL_PLANE)}
-    stopped = stop_all(node_side, grace) + stop_all(control_plane, grace)
+    control_plane = [(n, p) for n, p in state.pids.items() if n.startswith(CONTROL_PLANE)]
+    stopped = stop_all(node_side, grace)
+    for name, pid in reversed(control_plane):  # recorded in start order: etcd, then kube-apiserver
+        stopped += stop_all({name: pid}, grace)
     for s in stopped:
         log.debug("process=%s pid=%d action=stop outcome=%s seconds=%.2f", s.name, s.pid, s.outcome, s.seconds)
     namespaces = _delete_namespaces(state.prefix)

@@ -65,9 +65,9 @@ def test_down_stops_every_recorded_group_in_parallel_and_leaves_unrecorded_sessi
                             "operator": Outcome.TERMINATED, "controlplane-0": Outcome.TERMINATED,
                             "controlplane-1": Outcome.TERMINATED, "nodesim": Outcome.GONE,
                             "stray": Outcome.NOT_OURS}
-        # Two rounds (node side, then control plane, last), each at most the grace period plus SIGKILL.
+        # Rounds (node side, then each control-plane process), each at most the grace period plus SIGKILL.
         assert took < 5, took
-        assert list(outcomes)[-2:] == ["controlplane-0", "controlplane-1"]
+        assert list(outcomes)[-2:] == ["controlplane-1", "controlplane-0"]  # reverse start order, last
         for name, pid in recorded.items():
             if name != "stray":
                 assert _group(pid) == [], name
