@@ -11,7 +11,7 @@ forced).
 Everything lives in namespaces this benchmark creates: a baseline WAN with two
 hosts, a pod behind each and a charon per host (``install_routes = yes``, the
 connection loaded over VICI exactly as ``tests/dataplane/test_strongswan_smoke``
-does), and the whole lab (:func:`fabmesh.lab.lab.up` with the DEFAULT topology).
+does), and the whole lab (:func:`fabmesh.lab.bringup.up` with the DEFAULT topology).
 Both are up at once and the measurements are interleaved round by round
 (baseline, direct, via connector, relayed, bare veth; three rounds), so a
 change in background load hits every path alike; the median of the three is
@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fabmesh.lab import lab
+from fabmesh.lab import bringup, probe, teardown
 from fabmesh.lab.state import LabState
 from fabmesh.lab.topology import DEFAULT
 from fabmesh.mesh.model import TunnelSettings
@@ -329,8 +329,8 @@ def measure(seconds: int, rounds: int, progress: Any) -> dict[str, Any]:
         net.create()
         base = baseline_paths(net)
         progress("fabmesh: bringing up the lab (DEFAULT topology)")
-        state = lab.up(DEFAULT, lab_dir, progress=lambda m: progress(f"  lab: {m}"), timeout=120)
-        report = lab.check(state, wait=60)
+        state = bringup.up(DEFAULT, lab_dir, progress=lambda m: progress(f"  lab: {m}"), timeout=120)
+        report = probe.check(state, wait=60)
         failing = [p for p in report["pairs"] if not p["ok"]]
         if failing:
             raise RuntimeError(f"lab pods do not all reach each other: {failing}")
@@ -360,10 +360,10 @@ def measure(seconds: int, rounds: int, progress: Any) -> dict[str, Any]:
         facts["loadavg_end"] = os.getloadavg()
         return {"facts": facts, "paths": results}
     finally:
-        progress("tearing down (lab.down, network destroy)")
+        progress("tearing down (teardown.down, network destroy)")
         lab_state = LabState.load(lab_dir)
         try:
-            lab.down(lab_dir)
+            teardown.down(lab_dir)
         finally:
             net.destroy()
             shutil.rmtree(work, ignore_errors=True)

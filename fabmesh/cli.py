@@ -59,8 +59,22 @@ def build_parser(names: Sequence[str] = tuple(SUBCOMMANDS), prog: str = "fabmesh
     return parser
 
 
+def _requested(argv: Sequence[str] | None) -> tuple[str, ...]:
+    """Just the subcommand on the command line, when it names one: importing every component (pyroute2, the
+    kubernetes client) costs seconds on a busy machine, which ``fabmesh lab down`` or an agent start need not pay.
+    """
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--log-level")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:  # the full parser reports it
+        return tuple(SUBCOMMANDS)
+    return (known.command,) if known.command in SUBCOMMANDS else tuple(SUBCOMMANDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_requested(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return int(args.func(args) or 0)
 

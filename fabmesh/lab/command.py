@@ -1,7 +1,7 @@
 """``fabmesh lab up|status|down``: a hybrid cluster's mesh on one Linux machine, in network namespaces.
 
 ``up`` builds what is missing, starts the real control plane, operator,
-charons, connector and agents (see :mod:`fabmesh.lab.lab`), adds pods with the
+charons, connector and agents (see :mod:`fabmesh.lab.bringup`), adds pods with the
 real CNI plugins, and prints a reachability matrix; it exits 0 only when every
 pod reaches every pod. The lab keeps running until ``lab down``.
 """
@@ -45,7 +45,7 @@ def _progress(message: str) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from fabmesh.lab import lab
+    from fabmesh.lab import bringup, probe
 
     try:
         topology = load_topology(args.topology)
@@ -57,13 +57,13 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     started = time.monotonic()
     try:
-        state = lab.up(topology, args.dir, progress=_progress, timeout=args.timeout)
+        state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout)
     except Exception as exc:
         print(f"fabmesh lab: bring-up failed: {exc}\nlogs: {args.dir / 'logs'}; clean up with "
               "'fabmesh lab down'", file=sys.stderr)
         return 1
     _progress("checking every pod against every pod")
-    report = lab.check(state, wait=args.timeout)
+    report = probe.check(state, wait=args.timeout)
     report["seconds_to_full_matrix"] = round(time.monotonic() - started, 1)
     _print(report, args.json)
     return 0 if all(p["ok"] for p in report["pairs"]) else 1
@@ -101,20 +101,33 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fabmesh.lab import lab
+    from fabmesh.lab import probe
 
     state = LabState.load(args.dir)
     if not state:
         print(f"fabmesh lab: no lab in {args.dir}; run 'fabmesh lab up'", file=sys.stderr)
         return 1
-    report = lab.check(state, wait=args.wait)
+    report = probe.check(state, wait=args.wait)
     _print(report, args.json)
     return 0 if all(p["ok"] for p in report["pairs"]) else 1
 
 
 def _down(args: argparse.Namespace) -> int:
-    from fabmesh.lab import lab
+    from fabmesh.lab import teardown
+    from fabmesh.lab.processes import Outcome
 
-    prefix = lab.down(args.dir)
-    print(f"lab {prefix} removed" if prefix else f"no lab in {args.dir}; nothing to do")
+    started = time.monotonic()
+    removed = teardown.down(args.dir)
+    if removed is None:
+        print(f"no lab in {args.dir}: nothing running, nothing to do")
+        return 0
+    for p in removed.processes:
+        how = {Outcome.TERMINATED: f"stopped ({p.seconds:.1f}s)", Outcome.KILLED: f"killed after {p.seconds:.1f}s",
+               Outcome.GONE: "was not running",
+               Outcome.NOT_OURS: "left alone: the PID now belongs to another process"}
+        print(f"process {p.name} pid {p.pid}: {how[p.outcome]}")
+    for ns in removed.namespaces:
+        print(f"namespace {ns}: deleted")
+    print(f"directory {removed.directory}: removed")
+    print(f"lab {removed.prefix} removed in {time.monotonic() - started:.1f}s")
     return 0

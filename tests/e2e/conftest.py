@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fabmesh.lab import lab
+from fabmesh.lab import bringup, probe, teardown
 from fabmesh.lab.state import LabState
 from fabmesh.lab.topology import DEFAULT
 from tests.conftest import require_root_tools
@@ -18,9 +18,9 @@ def running_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     require_root_tools("ip", "iptables-restore", "ipset", "/usr/lib/ipsec/charon", "/usr/lib/cni/bridge")
     directory: Path = tmp_path_factory.mktemp("lab")
     try:
-        state = lab.up(DEFAULT, directory, timeout=90)
-        report = lab.check(state, wait=60)
+        state = bringup.up(DEFAULT, directory, timeout=90)
+        report = probe.check(state, wait=60)
         assert all(p["ok"] for p in report["pairs"]), [p for p in report["pairs"] if not p["ok"]]
         yield state
     finally:
-        lab.down(directory)
+        teardown.down(directory)

@@ -40,6 +40,23 @@ def test_lab_up_json_reports_a_full_matrix_and_down_removes_everything(tmp_path:
     finally:
         down = _fabmesh("lab", "--dir", str(directory), "down")
     assert down.returncode == 0, down.stderr
+    assert f"lab {report['prefix']} removed" in down.stdout
     assert owned_namespaces(report["prefix"]) == []
     assert not any(Path(f"/proc/{pid}/exe").exists() for pid in pids)
     assert _fabmesh("lab", "--dir", str(directory), "down").returncode == 0
+
+
+def test_a_lab_up_that_fails_half_way_is_removed_by_lab_down(tmp_path: Path) -> None:
+    require_root_tools("ip", "/usr/lib/ipsec/charon")
+    directory = tmp_path / "lab"
+    # Too short for any agent to write its CNI config: up fails with the lab half built.
+    up = _fabmesh("lab", "--dir", str(directory), "up", "--timeout", "0.5")
+    state = json.loads((directory / "state.json").read_text())
+    down = _fabmesh("lab", "--dir", str(directory), "down")
+    assert up.returncode == 1 and "bring-up failed" in up.stderr, up.stderr[-3000:]
+    assert {"controlplane-0", "controlplane-1", "operator", "nodesim", "node-edge-1"} <= set(state["pids"])
+    assert down.returncode == 0, down.stderr
+    assert f"namespace {state['prefix']}-connector-1-pod: deleted" in down.stdout, down.stdout
+    assert owned_namespaces(state["prefix"]) == []
+    assert not any(Path(f"/proc/{pid}/exe").exists() for pid in state["pids"].values())
+    assert not directory.exists()

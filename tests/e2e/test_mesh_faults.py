@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fabmesh.kube.client import Kube, load_api_client
-from fabmesh.lab import lab
+from fabmesh.lab import probe, processes
 from fabmesh.lab.state import LabState
 from fabmesh.testenv.hosts import wait_for
 from tests.e2e.helpers import established, ping_ok, pod
@@ -49,8 +49,8 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet_and_writes
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1)
     marks = {n: _log(running_lab, n).stat().st_size for n in ("edge-1", "connector-1")}
-    lab.restart_node_process(running_lab, "edge-1")
-    lab.restart_node_process(running_lab, "connector-1")
+    processes.restart_node_process(running_lab, "edge-1")
+    processes.restart_node_process(running_lab, "connector-1")
     out, _ = client.communicate(timeout=60)
     server.wait(timeout=30)
     assert client.returncode == 0, out
@@ -66,7 +66,7 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet_and_writes
 
 
 def test_killed_charon_on_an_edge_comes_back_with_its_tunnels_without_intervention(running_lab: LabState) -> None:
-    lab.restart_charon(running_lab, "edge-2")
+    processes.restart_charon(running_lab, "edge-2")
     wait_for(lambda: {"connector-1", "edge-1"} <= established(running_lab, "edge-2"), timeout=30,
              what="edge-2's tunnels to come back")
     assert ping_ok(pod(running_lab, "edge-2").netns, pod(running_lab, "cloud-2").ip, count=3)
@@ -98,8 +98,8 @@ def test_api_server_down_leaves_the_data_plane_working(running_lab: LabState) ->
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
-        lab.restart_node_process(running_lab, "edge-3")  # an agent needs no API, even to start
-        report = lab.check(running_lab, wait=20)
+        processes.restart_node_process(running_lab, "edge-3")  # an agent needs no API, even to start
+        report = probe.check(running_lab, wait=20)
         assert all(p["ok"] for p in report["pairs"]), [p for p in report["pairs"] if not p["ok"]]
     finally:
         for pid in frozen:
@@ -115,7 +115,7 @@ def test_relabelled_edge_joins_a_community_and_its_path_becomes_direct(running_l
              what="a direct tunnel edge-1 <-> edge-3")
     elapsed = time.monotonic() - started
     assert ping_ok(pod(running_lab, "edge-1").netns, pod(running_lab, "edge-3").ip, count=3)
-    paths = {(p["src"], p["dst"]): p["path"] for p in lab.check(running_lab)["pairs"]}
+    paths = {(p["src"], p["dst"]): p["path"] for p in probe.check(running_lab)["pairs"]}
     assert paths[("pod-edge-1", "pod-edge-3")] == "direct"
     print(f"relabel to direct tunnel: {elapsed:.1f}s")
 

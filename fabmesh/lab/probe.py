@@ -1,0 +1,88 @@
+"""What the running lab can reach: tunnels charon reports established, and a ping matrix between pods.
+
+The rules for which tunnels should exist and which path a pair takes live in
+:mod:`fabmesh.mesh.topology`; this module only reads the placement (Node
+labels from the API, so a ``kubectl label`` shows up here) and observes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab.state import LabState
+from fabmesh.mesh import topology
+from fabmesh.mesh.model import Role
+from fabmesh.mesh.topology import LabelError, LabelKeys, read_labels
+from fabmesh.strongswan.driver import Charon, ViciError
+from fabmesh.testenv.hosts import sh, wait_for
+
+
+def placement(state: LabState) -> tuple[dict[str, Role | None], dict[str, tuple[str, ...]], str | None]:
+    """Roles, communities and the active connector from the API's Nodes (``kubectl label`` changes them);
+    from the topology when the API cannot be read."""
+    try:
+        kube = Kube(load_api_client(state.kubeconfig), timeout=3)
+        nodes = kube.list("nodes")
+    except Exception:
+        roles: dict[str, Role | None] = {h.name: Role(h.role) for h in state.hosts}
+        connector = topology.active_connector({h.name: "" for h in state.hosts if h.role == Role.CONNECTOR})
+        return roles, {h.name: tuple(h.communities) for h in state.hosts}, connector
+    placed = {n["metadata"]["name"]: read_labels(n["metadata"].get("labels") or {}, LabelKeys()) for n in nodes}
+    roles = {n: None if isinstance(p, LabelError) else p.role for n, p in placed.items()}
+    communities = {n: () if isinstance(p, LabelError) else p.communities for n, p in placed.items()}
+    created = {n["metadata"]["name"]: n["metadata"].get("creationTimestamp") or "" for n in nodes}
+    connector = topology.active_connector({n: created[n] for n, r in roles.items() if r is Role.CONNECTOR})
+    return roles, communities, connector
+
+
+def expected_tunnels(state: LabState) -> dict[str, set[str]]:
+    """Per tunnel host, the peers it should have an IKE_SA with, by the topology rules."""
+    roles, communities, connector = placement(state)
+    return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities, connector)
+
+
+def established_tunnels(state: LabState, name: str) -> set[str]:
+    """The peers one host's charon has an ESTABLISHED IKE_SA with a CHILD_SA to (empty if it does not answer)."""
+    try:
+        with Charon(Path(state.directory) / "hosts" / name / "run" / "charon.vici", timeout=5) as charon:
+            return {n for n, sa in charon.sas().items() if sa.get("state") == "ESTABLISHED" and sa.get("child-sas")}
+    except ViciError:
+        return set()
+
+
+def wait_tunnels(state: LabState, timeout: float) -> None:
+    """Until every tunnel the topology implies is up (a ping can pass through the relay before that)."""
+    expected = expected_tunnels(state)
+    wait_for(lambda: all(peers <= established_tunnels(state, n) for n, peers in expected.items()),
+             timeout=timeout, interval=0.25, what="every expected tunnel to be established")
+
+
+def ping(netns: str, ip: str, timeout_s: int = 1) -> bool:
+    return sh("ping", "-n", "-q", "-c", "1", "-W", str(timeout_s), ip, ns=netns, check=False).returncode == 0
+
+
+def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
+    """Ping every pod from every pod; with ``wait``, retry failing pairs until they pass or time runs out."""
+    deadline = time.monotonic() + wait
+    results: dict[tuple[str, str], bool] = {}
+    while True:
+        for src in state.pods:
+            for dst in state.pods:
+                if src is dst or results.get((src.name, dst.name)):
+                    continue
+                results[(src.name, dst.name)] = ping(src.netns, dst.ip)
+        if all(results.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
+    node_of = {p.name: p.node for p in state.pods}
+    roles, communities, _ = placement(state)
+    pairs = [{"src": s, "dst": d, "ok": ok,
+              "path": topology.intended_path(node_of[s], node_of[d], roles, communities).value}
+             for (s, d), ok in results.items()]
+    return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
+            "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, ())),
+                       "wan_ip": h.wan_ip, "node_ip": h.node_ip} for h in state.hosts]}
