@@ -53,10 +53,6 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class WriteFailed(InvalidNode):
-    """The API server refused a write of one node's object; ``field`` is ``kind/name``."""
-
-
 @dataclass
 class Observed:
     nodes: list[NodeInfo]
@@ -191,7 +187,11 @@ class Reconciler:
 
     def _guarded(self, result: PassResult, node: str | None, kind: str, name: str,
                  write: Callable[[], object]) -> bool:
-        """Run one object's write; an API refusal becomes that node's error, not the pass's end."""
+        """Run one object's write; an API refusal becomes that node's error, not the pass's end.
+
+        The error is an InvalidNode whose field is ``kind/name``, so it reaches the same Warning
+        Event (``FabmeshInvalidNode``) that ``kubectl fabmesh doctor`` already reports.
+        """
         try:
             write()
         except ApiError as exc:
@@ -199,7 +199,7 @@ class Reconciler:
             log.warning("node=%s object=%s/%s/%s status=%d reason=%s: %s", node or "-", kind, self.ns, name,
                         exc.status, status_reason, message)
             if node:
-                result.errors.append(WriteFailed(node, f"{kind}/{name}",
+                result.errors.append(InvalidNode(node, f"{kind}/{name}",
                                                  f"the API server refused the write ({exc.status} {status_reason}): "
                                                  f"{message}"))
             return False
@@ -333,8 +333,7 @@ class Reconciler:
             "metadata": {"name": name, "namespace": "default", "labels": dict(o.MANAGED_BY)},
             "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": error.node,
                                **({"uid": node.uid} if node else {})},
-            "reason": "FabmeshWriteFailed" if isinstance(error, WriteFailed) else "FabmeshInvalidNode",
-            "type": "Warning",
+            "reason": "FabmeshInvalidNode", "type": "Warning",
             "message": f"{error.field}: {error.reason}",
             "source": {"component": "fabmesh-operator"},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
