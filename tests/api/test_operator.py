@@ -289,17 +289,17 @@ def test_a_write_the_api_refuses_for_one_node_spares_the_others_and_stale_object
     create_nodes(env.kube, [edge("a-blocked", "192.0.2.1", "a")])
     env.kube.delete("nodes", "c-gone")
 
+    wait_for(lambda: "a-blocked" in {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-b-good"]).peers},
+             timeout=30, what="b-good to gain a-blocked as a peer")
+    wait_for(lambda: o.agent_configmap_name("c-gone") not in configmaps(env)
+             and o.tls_secret_name("c-gone") not in secrets(env) and o.agent_pod_name("c-gone") not in pods(env),
+             timeout=30, what="c-gone's objects to go")
     wait_for(lambda: events_for(env, "a-blocked"), timeout=30,
              what="a Warning Event on a-blocked")
     [event] = events_for(env, "a-blocked")
     assert event["type"] == "Warning"
     assert event["message"].startswith(f"configmaps/{o.agent_configmap_name('a-blocked')}: "), event["message"]
     assert "422" in event["message"] and "immutable" in event["message"], event["message"]
-    wait_for(lambda: "a-blocked" in {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-b-good"]).peers},
-             timeout=30, what="b-good to gain a-blocked as a peer")
-    wait_for(lambda: o.agent_configmap_name("c-gone") not in configmaps(env)
-             and o.tls_secret_name("c-gone") not in secrets(env) and o.agent_pod_name("c-gone") not in pods(env),
-             timeout=30, what="c-gone's objects to go")
     # Everything of a-blocked that the API accepts was written; the refused object is left as it was.
     assert o.tls_secret_name("a-blocked") in secrets(env)
     assert "fabmesh.io/status" in nodes(env)["a-blocked"]["metadata"]["annotations"]
