@@ -21,6 +21,7 @@ the lab all call these functions; none of them may restate a rule. The rules:
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -92,17 +93,38 @@ def initiates(node: str, peer: str) -> bool:
     return node < peer
 
 
-def community_peers(communities: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
-    """Edge -> the edges it shares a community with, sorted; edges with none map to ().
-
-    Grouped by community first: linear in the memberships, not quadratic in the edges.
-    """
+def community_members(communities: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Community -> its member edges, sorted."""
     members: dict[str, list[str]] = defaultdict(list)
-    for node, joined in communities.items():
-        for community in joined:
+    for node in sorted(communities):
+        for community in communities[node]:
             members[community].append(node)
-    return {node: tuple(sorted({o for c in joined for o in members[c]} - {node}))
-            for node, joined in communities.items()}
+    return dict(members)
+
+
+def community_peers_of(node: str, joined: Sequence[str],
+                       members: Mapping[str, Sequence[str]]) -> tuple[Sequence[str], Sequence[str]]:
+    """The edges ``node`` shares a community with: (those that initiate to it, those it initiates to).
+
+    The split sits at the node's own place in the sorted members, which is :func:`initiates`'s
+    rule. A node in one community gets slices of that community's list: at 5,000 edges in 100
+    communities nothing per peer is built, which keeps ``plan()`` within its budget.
+    """
+    if not joined:
+        return (), ()
+    ordered = members[joined[0]] if len(joined) == 1 else sorted(set().union(*(members[c] for c in joined)))
+    me = bisect.bisect_left(ordered, node)
+    return ordered[:me], ordered[me + 1:]
+
+
+def community_peers(communities: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """Edge -> the edges it shares a community with, sorted; edges with none map to ()."""
+    members = community_members(communities)
+    peers = {}
+    for node, joined in communities.items():
+        before, after = community_peers_of(node, joined, members)
+        peers[node] = (*before, *after)
+    return peers
 
 
 def shares_community(a: Sequence[str], b: Sequence[str]) -> bool:

@@ -4,6 +4,10 @@ Kept apart from the business logic (``reconcile.py`` and ``plan.py``): watches
 only mark the world dirty, and one worker runs a full level-triggered pass, so
 a missed or reordered event can never leave state behind: the next pass
 (at the latest after ``resync_period_s``) sees the whole cluster again.
+Events that arrive while a pass waits or runs collapse into one next pass, and
+a :class:`Pacer` spaces passes out: a single change is acted on after a short
+debounce, but a flapping Node (its kubelet posting status, a label toggled in
+a loop) cannot drive more than one full pass per ``MIN_PASS_INTERVAL_S``.
 
 Leader election uses the ``kubernetes`` package's Lease lock. Only the leader
 runs passes; a leader that fails to renew exits (as controller-runtime does),
@@ -32,7 +36,26 @@ from fabmesh.operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.2
+MIN_PASS_INTERVAL_S = 1.0
 MAX_BACKOFF_S = 30.0
+
+
+class Pacer:
+    """When the next pass may start, given when the last one did (monotonic seconds)."""
+
+    def __init__(self, debounce_s: float = DEBOUNCE_S, min_interval_s: float = MIN_PASS_INTERVAL_S) -> None:
+        self.debounce_s = debounce_s
+        self.min_interval_s = min_interval_s
+        self.last_start: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait, from ``now`` (the first event since the last pass), before the next pass."""
+        if self.last_start is None:
+            return self.debounce_s
+        return max(self.debounce_s, self.last_start + self.min_interval_s - now)
+
+    def started(self, now: float) -> None:
+        self.last_start = now
 
 
 class OperatorLoop:
@@ -44,6 +67,7 @@ class OperatorLoop:
         self.reconciler = Reconciler(self.kube, settings)
         self.dirty = threading.Event()
         self.stop = threading.Event()
+        self.pacer = Pacer()
 
     # -- watches ---------------------------------------------------------------------------------
 
@@ -81,9 +105,12 @@ class OperatorLoop:
             self.dirty.wait(timeout=self.settings.resync_period_s)
             if self.stop.is_set():
                 return
-            self.stop.wait(DEBOUNCE_S)  # let a burst of events collapse into one pass
+            self.stop.wait(self.pacer.delay(time.monotonic()))  # a burst of events collapses into one pass
+            if self.stop.is_set():
+                return
             self.dirty.clear()
             started = time.monotonic()
+            self.pacer.started(started)
             try:
                 result = self.reconciler.run_once()
             except Exception as exc:

@@ -24,7 +24,6 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
 from __future__ import annotations
 
 import bisect
-import gc
 import ipaddress
 import zlib
 from collections.abc import Mapping, Sequence
@@ -32,13 +31,13 @@ from dataclasses import dataclass, field
 
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
-from fabmesh.mesh.topology import active_connector, community_peers, initiates
+from fabmesh.mesh.topology import active_connector, community_members, community_peers_of
 from fabmesh.operator.inventory import InvalidNode, NodeInfo
 from fabmesh.operator.ipam import Claim, plan_cidrs
 from fabmesh.operator.settings import OperatorSettings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodePatch:
     """What the operator records on a Node object (only keys that must change are applied)."""
 
@@ -75,26 +74,29 @@ def _host(ip: str) -> str:
     return str(ipaddress.ip_network(ip))
 
 
+# One fields-set per model kind (every field counts as set: model_construct fills the defaults),
+# shared by every instance the planner builds: pydantic copies it on model_copy, never changes it
+# on a frozen model, and leaves it out of ==. That is ~25,000 fewer sets for the collector to scan.
+_FIELDS_SET: dict[type, set[str]] = {kind: set(kind.model_fields) for kind in (Peer, LocalNode, NodeMesh)}
+
+
+def _peer(**values: object) -> Peer:
+    return Peer.model_construct(_fields_set=_FIELDS_SET[Peer], **values)
+
+
 def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
          recorded: Mapping[str, str] | None = None) -> MeshPlan:
     """Everything the operator should write, given the cluster as it is.
 
     ``recorded`` is the IPAM record (node -> CIDR) kept in the operator's own
     ConfigMap: the durable truth for allocations not yet mirrored on a Node.
+
+    Cost at 10,000 nodes is dominated by the objects that outlive the call: every one of them
+    is a container the cyclic garbage collector rescans in each full collection. So each edge
+    is built as one shared ``Peer`` per initiate flag, every model of a kind shares one
+    fields-set (no set per instance), and per-edge peer lists are cut from per-community
+    sorted name lists rather than built element by element.
     """
-    # A plan allocates hundreds of thousands of small objects and no reference cycles; the cyclic
-    # collector would rescan everything alive several times (a quarter of a 10,000-node resync).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _plan(nodes, settings, ca_cert, recorded)
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
-          recorded: Mapping[str, str] | None) -> MeshPlan:
     result = MeshPlan()
     recorded = dict(recorded or {})
     by_name = {n.name: n for n in sorted(nodes, key=lambda n: n.name)}
@@ -126,7 +128,7 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     mesh_cidrs = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, settings.edge_pod_pool}))
     to_connector = tuple(sorted({*cloud_side, settings.edge_pod_pool}))
 
-    peers_of = community_peers({n.name: n.communities for n in ready})
+    members = community_members({n.name: n.communities for n in ready})
 
     flannel = {}
     if connector is not None:
@@ -140,23 +142,30 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
 
     # Built once and shared: every edge that lists Y holds the same two Peer objects for Y (one per
-    # initiate flag), so planning is O(edges + peer references) and rendering caches per Peer.
-    # model_construct skips validation: every value here is already canonical (from read_node and IPAM).
+    # initiate flag; the lower name initiates), so planning is O(edges + peer references) and
+    # rendering caches per Peer. model_construct skips validation: every value here is already
+    # canonical (from read_node and IPAM).
     own = {n.name: tuple(sorted({result.cidrs[n.name], _host(n.internal_ip)})) for n in ready}
-    as_peer = {n.name: {flag: Peer.model_construct(name=n.name, role=Role.EDGE, endpoint=n.endpoint,
-                                                   subnets=own[n.name], initiate=flag)
-                        for flag in (True, False)} for n in ready}
-    to_connector_peer = None if connector is None else Peer.model_construct(
+    initiator = {n.name: _peer(name=n.name, role=Role.EDGE, endpoint=n.endpoint, subnets=own[n.name], initiate=True)
+                 for n in ready}
+    responder = {n.name: _peer(name=n.name, role=Role.EDGE, endpoint=n.endpoint, subnets=own[n.name],
+                               initiate=False) for n in ready}
+    to_connector_peer = None if connector is None else _peer(
         name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
     for node in ready:
         cidr = result.cidrs[node.name]
-        ordered = peers_of[node.name]
-        peers = [as_peer[o][initiates(node.name, o)] for o in ordered]
+        before, after = community_peers_of(node.name, node.communities, members)
+        # Peers sorting before the node initiate to it (it responds); it initiates to those after.
+        peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
         if to_connector_peer is not None:
-            peers.insert(bisect.bisect(ordered, to_connector_peer.name), to_connector_peer)
+            name = to_connector_peer.name  # peers are listed by name: the connector takes its place
+            at = bisect.bisect(before, name) if name < node.name else len(before) + bisect.bisect(after, name)
+            peers.insert(at, to_connector_peer)
         result.edges[node.name] = NodeMesh.model_construct(
-            node=LocalNode.model_construct(name=node.name, role=Role.EDGE, address=node.internal_ip,
-                                           endpoint=node.endpoint, pod_cidr=cidr, communities=node.communities),
+            _fields_set=_FIELDS_SET[NodeMesh],
+            node=LocalNode.model_construct(_fields_set=_FIELDS_SET[LocalNode], name=node.name, role=Role.EDGE,
+                                           address=node.internal_ip, endpoint=node.endpoint, pod_cidr=cidr,
+                                           communities=node.communities),
             local_subnets=own[node.name], mesh_cidrs=mesh_cidrs, peers=tuple(peers),
             ca_cert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
@@ -179,6 +188,6 @@ def _plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         for node in ready:
             # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
             shards[shard_of(node.name, settings.connector_shards)].append(
-                Peer.model_construct(name=node.name, role=Role.EDGE, subnets=own[node.name]))
+                _peer(name=node.name, role=Role.EDGE, subnets=own[node.name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     return result

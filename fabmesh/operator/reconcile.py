@@ -1,16 +1,23 @@
-"""One level-triggered pass: observe the cluster, plan, and write only what differs.
+"""One level-triggered pass: observe the cluster, plan (pure), and write only what the plan says.
 
-Order matters for crash safety:
-1. the CA (created once; a race between two creators is settled by the API: 409),
+Observe reads the Nodes, the CA Secret, the IPAM record, the operator's Secrets,
+ConfigMaps and agent Pods. Planning is pure (``plan.py``, ``certs.py``,
+``status.py``, with the clock read once and passed in). Writing goes in an order
+that matters for crash safety:
+1. the CA, if there is none (a race between two creators is settled by the API: 409),
 2. the IPAM record ConfigMap, updated with a resourceVersion compare-and-swap
    *before* any CIDR is used anywhere: of two writers only one can win, and an
    operator killed after this step finds its allocation again on restart,
-3. per-node Secrets (certificates), ConfigMaps, the connector's config,
+3. per-node Secrets (issuing a leaf generates its key here), ConfigMaps, the connector's config,
 4. Node annotations and ``spec.podCIDR`` (guarded by the Node's resourceVersion),
 5. agent Pods, then deletion of what belongs to Nodes that are gone,
-6. Warning Events for every node that could not be planned.
+6. Warning Events for every node that could not be planned or written.
 
-Every write compares first; an unchanged cluster costs reads only.
+Every write compares first; an unchanged cluster costs reads only. Every
+per-object write is isolated: the API server refusing one node's object (a 403
+from an admission policy, a 422 on an immutable ConfigMap) becomes that node's
+Warning Event, and the pass goes on with the other nodes and with deleting
+stale objects.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import datetime
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,20 +38,36 @@ from fabmesh.mesh.names import (
     EVENTS_NAMESPACE,
     INVALID_NODE_REASON,
     MANAGED_SELECTOR,
-    STATUS_ANNOTATION,
 )
 from fabmesh.operator import objects as o
+from fabmesh.operator.certs import ca_from_secret, issue, plan_certificates
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
-from fabmesh.operator.plan import MeshPlan, plan
+from fabmesh.operator.plan import MeshPlan, NodePatch, plan
 from fabmesh.operator.settings import OperatorSettings
-from fabmesh.pki.authority import KeyPair, PKIError, describe, issue_leaf, new_ca, renewal_reason
+from fabmesh.operator.status import node_writes
+from fabmesh.pki.authority import KeyPair, PKIError, describe, new_ca
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
+# Event names already sent, remembered so a resync does not re-post them; bounded, oldest forgotten
+# first (forgetting one only costs a create that the API answers with 409).
+EMITTED_MAX = 4096
 
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class Observed:
+    nodes: list[NodeInfo]
+    invalid: list[InvalidNode]
+    edge_names: set[str]  # every edge-labelled Node, readable or not
+    ca_secret: dict[str, Any] | None
+    ipam_cm: dict[str, Any] | None
+    secrets: dict[str, dict[str, Any]]
+    configmaps: dict[str, dict[str, Any]]
+    pods: dict[str | None, dict[str, Any]]  # agent Pods by their node label
 
 
 @dataclass
@@ -59,12 +83,11 @@ class Reconciler:
         self.settings = settings
         self.clock = clock
         self.ns = settings.namespace
-        self._emitted: set[str] = set()
+        self._emitted: OrderedDict[str, None] = OrderedDict()
 
     # -- observe ---------------------------------------------------------------------------------
 
-    def _nodes(self) -> tuple[list[NodeInfo], list[InvalidNode], set[str]]:
-        """Readable nodes, unreadable ones, and the names of every edge-labelled node."""
+    def _observe(self) -> Observed:
         infos: list[NodeInfo] = []
         invalid: list[InvalidNode] = []
         edge_names: set[str] = set()
@@ -76,81 +99,116 @@ class Reconciler:
                 invalid.append(info)
             else:
                 infos.append(info)
-        return infos, invalid, edge_names
-
-    def _ca(self) -> KeyPair:
-        secret = self.kube.get("secrets", o.CA_SECRET, self.ns)
-        if secret is None:
-            now = self.clock()
-            ca = new_ca(now=now, lifetime=datetime.timedelta(days=self.settings.ca_lifetime_days))
-            body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                    "metadata": o.metadata(o.CA_SECRET, self.ns, "ca"),
-                    "data": {"tls.crt": o.b64(ca.cert_pem), "tls.key": o.b64(ca.key_pem)}}
-            try:
-                self.kube.create("secrets", body, self.ns)
-                log.info("action=create-ca secret=%s/%s", self.ns, o.CA_SECRET)
-                return ca
-            except ApiError as exc:
-                if not exc.conflict:
-                    raise
-                secret = self.kube.get("secrets", o.CA_SECRET, self.ns)  # another writer won; use theirs
-                assert secret is not None
-        data = secret["data"]
-        return KeyPair(cert_pem=o.unb64(data["tls.crt"]), key_pem=o.unb64(data["tls.key"]))
+        pods = {}
+        if self.settings.agent_pods.enabled:
+            pods = {p["metadata"]["labels"].get(o.NODE_LABEL): p
+                    for p in self.kube.list("pods", self.ns, AGENT_SELECTOR)}
+        return Observed(
+            nodes=infos, invalid=invalid, edge_names=edge_names,
+            ca_secret=self.kube.get("secrets", o.CA_SECRET, self.ns),
+            ipam_cm=self.kube.get("configmaps", o.IPAM_CONFIGMAP, self.ns),
+            secrets={s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)},
+            configmaps={c["metadata"]["name"]: c for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)},
+            pods=pods)
 
     # -- the pass --------------------------------------------------------------------------------
 
     def run_once(self) -> PassResult:
-        infos, invalid, edge_names = self._nodes()
-        ca = self._ca()
-        ipam_cm = self.kube.get("configmaps", o.IPAM_CONFIGMAP, self.ns)
-        recorded = json.loads((ipam_cm or {}).get("data", {}).get("allocations.json", "{}"))
-        mesh = plan(infos, self.settings, ca.cert_pem, recorded)
-        result = PassResult(plan=mesh, errors=[*invalid, *mesh.errors])
-        if mesh.ipam_record != recorded and not self._write_ipam(ipam_cm, mesh.ipam_record):
+        now = self.clock()
+        seen = self._observe()
+        ca = ca_from_secret(seen.ca_secret) or self._create_ca(now)
+        recorded = json.loads((seen.ipam_cm or {}).get("data", {}).get("allocations.json", "{}"))
+        mesh = plan(seen.nodes, self.settings, ca.cert_pem, recorded)
+        certs = plan_certificates(seen.secrets, mesh.cert_addresses, mesh.edges, ca, now)
+        result = PassResult(plan=mesh, errors=[*seen.invalid, *mesh.errors, *certs.errors])
+        if mesh.ipam_record != recorded and not self._write_ipam(seen.ipam_cm, mesh.ipam_record):
             result.retry = True
             return result  # lost the race: nothing may use these allocations; replan from fresh state
         for node, cidr in sorted(mesh.allocated.items()):
             log.info("node=%s action=allocate-pod-cidr cidr=%s", node, cidr)
 
-        by_name = {n.name: n for n in infos}
-        secrets = {s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)}
-        configmaps = {c["metadata"]["name"]: c
-                      for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)}
-        expiry: dict[str, str] = {}
-        for name, addresses in sorted(mesh.cert_addresses.items()):
-            node = by_name[name]
-            secret_name = o.tls_secret_name(name) if name in mesh.edges else o.CONNECTOR_SECRET
+        by_name = {n.name: n for n in seen.nodes}
+        expiry = dict(certs.expiry)
+        lifetime = datetime.timedelta(days=self.settings.cert_lifetime_days)
+        for action in certs.actions:
             try:
-                expiry[name] = self._sync_secret(secret_name, node, addresses, ca, secrets.get(secret_name))
+                leaf = issue(action, ca, now, lifetime)
             except PKIError as exc:
-                result.errors.append(InvalidNode(name, f"certificate.{exc.field}", exc.reason))
+                result.errors.append(InvalidNode(action.node, f"certificate.{exc.field}", exc.reason))
+                continue
+            node = by_name[action.node]
+            if self._guarded(result, action.node, "secrets", action.secret_name,
+                             lambda a=action, k=leaf, n=node: self._write_secret(a.secret_name, n, k, ca,
+                                                                                 seen.secrets.get(a.secret_name))):
+                info = describe(leaf.cert_pem)
+                log.info("node=%s action=issue-certificate secret=%s reason=%s serial=%x not-after=%s",
+                         action.node, action.secret_name, action.log_reason, info.serial,
+                         info.not_after.isoformat())
+                expiry[action.node] = info.not_after.isoformat()
 
         for name, node_mesh in sorted(mesh.edges.items()):
             if name not in expiry:
                 continue
-            self._sync_configmap(o.configmap(o.agent_configmap_name(name), self.ns, "agent-config",
-                                             {"mesh.yaml": node_mesh.to_yaml()}, name, by_name[name].uid),
-                                 configmaps)
+            self._sync_configmap(result, name, o.configmap(
+                o.agent_configmap_name(name), self.ns, "agent-config", {"mesh.yaml": node_mesh.to_yaml()}, name,
+                by_name[name].uid), seen.configmaps)
         if mesh.connector is not None:
-            self._sync_configmap(o.configmap(o.CONNECTOR_CONFIGMAP, self.ns, "connector-config",
-                                             {"mesh.yaml": mesh.connector.to_yaml()}), configmaps)
+            owner = mesh.connector.node.name
+            self._sync_configmap(result, owner, o.configmap(o.CONNECTOR_CONFIGMAP, self.ns, "connector-config",
+                                                            {"mesh.yaml": mesh.connector.to_yaml()}), seen.configmaps)
             for shard, peers in sorted(mesh.connector_shards.items()):
                 text = dump_yaml(PeerShard(shard=shard, peers=peers))
-                self._sync_configmap(o.configmap(o.connector_shard_name(shard), self.ns, "connector-peers",
-                                                 {"peers.yaml": text}), configmaps)
+                self._sync_configmap(result, owner, o.configmap(o.connector_shard_name(shard), self.ns,
+                                                                "connector-peers", {"peers.yaml": text}),
+                                     seen.configmaps)
 
-        for name in sorted(mesh.edges):
-            if not self._patch_node(by_name[name], mesh, expiry.get(name)):
-                result.retry = True
+        for name, patch in node_writes(mesh, by_name, expiry).items():
+            self._patch_node(result, by_name[name], patch)
         if self.settings.agent_pods.enabled:
-            self._sync_pods({n: by_name[n].uid for n in mesh.edges if n in expiry}, edge_names)
-        self._delete_stale(edge_names, mesh, configmaps, secrets)
+            self._sync_pods(result, {n: by_name[n].uid for n in mesh.edges if n in expiry}, seen.edge_names,
+                            seen.pods)
+        self._delete_stale(result, seen.edge_names, mesh, seen.configmaps, seen.secrets)
         for error in result.errors:
             self._event(error, by_name.get(error.node))
         return result
 
     # -- writers ---------------------------------------------------------------------------------
+
+    def _create_ca(self, now: datetime.datetime) -> KeyPair:
+        ca = new_ca(now=now, lifetime=datetime.timedelta(days=self.settings.ca_lifetime_days))
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": o.metadata(o.CA_SECRET, self.ns, "ca"),
+                "data": {"tls.crt": o.b64(ca.cert_pem), "tls.key": o.b64(ca.key_pem)}}
+        try:
+            self.kube.create("secrets", body, self.ns)
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            theirs = ca_from_secret(self.kube.get("secrets", o.CA_SECRET, self.ns))  # another writer won
+            assert theirs is not None
+            return theirs
+        log.info("action=create-ca secret=%s/%s", self.ns, o.CA_SECRET)
+        return ca
+
+    def _guarded(self, result: PassResult, node: str | None, kind: str, name: str,
+                 write: Callable[[], object]) -> bool:
+        """Run one object's write; an API refusal becomes that node's error, not the pass's end.
+
+        The error is an InvalidNode whose field is ``kind/name``, so it reaches the same Warning
+        Event (``FabmeshInvalidNode``) that ``kubectl fabmesh doctor`` already reports.
+        """
+        try:
+            write()
+        except ApiError as exc:
+            status_reason, message = _refusal(exc)
+            log.warning("node=%s object=%s/%s/%s status=%d reason=%s: %s", node or "-", kind, self.ns, name,
+                        exc.status, status_reason, message)
+            if node:
+                result.errors.append(InvalidNode(node, f"{kind}/{name}",
+                                                 f"the API server refused the write ({exc.status} {status_reason}): "
+                                                 f"{message}"))
+            return False
+        return True
 
     def _write_ipam(self, current: dict[str, Any] | None, record: dict[str, str]) -> bool:
         body = o.configmap(o.IPAM_CONFIGMAP, self.ns, "ipam",
@@ -169,21 +227,8 @@ class Reconciler:
             raise
         return True
 
-    def _sync_secret(self, secret_name: str, node: NodeInfo, addresses: tuple[str, ...], ca: KeyPair,
-                     current: dict[str, Any] | None) -> str:
-        now = self.clock()
-        existing = None
-        if current is not None:
-            data = current.get("data") or {}
-            existing = KeyPair(cert_pem=o.unb64(data.get("tls.crt")), key_pem=o.unb64(data.get("tls.key")))
-        reason = renewal_reason(ca, existing, name=node.name, addresses=addresses, now=now)
-        if reason is None and existing is not None:
-            if o.unb64((current or {}).get("data", {}).get("ca.crt")) == ca.cert_pem:
-                return describe(existing.cert_pem).not_after.isoformat()
-            leaf = existing
-        else:
-            leaf = issue_leaf(ca, name=node.name, addresses=addresses, now=now,
-                              lifetime=datetime.timedelta(days=self.settings.cert_lifetime_days))
+    def _write_secret(self, secret_name: str, node: NodeInfo, leaf: KeyPair, ca: KeyPair,
+                      current: dict[str, Any] | None) -> None:
         body = o.tls_secret(secret_name, self.ns, "tls", leaf.cert_pem, leaf.key_pem, ca.cert_pem,
                             node.name, node.uid)
         if current is None:
@@ -191,54 +236,48 @@ class Reconciler:
         else:
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             self.kube.replace("secrets", body, self.ns)
-        info = describe(leaf.cert_pem)
-        log.info("node=%s action=issue-certificate secret=%s reason=%s serial=%x not-after=%s",
-                 node.name, secret_name, reason.value if reason else "ca-bundle", info.serial,
-                 info.not_after.isoformat())
-        return info.not_after.isoformat()
 
-    def _sync_configmap(self, body: dict[str, Any], existing: dict[str, dict[str, Any]]) -> None:
+    def _sync_configmap(self, result: PassResult, node: str, body: dict[str, Any],
+                        existing: dict[str, dict[str, Any]]) -> None:
         name = body["metadata"]["name"]
         current = existing.get(name)
         if current is not None and current.get("data") == body["data"] and \
                 current["metadata"].get("labels") == body["metadata"]["labels"]:
             return
-        if current is None:
-            self.kube.create("configmaps", body, self.ns)
-        else:
-            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            self.kube.replace("configmaps", body, self.ns)
-        log.info("action=%s configmap=%s/%s bytes=%d", "create" if current is None else "update", self.ns,
-                 name, sum(len(v) for v in body["data"].values()))
 
-    def _patch_node(self, node: NodeInfo, mesh: MeshPlan, expiry: str | None) -> bool:
-        edge = mesh.edges[node.name].node
-        status = f"cidr={edge.pod_cidr} communities={','.join(edge.communities) or '-'} " \
-                 f"cert-expires={expiry or 'none'}"
-        patch = mesh.node_patches.get(node.name)
-        annotations = dict(patch.annotations) if patch else {}
-        if node.annotations.get(STATUS_ANNOTATION) != status:
-            annotations[STATUS_ANNOTATION] = status
+        def write() -> None:
+            if current is None:
+                self.kube.create("configmaps", body, self.ns)
+            else:
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                self.kube.replace("configmaps", body, self.ns)
+
+        if self._guarded(result, node, "configmaps", name, write):
+            log.info("action=%s configmap=%s/%s bytes=%d", "create" if current is None else "update", self.ns,
+                     name, sum(len(v) for v in body["data"].values()))
+
+    def _patch_node(self, result: PassResult, node: NodeInfo, patch: NodePatch) -> None:
         body: dict[str, Any] = {"metadata": {"resourceVersion": node.resource_version}}
-        if annotations:
-            body["metadata"]["annotations"] = annotations
-        if patch and patch.spec_pod_cidr:
+        if patch.annotations:
+            body["metadata"]["annotations"] = dict(patch.annotations)
+        if patch.spec_pod_cidr:
             body["spec"] = {"podCIDR": patch.spec_pod_cidr, "podCIDRs": [patch.spec_pod_cidr]}
-        if len(body) == 1 and len(body["metadata"]) == 1:
-            return True
-        try:
-            self.kube.merge_patch("nodes", node.name, body)
-        except ApiError as exc:
-            if exc.conflict:
-                return False  # the Node changed under us; the next pass sees the new version
-            raise
-        log.info("node=%s action=annotate keys=%s%s", node.name, ",".join(sorted(annotations)),
-                 " spec.podCIDR=" + patch.spec_pod_cidr if patch and patch.spec_pod_cidr else "")
-        return True
 
-    def _sync_pods(self, want: dict[str, str], edge_names: set[str]) -> None:
-        pods = {p["metadata"]["labels"].get(o.NODE_LABEL): p
-                for p in self.kube.list("pods", self.ns, AGENT_SELECTOR)}
+        def write() -> None:
+            try:
+                self.kube.merge_patch("nodes", node.name, body)
+            except ApiError as exc:
+                if not exc.conflict:
+                    raise
+                result.retry = True  # the Node changed under us; the next pass sees the new version
+                return
+            log.info("node=%s action=annotate keys=%s%s", node.name, ",".join(sorted(patch.annotations)),
+                     " spec.podCIDR=" + patch.spec_pod_cidr if patch.spec_pod_cidr else "")
+
+        self._guarded(result, node.name, "nodes", node.name, write)
+
+    def _sync_pods(self, result: PassResult, want: dict[str, str], edge_names: set[str],
+                   pods: dict[str | None, dict[str, Any]]) -> None:
         for node, uid in sorted(want.items()):
             body = o.agent_pod(node, uid, self.settings)
             current = pods.get(node)
@@ -246,23 +285,30 @@ class Reconciler:
                 if current["metadata"].get("annotations", {}).get(o.SPEC_HASH) == \
                         body["metadata"]["annotations"][o.SPEC_HASH]:
                     continue
-                self.kube.delete("pods", current["metadata"]["name"], self.ns)  # Pod specs are immutable
-            try:
-                self.kube.create("pods", body, self.ns)
-            except ApiError as exc:
-                if not exc.conflict:  # 409: the old Pod is still terminating; next pass
-                    raise
-            log.info("node=%s action=%s pod=%s/%s", node, "replace-pod" if current else "create-pod", self.ns,
-                     body["metadata"]["name"])
+                if not self._guarded(result, node, "pods", current["metadata"]["name"],  # Pod specs are immutable
+                                     lambda c=current: self.kube.delete("pods", c["metadata"]["name"], self.ns)):
+                    continue
+            if self._guarded(result, node, "pods", body["metadata"]["name"], lambda b=body: self._create_pod(b)):
+                log.info("node=%s action=%s pod=%s/%s", node, "replace-pod" if current else "create-pod", self.ns,
+                         body["metadata"]["name"])
         for node, pod in sorted(pods.items(), key=lambda item: item[0] or ""):
             if node not in edge_names:  # a node in error keeps its running agent
                 # The Node is gone (or no longer edge): as the pod GC controller would, do not wait
                 # for a kubelet that may never confirm.
-                self.kube.delete("pods", pod["metadata"]["name"], self.ns, grace_period_s=0)
-                log.info("node=%s action=delete-pod pod=%s/%s", node, self.ns, pod["metadata"]["name"])
+                name = pod["metadata"]["name"]
+                if self._guarded(result, node, "pods", name,
+                                 lambda n=name: self.kube.delete("pods", n, self.ns, grace_period_s=0)):
+                    log.info("node=%s action=delete-pod pod=%s/%s", node, self.ns, name)
 
-    def _delete_stale(self, edge_names: set[str], mesh: MeshPlan, configmaps: dict[str, Any],
-                      secrets: dict[str, Any]) -> None:
+    def _create_pod(self, body: dict[str, Any]) -> None:
+        try:
+            self.kube.create("pods", body, self.ns)
+        except ApiError as exc:
+            if not exc.conflict:  # 409: the old Pod is still terminating; next pass
+                raise
+
+    def _delete_stale(self, result: PassResult, edge_names: set[str], mesh: MeshPlan,
+                      configmaps: dict[str, Any], secrets: dict[str, Any]) -> None:
         """Delete what belongs to Nodes that are gone or no longer edges (no GC is assumed).
 
         A node that is still an edge keeps its objects even while it is in error:
@@ -273,20 +319,19 @@ class Reconciler:
         if mesh.connector is not None:
             keep_cm |= {o.CONNECTOR_CONFIGMAP, *(o.connector_shard_name(i) for i in mesh.connector_shards)}
             keep_secret.add(o.CONNECTOR_SECRET)
-        for name in sorted(set(configmaps) - keep_cm):
-            self.kube.delete("configmaps", name, self.ns)
-            log.info("action=delete configmap=%s/%s reason=node-gone-or-not-edge", self.ns, name)
-        for name in sorted(set(secrets) - keep_secret):
-            self.kube.delete("secrets", name, self.ns)
-            log.info("action=delete secret=%s/%s reason=node-gone-or-not-edge", self.ns, name)
+        for kind, objs, keep in (("configmaps", configmaps, keep_cm), ("secrets", secrets, keep_secret)):
+            for name in sorted(set(objs) - keep):
+                node = (objs[name]["metadata"].get("labels") or {}).get(o.NODE_LABEL)
+                if self._guarded(result, node, kind, name, lambda k=kind, n=name: self.kube.delete(k, n, self.ns)):
+                    log.info("action=delete %s=%s/%s reason=node-gone-or-not-edge", kind[:-1], self.ns, name)
 
     def _event(self, error: InvalidNode, node: NodeInfo | None) -> None:
         """One Warning Event per (node, field, reason): a deterministic name makes it idempotent."""
         key = hashlib.sha256(f"{error.node}|{error.field}|{error.reason}".encode()).hexdigest()[:10]
         name = f"{error.node}.fabmesh.{key}"
         if name in self._emitted:
+            self._emitted.move_to_end(name)
             return
-        self._emitted.add(name)
         now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1", "kind": "Event",
@@ -301,7 +346,27 @@ class Reconciler:
         try:
             self.kube.create("events", body, EVENTS_NAMESPACE)
         except ApiError as exc:
-            if not exc.conflict:
-                raise
+            if not exc.conflict:  # Events are best effort: the next pass tries again
+                log.warning("node=%s object=events/default/%s status=%d reason=%s: cannot record %s",
+                            error.node, name, exc.status, exc.reason, error.field)
+                return
+            self._remember(name)
             return
+        self._remember(name)
         log.warning("node=%s field=%s: %s", error.node, error.field, error.reason)
+
+    def _remember(self, name: str) -> None:
+        self._emitted[name] = None
+        if len(self._emitted) > EMITTED_MAX:
+            self._emitted.popitem(last=False)
+
+
+def _refusal(exc: ApiError) -> tuple[str, str]:
+    """The API server's Status reason and message (``Forbidden``, ``Invalid``...), else the HTTP reason."""
+    try:
+        status = json.loads(exc.body)
+    except ValueError:
+        status = None
+    if isinstance(status, dict):
+        return str(status.get("reason") or exc.reason), str(status.get("message") or "").strip()
+    return exc.reason, exc.body[:300].strip()

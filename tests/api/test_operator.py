@@ -332,3 +332,36 @@ def test_agent_pod_as_stored_is_locked_down_and_only_a_privileged_namespace_admi
     assert "runAsNonRoot != true" in restricted, restricted
     for met in ("allowPrivilegeEscalation", "seccompProfile", "privileged"):
         assert met not in restricted, restricted
+
+
+def test_a_write_the_api_refuses_for_one_node_spares_the_others_and_stale_objects_still_go(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("b-good", "192.0.2.2", "a"), edge("c-gone", "192.0.2.3")])
+    env.start()
+    wait_converged(env, {"b-good", "c-gone"})
+    # An immutable ConfigMap already holds a-blocked's name: the API server answers 422 to every update.
+    blocked = o.configmap(o.agent_configmap_name("a-blocked"), env.namespace, "agent-config",
+                          {"mesh.yaml": "not the operator's"}, "a-blocked")
+    env.kube.create("configmaps", {**blocked, "immutable": True}, env.namespace)
+    # a-blocked sorts first, so today's pass would stop before b-good's update and before the deletions.
+    create_nodes(env.kube, [edge("a-blocked", "192.0.2.1", "a")])
+    env.kube.delete("nodes", "c-gone")
+
+    wait_for(lambda: "a-blocked" in {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-b-good"]).peers},
+             timeout=30, what="b-good to gain a-blocked as a peer")
+    wait_for(lambda: o.agent_configmap_name("c-gone") not in configmaps(env)
+             and o.tls_secret_name("c-gone") not in secrets(env) and o.agent_pod_name("c-gone") not in pods(env),
+             timeout=30, what="c-gone's objects to go")
+    wait_for(lambda: events_for(env, "a-blocked"), timeout=30,
+             what="a Warning Event on a-blocked")
+    [event] = events_for(env, "a-blocked")
+    assert event["type"] == "Warning"
+    assert event["message"].startswith(f"configmaps/{o.agent_configmap_name('a-blocked')}: "), event["message"]
+    assert "422" in event["message"] and "immutable" in event["message"], event["message"]
+    # Everything of a-blocked that the API accepts was written; the refused object is left as it was.
+    assert o.tls_secret_name("a-blocked") in secrets(env)
+    assert "fabmesh.io/status" in nodes(env)["a-blocked"]["metadata"]["annotations"]
+    assert configmaps(env)[o.agent_configmap_name("a-blocked")]["data"] == {"mesh.yaml": "not the operator's"}
+    assert all(p.poll() is None for p in env.processes)
+    assert "node=a-blocked object=configmaps/" in env.logs() and "status=422" in env.logs()

@@ -159,3 +159,44 @@ def test_connector_shards_are_stable_and_one_new_edge_touches_one_shard() -> Non
     changed = {i for i in after.connector_shards if after.connector_shards[i] != before.connector_shards[i]}
     assert changed == {shard_of("new", SETTINGS.connector_shards)}
     assert {n for n in before.edges if before.edges[n] != after.edges[n]} == set()
+
+
+def _naive_peers(objs: list[dict[str, Any]], name: str) -> list[tuple[str, bool]]:
+    """The peer list by definition: every community mate, plus the connector, in name order."""
+    labels = {o["metadata"]["name"]: o["metadata"]["labels"] for o in objs}
+    mine = {k for k in labels[name] if k.startswith("community.fabmesh.io/")}
+    mates = {n for n, lab in labels.items() if n != name and "node-role.kubernetes.io/edge" in lab and mine & set(lab)}
+    connectors = sorted(n for n, lab in labels.items() if CONNECTOR_LABEL in lab)[:1]  # equal creation times: by name
+    return sorted([(m, name < m) for m in mates] + [(c, True) for c in connectors])
+
+
+@pytest.mark.parametrize("seed", range(40), ids=lambda s: f"seed-{s}")
+def test_peer_lists_match_the_definition_whatever_the_names_and_memberships(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    objs: list[dict[str, Any]] = []
+    for i, name in enumerate(sorted({"".join(rng.choice("abcm") for _ in range(rng.randint(1, 3)))
+                                     for _ in range(rng.randint(1, 20))})):
+        if rng.random() < 0.15:
+            objs.append(raw(name, f"198.51.100.{i + 1}", {CONNECTOR_LABEL: ""}, FLANNEL))
+        else:
+            objs.append(edge(name, f"192.0.2.{i + 1}", *rng.sample("xyz", rng.randint(0, 3))))
+    result, _ = run(*objs)
+    for name, mesh in result.edges.items():
+        assert [(p.name, p.initiate) for p in mesh.peers] == _naive_peers(objs, name), name
+
+
+def test_plan_leaves_the_garbage_collector_running() -> None:
+    """plan() runs beside watch threads: switching the process-wide collector off is not its call."""
+    import gc
+
+    infos = [read_node(obj, SETTINGS) for obj in
+             (CONNECTOR, *(edge(f"e{i}", f"192.0.{2 + i // 250}.{1 + i % 250}", "a") for i in range(300)))]
+    collections: list[int] = []
+    gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "stop" else None)
+    try:
+        plan(infos, SETTINGS, "CA")  # type: ignore[arg-type]
+    finally:
+        gc.callbacks.pop()
+    assert gc.isenabled() and collections, "the cyclic collector never ran during a 300-edge plan"
