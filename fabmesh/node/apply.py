@@ -74,13 +74,16 @@ class NodeApplier:
                         "files": self.file_writes, "sysctl": self.sysctl_writes})
 
     def _step(self, report: ApplyReport, what: str, fn: Callable[[], list[str]]) -> None:
+        """Run one reconciler and log each change it made, once, here (the drivers log at DEBUG)."""
         try:
-            for change in fn():
-                report.changes.append(change)
-                log.info("node=%s %s", self.node, change)
+            changes = fn()
         except Exception as exc:  # one failing resource must not stop the others
+            changes = getattr(exc, "changes", [])  # what the failing call did change before it raised
             report.errors.append(f"{what}: {exc}")
             log.warning("node=%s step=%s failed (retrying next pass): %s", self.node, what, exc)
+        for change in changes:
+            report.changes.append(change)
+            log.info("node=%s %s", self.node, change)
 
     def apply(self, state: NodeState, creds: Credentials) -> ApplyReport:
         report = ApplyReport()

@@ -106,6 +106,8 @@ class Reconciler:
             return result  # lost the race: nothing may use these allocations; replan from fresh state
         for node, cidr in sorted(mesh.allocated.items()):
             log.info("node=%s action=allocate-pod-cidr cidr=%s", node, cidr)
+        for node in sorted(recorded.keys() - mesh.ipam_record.keys()):
+            log.info("node=%s action=release-pod-cidr cidr=%s", node, recorded[node])
 
         by_name = {n.name: n for n in infos}
         secrets = {s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED)}
@@ -241,14 +243,19 @@ class Reconciler:
                 if current["metadata"].get("annotations", {}).get(o.SPEC_HASH) == \
                         body["metadata"]["annotations"][o.SPEC_HASH]:
                     continue
-                self.kube.delete("pods", current["metadata"]["name"], self.ns)  # Pod specs are immutable
+                if not current["metadata"].get("deletionTimestamp"):  # Pod specs are immutable
+                    self.kube.delete("pods", current["metadata"]["name"], self.ns)
+                    log.info("node=%s action=delete-pod pod=%s/%s reason=spec-changed", node, self.ns,
+                             current["metadata"]["name"])
             try:
                 self.kube.create("pods", body, self.ns)
             except ApiError as exc:
-                if not exc.conflict:  # 409: the old Pod is still terminating; next pass
+                if not exc.conflict:
                     raise
-            log.info("node=%s action=%s pod=%s/%s", node, "replace-pod" if current else "create-pod", self.ns,
-                     body["metadata"]["name"])
+                log.debug("node=%s pod=%s/%s: the old Pod is still terminating; creating it next pass", node,
+                          self.ns, body["metadata"]["name"])
+                continue
+            log.info("node=%s action=create-pod pod=%s/%s", node, self.ns, body["metadata"]["name"])
         for node, pod in sorted(pods.items(), key=lambda item: item[0] or ""):
             if node not in edge_names:  # a node in error keeps its running agent
                 # The Node is gone (or no longer edge): as the pod GC controller would, do not wait
