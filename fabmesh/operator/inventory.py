@@ -2,8 +2,7 @@
 
 Pure. Every problem with one Node becomes an :class:`InvalidNode` naming the
 node and the field; the node is left out of the mesh and every other node is
-planned as usual. The same function reads the lab's inventory file, which
-carries Nodes in the same shape.
+planned as usual.
 """
 
 from __future__ import annotations
@@ -88,7 +87,7 @@ def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | Inv
                                f"community name {community!r} must be a lowercase DNS label")
         communities.append(community)
     if communities and role is not Role.EDGE:
-        # Not fatal: only edges form communities; say so once and carry on.
+        # Only edges form communities: the labels are ignored here, silently (no error, no Event).
         communities = []
     addresses = (obj.get("status") or {}).get("addresses") or []
     internal, error = _address(name, addresses, "InternalIP")
