@@ -72,9 +72,6 @@ class Charon:
     def version(self) -> dict[str, str]:
         return decode(self._call("version", self._session.version))
 
-    def stats(self) -> dict[str, Any]:
-        return decode(self._call("stats", self._session.stats))
-
     def load_key(self, key_pem: str, key_type: str = "any") -> None:
         self._call("load-key", self._session.load_key, {"type": key_type, "data": key_pem})
 
