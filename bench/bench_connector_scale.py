@@ -303,8 +303,7 @@ def run(count: int, opts: Options, work: Path) -> dict[str, Any]:
         # The connector loads every edge peer as fabmesh's connector does (TunnelSync over VICI).
         mesh = connector_mesh(count, connector_host.wan_ip, ca.cert_pem, tunnel)
         desired = {p.name: connection(mesh, p, connector_leaf.cert_pem) for p in mesh.peers}
-        sync = TunnelSync(lambda: Vici(connector.vici_socket, timeout=120), work / "connector-tunnels.json",
-                          CONNECTOR)
+        sync = TunnelSync(lambda: Vici(connector.vici_socket, timeout=120), work / "connector-tunnels.json")
         t = time.monotonic()
         changes = sync.apply(desired, Credentials(key_pem=connector_leaf.key_pem, ca_pem=ca.cert_pem), set())
         result["connector_load_s"] = time.monotonic() - t

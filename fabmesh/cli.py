@@ -2,7 +2,6 @@
 
 Each subcommand lives in its component's package and registers its own flags
 through a ``register(subparsers)`` function, so this module only wires them.
-A subcommand that is not built yet says so and exits 2: no fake output.
 """
 
 from __future__ import annotations
@@ -10,10 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
-from collections.abc import Callable, Sequence
-
-NOT_BUILT = 2
+from collections.abc import Sequence
 
 # name -> (module with register(), one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,14 +24,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"fabmesh {name}: not built yet in this release; see the project's issues.", file=sys.stderr)
-        return NOT_BUILT
-
-    return run
-
-
 def build_parser(names: Sequence[str] = tuple(SUBCOMMANDS), prog: str = "fabmesh") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -46,16 +34,7 @@ def build_parser(names: Sequence[str] = tuple(SUBCOMMANDS), prog: str = "fabmesh
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in names:
         module_name, help_text = SUBCOMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module_name.startswith(exc.name):
-                raise
-            p = sub.add_parser(name, help=f"{help_text} [not built yet]",
-                               description=f"{help_text}. Not built yet: exits {NOT_BUILT}.")
-            p.set_defaults(func=_not_built(name))
-            continue
-        module.register(sub, name, help_text)
+        importlib.import_module(module_name).register(sub, name, help_text)
     return parser
 
 

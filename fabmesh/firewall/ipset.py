@@ -125,7 +125,7 @@ class IPSets:
                 errors.append(err)
                 continue
             if change is not None:
-                log.info(change)
+                log.debug(change)
                 changes.append(change)
         for name in sorted(observed.keys() - handled):
             try:
@@ -137,6 +137,7 @@ class IPSets:
         if errors:
             for other in errors[1:]:
                 errors[0].add_note(str(other))
+            errors[0].changes = changes
             raise errors[0]
         return changes
 
@@ -185,7 +186,7 @@ class IPSets:
                     raise
             else:
                 change = f"set={name} action={Action.DELETE}"
-                log.info(change)
+                log.debug(change)
                 return change
         change = (
             f"set={name} action={Action.KEEP_STALE} reason=still referenced by an iptables rule or list:set; "

@@ -62,7 +62,8 @@ class FirewallError(RuntimeError):
     """A firewall tool refused a command or batch.
 
     For iptables-restore nothing of the table's batch was applied. ``line_number`` and ``line`` point
-    into the batch that was sent, when the tool said where it stopped.
+    into the batch that was sent, when the tool said where it stopped. ``changes`` lists what the
+    same call did change before it raised (other tables, other sets), for the caller to log.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class FirewallError(RuntimeError):
         self.reason = reason
         self.line_number = line_number
         self.line = line
+        self.changes: list[str] = []
         where = f" at line {line_number}" if line_number is not None else ""
         text = f" ({line!r})" if line is not None else ""
         super().__init__(f"{tool} failed for {subject}{where}{text}: {reason}")
@@ -311,12 +313,13 @@ class IPTables:
                 errors.append(err)
                 continue
             for line in plan.changes:
-                log.info("family=ipv%d %s", self.family, line)
+                log.debug("family=ipv%d %s", self.family, line)
             changes.extend(plan.changes)
             self._learn(table, [c for c in table_chains if c.name in plan.written], table_jumps)
         if errors:
             for other in errors[1:]:
                 errors[0].add_note(str(other))
+            errors[0].changes = changes
             raise errors[0]
         return changes
 

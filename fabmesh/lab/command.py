@@ -84,7 +84,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     ips = {p["name"]: p["ip"] for p in report["pods"]}
     width = max(len(n) for n in names) + 2
     cell = 14
-    print("\nreachability: ping from row pod to column pod, and the path it takes")
+    print("\nreachability: ping from row pod to column pod, and the path the node labels call for (not observed)")
     print(" " * (width + 16) + "".join(n[:cell - 1].ljust(cell) for n in names))
     cells = {(p["src"], p["dst"]): p for p in report["pairs"]}
     for src in names:

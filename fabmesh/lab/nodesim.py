@@ -140,7 +140,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m fabmesh.lab.nodesim",
                                      description="kubelet projection and flanneld routes for a running lab")
     parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--once", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     state = LabState.load(args.dir)
@@ -152,8 +151,6 @@ def main() -> int:
             sync_once(kube, state)
         except Exception as exc:  # the API may be down for a moment; try again
             log.warning("sync failed: %s", exc)
-        if args.once:
-            return 0
         time.sleep(1.0)
 
 

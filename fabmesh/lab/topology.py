@@ -39,7 +39,6 @@ class LabNode(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$")
     role: LabRole
     communities: tuple[str, ...] = Field(default=(), description="edge only")
-    pods: int = Field(default=1, ge=0, le=8)
 
     @model_validator(mode="after")
     def _communities_on_edges(self) -> LabNode:

@@ -57,15 +57,13 @@ def write_atomically(path: Path, text: str) -> bool:
 class NodeApplier:
     """Holds one reconciler per resource for the life of the process (they cache normal forms)."""
 
-    def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None,
-                 proc_sys: Path = Path("/proc/sys")) -> None:
+    def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None) -> None:
         self.node = node
         self.cni_conf_path = cni_conf_path
-        self.proc_sys = proc_sys
         self.iptables = IPTables(None, 4)
         self.ipsets = IPSets(None)
         self.xfrm = XfrmPolicies(None)
-        self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json", node)
+        self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json")
         self.file_writes = 0
         self.sysctl_writes = 0
         self.netlink_writes = 0
@@ -76,13 +74,16 @@ class NodeApplier:
                         "files": self.file_writes, "sysctl": self.sysctl_writes})
 
     def _step(self, report: ApplyReport, what: str, fn: Callable[[], list[str]]) -> None:
+        """Run one reconciler and log each change it made, once, here (the drivers log at DEBUG)."""
         try:
-            for change in fn():
-                report.changes.append(change)
-                log.info("node=%s %s", self.node, change)
+            changes = fn()
         except Exception as exc:  # one failing resource must not stop the others
+            changes = getattr(exc, "changes", [])  # what the failing call did change before it raised
             report.errors.append(f"{what}: {exc}")
             log.warning("node=%s step=%s failed (retrying next pass): %s", self.node, what, exc)
+        for change in changes:
+            report.changes.append(change)
+            log.info("node=%s %s", self.node, change)
 
     def apply(self, state: NodeState, creds: Credentials) -> ApplyReport:
         report = ApplyReport()
@@ -102,7 +103,7 @@ class NodeApplier:
         return report
 
     def _sysctls(self) -> list[str]:
-        path = self.proc_sys / "net/ipv4/ip_forward"
+        path = Path("/proc/sys/net/ipv4/ip_forward")
         if path.read_text().strip() == "1":
             return []
         path.write_text("1")

@@ -102,7 +102,7 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
             if blocked:
                 skipped.append(f"{subnet} (peer {peer.name}) holds IKE endpoint {blocked}: not routed")
                 continue
-            if subnet in local or subnet in routes:
+            if subnet in local:
                 continue
             routes[subnet] = Route(dst=subnet, dev=device, table=table, src=src)
     bridge = None

@@ -52,11 +52,10 @@ class TunnelChanges:
 
 
 class TunnelSync:
-    def __init__(self, connect: Callable[[], Charon], state_file: Path, node: str = "") -> None:
+    def __init__(self, connect: Callable[[], Charon], state_file: Path) -> None:
         """``connect`` opens a VICI session; the session's socket path identifies the charon run."""
         self._connect = connect
         self._state_file = state_file
-        self._node = node
         self.writes = 0
 
     def _read_state(self) -> dict[str, Any]:

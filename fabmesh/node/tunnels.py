@@ -9,8 +9,9 @@ Choices, and why:
   than one wide 0/0 tunnel) keep direct community tunnels and the connector
   tunnel from overlapping, so the kernel or libipsec never has to guess.
 * Only one side of a pair initiates, and it does so explicitly over VICI
-  whenever it has no IKE_SA (``start_action = start`` fires once at load, and a
-  NO_PROPOSAL_CHOSEN from a peer that has not loaded us yet is final). It then
+  whenever it has no IKE_SA (``start_action = none``: ``start`` would fire once
+  at load, and a NO_PROPOSAL_CHOSEN from a peer that has not loaded us yet is
+  final). It then
   restarts on DPD timeout and on close; the responder only answers, so a pair
   never builds two IKE_SAs. ``trap`` is avoided: with kernel-libipsec a trap
   policy never starts the tunnel.

@@ -1,16 +1,13 @@
-"""``fabmesh operator``: run the operator against a cluster, or plan once from an inventory file."""
+"""``fabmesh operator``: run the operator against a cluster, or one reconcile pass against it (``--once``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from fabmesh.operator.settings import SettingsError, load_settings
-
-log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

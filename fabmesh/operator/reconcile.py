@@ -126,6 +126,8 @@ class Reconciler:
             return result  # lost the race: nothing may use these allocations; replan from fresh state
         for node, cidr in sorted(mesh.allocated.items()):
             log.info("node=%s action=allocate-pod-cidr cidr=%s", node, cidr)
+        for node in sorted(recorded.keys() - mesh.ipam_record.keys()):
+            log.info("node=%s action=release-pod-cidr cidr=%s", node, recorded[node])
 
         by_name = {n.name: n for n in seen.nodes}
         expiry = dict(certs.expiry)
@@ -285,12 +287,12 @@ class Reconciler:
                 if current["metadata"].get("annotations", {}).get(o.SPEC_HASH) == \
                         body["metadata"]["annotations"][o.SPEC_HASH]:
                     continue
-                if not self._guarded(result, node, "pods", current["metadata"]["name"],  # Pod specs are immutable
-                                     lambda c=current: self.kube.delete("pods", c["metadata"]["name"], self.ns)):
-                    continue
-            if self._guarded(result, node, "pods", body["metadata"]["name"], lambda b=body: self._create_pod(b)):
-                log.info("node=%s action=%s pod=%s/%s", node, "replace-pod" if current else "create-pod", self.ns,
-                         body["metadata"]["name"])
+                if not current["metadata"].get("deletionTimestamp"):  # Pod specs are immutable
+                    old = current["metadata"]["name"]
+                    if not self._guarded(result, node, "pods", old, lambda p=old: self.kube.delete("pods", p, self.ns)):
+                        continue
+                    log.info("node=%s action=delete-pod pod=%s/%s reason=spec-changed", node, self.ns, old)
+            self._guarded(result, node, "pods", body["metadata"]["name"], lambda n=node, b=body: self._create_pod(n, b))
         for node, pod in sorted(pods.items(), key=lambda item: item[0] or ""):
             if node not in edge_names:  # a node in error keeps its running agent
                 # The Node is gone (or no longer edge): as the pod GC controller would, do not wait
@@ -300,12 +302,16 @@ class Reconciler:
                                  lambda n=name: self.kube.delete("pods", n, self.ns, grace_period_s=0)):
                     log.info("node=%s action=delete-pod pod=%s/%s", node, self.ns, name)
 
-    def _create_pod(self, body: dict[str, Any]) -> None:
+    def _create_pod(self, node: str, body: dict[str, Any]) -> None:
         try:
             self.kube.create("pods", body, self.ns)
         except ApiError as exc:
-            if not exc.conflict:  # 409: the old Pod is still terminating; next pass
+            if not exc.conflict:
                 raise
+            log.debug("node=%s pod=%s/%s: the old Pod is still terminating; creating it next pass", node, self.ns,
+                      body["metadata"]["name"])
+            return
+        log.info("node=%s action=create-pod pod=%s/%s", node, self.ns, body["metadata"]["name"])
 
     def _delete_stale(self, result: PassResult, edge_names: set[str], mesh: MeshPlan,
                       configmaps: dict[str, Any], secrets: dict[str, Any]) -> None:

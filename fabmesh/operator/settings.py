@@ -85,7 +85,8 @@ class OperatorSettings(BaseModel):
     edge_pod_prefix_len: int = Field(default=24, ge=8, le=128)
     cloud_pod_cidrs: tuple[Cidr, ...] = ("10.244.0.0/16",)
     service_cidr: Cidr = "10.96.0.0/12"
-    # Cloud hosts that must reach edge node addresses (kubelet :10250); empty = each cloud node's /32.
+    # Extra cloud host ranges the connector tunnel carries (e.g. hosts that reach edge kubelets from their
+    # own address). Empty adds none: a cloud node reaches edges from its flannel.1 address, in cloud_pod_cidrs.
     cloud_node_cidrs: tuple[Cidr, ...] = ()
     cert_lifetime_days: int = Field(default=365, ge=1)
     ca_lifetime_days: int = Field(default=3650, ge=2)

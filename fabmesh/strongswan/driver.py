@@ -7,8 +7,9 @@ the ``bytes`` the ``vici`` package returns, so callers compare strings.
 Quirks: VICI wants certificates and keys as data, not file names (swanctl reads
 the files for you; we do not use swanctl). ``initiate`` blocks until the IKE_SA
 is up unless given a timeout of ``-1``; we pass the timeout explicitly. With
-``kernel-libipsec`` a ``trap`` policy never fires, so connections start with
-``start_action = start`` and are initiated on load.
+``kernel-libipsec`` a ``trap`` policy never fires, so callers load connections
+with ``start_action = none`` and call :meth:`Charon.initiate` themselves
+(fabmesh.node.tunnels and TunnelSync).
 """
 
 from __future__ import annotations
@@ -71,18 +72,12 @@ class Charon:
     def version(self) -> dict[str, str]:
         return decode(self._call("version", self._session.version))
 
-    def stats(self) -> dict[str, Any]:
-        return decode(self._call("stats", self._session.stats))
-
     def load_key(self, key_pem: str, key_type: str = "any") -> None:
         self._call("load-key", self._session.load_key, {"type": key_type, "data": key_pem})
 
     def load_cert(self, cert_pem: str, *, ca: bool = False) -> None:
         message = {"type": "X509", "flag": "CA" if ca else "NONE", "data": cert_pem}
         self._call("load-cert", self._session.load_cert, message)
-
-    def clear_creds(self) -> None:
-        self._call("clear-creds", self._session.clear_creds)
 
     def load_conn(self, name: str, conn: Mapping[str, Any]) -> None:
         self._call(f"load-conn {name}", self._session.load_conn, {name: conn})

@@ -95,14 +95,6 @@ class Charon:
     def pid(self) -> int:
         return self.process.pid
 
-    def session(self):
-        """A connected ``vici.Session`` (import kept local: vici is a runtime dep)."""
-        import vici
-
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.vici_socket))
-        return vici.Session(sock)
-
     def stop(self) -> None:
         stop_pid(self.process.pid)
         with contextlib.suppress(FileNotFoundError):

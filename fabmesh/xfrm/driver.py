@@ -211,7 +211,7 @@ class XfrmPolicies:
         return done.stdout
 
     def _changed(self, what: str) -> str:
-        log.info("netns=%s %s", self.netns or "-", what)
+        log.debug("netns=%s %s", self.netns or "-", what)
         return what
 
 

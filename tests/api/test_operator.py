@@ -18,7 +18,7 @@ from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
-from fabmesh.testenv.hosts import wait_for
+from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv, write_settings
 from tests.api.operator_helpers import (
     CONNECTOR,
@@ -189,6 +189,34 @@ def test_standby_takes_over_after_the_leader_is_killed(operator_env: OperatorEnv
     lease = env.kube._call("GET", f"/apis/coordination.k8s.io/v1/namespaces/{env.namespace}/leases/"
                                   f"{env.settings.leader_election.lease_name}")
     assert lease["spec"]["holderIdentity"] == "op-b"
+
+
+def test_changed_agent_pod_spec_deletes_the_old_pod_once_and_creates_the_new_one_when_it_is_gone(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+    first = env.start("op-a")
+    wait_converged(env, {"e1"})
+    stop_pid(first.pid)
+    env.settings = write_settings(env.settings_file, env.namespace, agent_pods={"image": "example.org/fabmesh:new"})
+    env.start("op-b")
+    # No kubelet confirms the deletion here: the old Pod stays terminating, and every pass sees it.
+    wait_for(lambda: pods(env)[o.agent_pod_name("e1")]["metadata"].get("deletionTimestamp"), timeout=30,
+             what="the old agent Pod to be deleted")
+    time.sleep(3 * env.settings.resync_period_s)
+    log = (env.log_dir / "operator-op-b.log").read_text()
+    assert log.count("node=e1 action=delete-pod") == 1, log
+    assert "action=create-pod" not in log and "replace-pod" not in log, log
+
+    env.kube.delete("pods", o.agent_pod_name("e1"), env.namespace, grace_period_s=0)  # what kubelet would confirm
+    def new_pod() -> bool:
+        pod = pods(env).get(o.agent_pod_name("e1"))
+        return pod is not None and pod["spec"]["containers"][0]["image"] == "example.org/fabmesh:new"
+
+    wait_for(new_pod, timeout=30, what="the new agent Pod")
+    time.sleep(env.settings.resync_period_s)
+    log = (env.log_dir / "operator-op-b.log").read_text()
+    assert log.count("node=e1 action=create-pod") == 1, log
 
 
 BAD = [

@@ -324,6 +324,21 @@ def test_resync_and_restarted_agent_write_nothing_to_an_unchanged_node(edge: Edg
     assert _tunnel_state(edge) == state
 
 
+def test_each_change_is_logged_once_at_info_and_a_resync_logs_nothing(edge: Edge, agents: list[Agent]) -> None:
+    mesh = edge.mesh_file("mesh", edge.mesh())
+    agent = _start(agents, edge, "agent")
+    first = _applied(agent.apply(mesh))
+    logged = [line for line in agent.stderr_path.read_text().splitlines() if line.startswith("INFO:")]
+    assert {"ipset", "iptables", "vici"} <= {k for k, v in first["writes"].items() if v}, first
+    assert len(logged) == len(first["changes"]), "\n".join(logged)
+    for change in first["changes"]:
+        assert sum(line.endswith(change) for line in logged) == 1, (change, logged)
+
+    mark = len(agent.stderr_path.read_text())
+    _applied(agent.apply(mesh))
+    assert "INFO:" not in agent.stderr_path.read_text()[mark:]
+
+
 def test_removed_peer_loses_its_connection_and_routes_and_the_other_tunnel_is_not_reloaded(
         edge: Edge, agents: list[Agent]) -> None:
     agent = _start(agents, edge, "agent")
