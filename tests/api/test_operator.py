@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
@@ -23,6 +25,7 @@ from tests.api.operator_helpers import (
     CONNECTOR,
     EDGE,
     FLANNEL,
+    WriteRecorder,
     cloud_nodes,
     configmaps,
     converged,
@@ -40,6 +43,7 @@ from tests.api.operator_helpers import (
     secrets,
     wait_converged,
 )
+from tests.api.tcp_proxy import FreezableProxy
 
 pytestmark = pytest.mark.api
 
@@ -273,3 +277,61 @@ def test_moving_the_connector_label_repoints_every_edge_at_the_new_connectors_vt
     wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"cloud-9"},
              timeout=30, what="e1 to peer with the new connector")
     assert describe(secret_text(secrets(env)[o.CONNECTOR_SECRET], "tls.crt")).common_name == "cloud-9"
+
+
+def _lease_holder(env: OperatorEnv) -> str | None:
+    lease = env.kube.get("leases", env.settings.leader_election.lease_name, env.namespace)
+    return (lease or {}).get("spec", {}).get("holderIdentity")
+
+
+def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_over(
+        operator_env: OperatorEnv, tmp_path: Path) -> None:
+    """No split brain. op-a reaches the API server only through a relay that the test freezes (the
+    partition); op-b connects directly. The two run different settings (a rolling upgrade that changes
+    the tunnel MTU), so every write says whose it is: mtu 1400 is op-a's, 1380 op-b's."""
+    env = operator_env
+    election = {"lease_duration_s": 6, "renew_deadline_s": 3, "retry_period_s": 1}
+    env.settings = write_settings(env.settings_file, env.namespace, leader_election=election)
+    settings_b = tmp_path / "operator-b.yaml"
+    write_settings(settings_b, env.namespace, leader_election=election, tunnel={"mtu": 1380})
+    server = yaml.safe_load(env.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    proxy = FreezableProxy((host, int(port)))
+    via_proxy = tmp_path / "kubeconfig-via-proxy"
+    via_proxy.write_text(env.kubeconfig.read_text().replace(server, f"https://127.0.0.1:{proxy.port}"))
+    via_proxy.chmod(0o600)
+    recorder = WriteRecorder(env)
+    try:
+        create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+        op_a = env.start("op-a", kubeconfig=via_proxy)
+        wait_converged(env, {"e1"})
+        assert _lease_holder(env) == "op-a"
+        op_b = env.start("op-b", settings_file=settings_b)
+        wait_for(lambda: "identity=op-b waiting for lease" in env.logs(), timeout=30, what="op-b to stand by")
+
+        proxy.freeze()
+        wait_for(lambda: _lease_holder(env) == "op-b", timeout=30, what="op-b to take the lease")
+        takeover = time.monotonic()
+        a_exited_before_takeover = op_a.poll() is not None
+        wait_for(lambda: mesh_of(configmaps(env)["fabmesh-agent-e1"]).tunnel.mtu == 1380, timeout=30,
+                 what="op-b to rewrite e1's config")
+        proxy.heal()
+        create_nodes(env.kube, [edge("e2", "192.0.2.2")])  # work for both, should both think they lead
+        wait_converged(env, {"e1", "e2"}, timeout=60)
+
+        def a_wrote_after_takeover() -> bool:
+            return any(t > takeover and mesh_of(obj).tunnel.mtu == 1400
+                       for t, name, obj in recorder.seen if name.startswith("fabmesh-agent-"))
+
+        # On the old code op-a's renew hung forever while its worker went on: wait long enough for its
+        # stalled requests (30 s timeout) to give up and a pass to run through the healed relay.
+        wait_for(lambda: op_a.poll() is not None or a_wrote_after_takeover(), timeout=45,
+                 what="op-a to exit or write")
+        assert not a_wrote_after_takeover(), "op-a wrote after op-b took over (split brain)"
+        assert op_a.poll() is not None and op_a.returncode != 0, f"op-a did not exit non-zero: {op_a.poll()}"
+        assert a_exited_before_takeover, "op-a was still running when op-b took over"
+        assert op_b.poll() is None
+        assert mesh_of(configmaps(env)["fabmesh-agent-e2"]).tunnel.mtu == 1380
+    finally:
+        recorder.stop()
+        proxy.close()
