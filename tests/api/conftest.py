@@ -54,9 +54,9 @@ class OperatorEnv:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self, identity: str = "op-1", kubeconfig: Path | None = None,
-              settings_file: Path | None = None) -> subprocess.Popen[bytes]:
+              settings_file: Path | None = None, health_port: int = 0) -> subprocess.Popen[bytes]:
         proc = spawn_operator(kubeconfig or self.kubeconfig, settings_file or self.settings_file, identity,
-                              self.log_dir)
+                              self.log_dir, health_port)
         self.processes.append(proc)
         return proc
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
+from fabmesh.testenv.controlplane import free_port
 from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv, write_settings
 from tests.api.operator_helpers import (
@@ -284,6 +287,20 @@ def _lease_holder(env: OperatorEnv) -> str | None:
     return (lease or {}).get("spec", {}).get("holderIdentity")
 
 
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, json.loads(response.read())["reason"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["reason"]
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
 def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_over(
         operator_env: OperatorEnv, tmp_path: Path) -> None:
     """No split brain. op-a reaches the API server only through a relay that the test freezes (the
@@ -303,18 +320,22 @@ def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_ove
     recorder = WriteRecorder(env)
     try:
         create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
-        op_a = env.start("op-a", kubeconfig=via_proxy)
+        health_a, health_b = free_port(), free_port()
+        op_a = env.start("op-a", kubeconfig=via_proxy, health_port=health_a)
         wait_converged(env, {"e1"})
         assert _lease_holder(env) == "op-a"
-        op_b = env.start("op-b", settings_file=settings_b)
-        wait_for(lambda: "identity=op-b waiting for lease" in env.logs(), timeout=30, what="op-b to stand by")
+        op_b = env.start("op-b", settings_file=settings_b, health_port=health_b)
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "standby"), timeout=30, what="op-b ready as standby")
+        assert _probe(health_a, "/readyz") == (200, "leader")
+        assert _probe(health_a, "/healthz")[0] == 200
 
         proxy.freeze()
         wait_for(lambda: _lease_holder(env) == "op-b", timeout=30, what="op-b to take the lease")
-        takeover = time.monotonic()
+        takeover, takeover_wall = time.monotonic(), time.time()
         a_exited_before_takeover = op_a.poll() is not None
         wait_for(lambda: mesh_of(configmaps(env)["fabmesh-agent-e1"]).tunnel.mtu == 1380, timeout=30,
                  what="op-b to rewrite e1's config")
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "leader"), timeout=30, what="op-b ready as leader")
         proxy.heal()
         create_nodes(env.kube, [edge("e2", "192.0.2.2")])  # work for both, should both think they lead
         wait_converged(env, {"e1", "e2"}, timeout=60)
@@ -328,6 +349,12 @@ def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_ove
         wait_for(lambda: op_a.poll() is not None or a_wrote_after_takeover(), timeout=45,
                  what="op-a to exit or write")
         assert not a_wrote_after_takeover(), "op-a wrote after op-b took over (split brain)"
+        # The same from the API server's own record of who wrote: managedFields times are whole seconds.
+        late = [(name, entry["time"]) for _, name, obj in recorder.seen
+                for entry in obj["metadata"].get("managedFields") or []
+                if entry["manager"] == "fabmesh-operator/op-a"
+                and _epoch(entry["time"]) >= takeover_wall - 1]
+        assert late == [], f"op-a's writes after the takeover: {late}"
         assert op_a.poll() is not None and op_a.returncode != 0, f"op-a did not exit non-zero: {op_a.poll()}"
         assert a_exited_before_takeover, "op-a was still running when op-b took over"
         assert op_b.poll() is None
