@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     api = load_api_client(args.kubeconfig)
     if args.once:
-        kube = Kube(api)
+        kube = Kube(api, field_manager=args.field_manager)
         result = Reconciler(kube, settings).run_once()
         print(json.dumps({"edges": sorted(result.plan.edges), "errors": [str(e) for e in result.errors],
                           "writes": dict(kube.writes)}, indent=2))

@@ -160,7 +160,8 @@ class LeaseElector:
                                             "metadata": {"name": name, "namespace": self.ns}, "spec": spec},
                                  self.ns, timeout=timeout())
             else:
-                body = {**current, "spec": spec}
+                metadata = {k: v for k, v in current["metadata"].items() if k != "managedFields"}
+                body = {**current, "metadata": metadata, "spec": spec}  # resourceVersion: compare-and-swap
                 self.kube.replace("leases", body, self.ns, timeout=timeout())
         except ApiError as exc:
             if exc.conflict:  # another candidate wrote first: the next attempt sees its record

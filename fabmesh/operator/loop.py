@@ -51,7 +51,8 @@ class OperatorLoop:
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self.health = health
         election = settings.leader_election
-        self.elector = (LeaseElector(Kube(api), settings.namespace, self.identity, election)
+        self.elector = (LeaseElector(Kube(api, field_manager=field_manager), settings.namespace, self.identity,
+                                     election)
                         if election.enabled else None)
         self.kube = Kube(api, field_manager=field_manager, write_guard=self._fence)
         self.reconciler = Reconciler(self.kube, settings)
