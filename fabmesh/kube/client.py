@@ -41,14 +41,23 @@ class ApiError(Exception):
 
 
 def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """From a kubeconfig path, else in-cluster, else ``~/.kube/config``."""
+    """From a kubeconfig path, else in-cluster, else ``~/.kube/config``.
+
+    urllib3's hidden retries are off: by default it re-sends a GET or PUT whose
+    read timed out, up to three times, each with a fresh timeout, so a call could
+    take four times its timeout and a write could land after the caller gave up on
+    it (after the leader's fence closed). Callers retry themselves.
+    """
+    configuration = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:

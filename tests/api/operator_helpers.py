@@ -139,16 +139,20 @@ class WriteRecorder:
 
     def __init__(self, env: OperatorEnv) -> None:
         self.seen: list[tuple[float, str, dict[str, Any]]] = []
+        self.error: Exception | None = None
         self._watch = watch.Watch()
         core = client.CoreV1Api(env.kube.api)
         threading.Thread(target=self._run, args=(core, env.namespace), daemon=True, name="recorder").start()
 
     def _run(self, core: client.CoreV1Api, namespace: str) -> None:
-        for event in self._watch.stream(core.list_namespaced_config_map, namespace, deserialize=False,
-                                        timeout_seconds=600, _request_timeout=(5, 620)):
-            if event["type"] in ("ADDED", "MODIFIED"):
-                obj = event["object"]
-                self.seen.append((time.monotonic(), obj["metadata"]["name"], obj))
+        try:
+            for event in self._watch.stream(core.list_namespaced_config_map, namespace, deserialize=False,
+                                            timeout_seconds=600, _request_timeout=(5, 620)):
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    obj = event["object"]
+                    self.seen.append((time.monotonic(), obj["metadata"]["name"], obj))
+        except Exception as exc:  # noted, not raised: a thread's exception would only be a warning
+            self.error = exc
 
     def stop(self) -> None:
         self._watch.stop()

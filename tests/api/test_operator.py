@@ -348,6 +348,7 @@ def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_ove
         # stalled requests (30 s timeout) to give up and a pass to run through the healed relay.
         wait_for(lambda: op_a.poll() is not None or a_wrote_after_takeover(), timeout=45,
                  what="op-a to exit or write")
+        assert recorder.error is None, f"the write recorder's watch broke: {recorder.error}"
         assert not a_wrote_after_takeover(), "op-a wrote after op-b took over (split brain)"
         # The same from the API server's own record of who wrote: managedFields times are whole seconds.
         late = [(name, entry["time"]) for _, name, obj in recorder.seen
