@@ -30,7 +30,8 @@ class LeaderElection(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> LeaderElection:
-        # The kubernetes package's elector exits the process on these; say it at load time instead.
+        # The leader stops at renew_deadline_s, before a standby may take over at lease_duration_s (the
+        # margin covers writes in flight), and gets at least one retry before its deadline.
         if not self.lease_duration_s > self.renew_deadline_s > 1.2 * self.retry_period_s:
             raise ValueError("need lease_duration_s > renew_deadline_s > 1.2 * retry_period_s")
         return self

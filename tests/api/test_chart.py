@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fabmesh.cli import build_parser
 from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, CONNECTOR_SECRET, connector_shard_name
 from fabmesh.operator.settings import OperatorSettings
@@ -114,6 +115,7 @@ BAD_VALUES = [
                  r"agent_pods[./]resources[./]limits[./]memory", id="malformed-agent-quantity"),
     pytest.param("template", "connector.resources.limits.cpu=fast", r"connector[./]resources[./]limits",
                  id="malformed-connector-quantity"),
+    pytest.param("template", "operator.healthPort=0", r"healthPort", id="health-port-zero"),
 ]
 
 
@@ -137,6 +139,18 @@ def test_operator_deployment_runs_two_replicas_as_the_operator_service_account(
     deployment = rendered[("Deployment", "fabmesh-operator")]
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "fabmesh-operator"
+
+
+def test_operator_probes_point_at_the_health_port_the_operator_is_told_to_serve(helm: Helm) -> None:
+    deployment = {(o["kind"], o["metadata"]["name"]): o for o in
+                  render_chart(helm.binary, "fm-render", {"operator": {"healthPort": 18095}})}[
+        ("Deployment", "fabmesh-operator")]
+    operator = container(deployment["spec"]["template"]["spec"], "operator")
+    args = build_parser().parse_args(operator["args"])  # the real CLI accepts what the chart passes
+    assert (args.health_port, args.config) == (18095, Path("/etc/fabmesh/operator.yaml"))
+    assert operator["ports"] == [{"name": "health", "containerPort": 18095, "protocol": "TCP"}]
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
 def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(

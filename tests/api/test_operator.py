@@ -10,20 +10,26 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fabmesh.kube.client import ApiError
 from fabmesh.mesh.model import Role
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
+from fabmesh.testenv.controlplane import free_port
 from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv, write_settings
 from tests.api.operator_helpers import (
     CONNECTOR,
     EDGE,
     FLANNEL,
+    WriteRecorder,
     cloud_nodes,
     configmaps,
     converged,
@@ -41,6 +47,7 @@ from tests.api.operator_helpers import (
     secrets,
     wait_converged,
 )
+from tests.api.tcp_proxy import FreezableProxy
 
 pytestmark = pytest.mark.api
 
@@ -393,3 +400,86 @@ def test_a_write_the_api_refuses_for_one_node_spares_the_others_and_stale_object
     assert configmaps(env)[o.agent_configmap_name("a-blocked")]["data"] == {"mesh.yaml": "not the operator's"}
     assert all(p.poll() is None for p in env.processes)
     assert "node=a-blocked object=configmaps/" in env.logs() and "status=422" in env.logs()
+
+
+def _lease_holder(env: OperatorEnv) -> str | None:
+    lease = env.kube.get("leases", env.settings.leader_election.lease_name, env.namespace)
+    return (lease or {}).get("spec", {}).get("holderIdentity")
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, json.loads(response.read())["reason"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["reason"]
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_over(
+        operator_env: OperatorEnv, tmp_path: Path) -> None:
+    """No split brain. op-a reaches the API server only through a relay that the test freezes (the
+    partition); op-b connects directly. The two run different settings (a rolling upgrade that changes
+    the tunnel MTU), so every write says whose it is: mtu 1400 is op-a's, 1380 op-b's."""
+    env = operator_env
+    election = {"lease_duration_s": 6, "renew_deadline_s": 3, "retry_period_s": 1}
+    env.settings = write_settings(env.settings_file, env.namespace, leader_election=election)
+    settings_b = tmp_path / "operator-b.yaml"
+    write_settings(settings_b, env.namespace, leader_election=election, tunnel={"mtu": 1380})
+    server = yaml.safe_load(env.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    proxy = FreezableProxy((host, int(port)))
+    via_proxy = tmp_path / "kubeconfig-via-proxy"
+    via_proxy.write_text(env.kubeconfig.read_text().replace(server, f"https://127.0.0.1:{proxy.port}"))
+    via_proxy.chmod(0o600)
+    recorder = WriteRecorder(env)
+    try:
+        create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+        health_a, health_b = free_port(), free_port()
+        op_a = env.start("op-a", kubeconfig=via_proxy, health_port=health_a)
+        wait_converged(env, {"e1"})
+        assert _lease_holder(env) == "op-a"
+        op_b = env.start("op-b", settings_file=settings_b, health_port=health_b)
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "standby"), timeout=30, what="op-b ready as standby")
+        assert _probe(health_a, "/readyz") == (200, "leader")
+        assert _probe(health_a, "/healthz")[0] == 200
+
+        proxy.freeze()
+        wait_for(lambda: _lease_holder(env) == "op-b", timeout=30, what="op-b to take the lease")
+        takeover, takeover_wall = time.monotonic(), time.time()
+        a_exited_before_takeover = op_a.poll() is not None
+        wait_for(lambda: mesh_of(configmaps(env)["fabmesh-agent-e1"]).tunnel.mtu == 1380, timeout=30,
+                 what="op-b to rewrite e1's config")
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "leader"), timeout=30, what="op-b ready as leader")
+        proxy.heal()
+        create_nodes(env.kube, [edge("e2", "192.0.2.2")])  # work for both, should both think they lead
+        wait_converged(env, {"e1", "e2"}, timeout=60)
+
+        def a_wrote_after_takeover() -> bool:
+            return any(t > takeover and mesh_of(obj).tunnel.mtu == 1400
+                       for t, name, obj in recorder.seen if name.startswith("fabmesh-agent-"))
+
+        # On the old code op-a's renew hung forever while its worker went on: wait long enough for its
+        # stalled requests (30 s timeout) to give up and a pass to run through the healed relay.
+        wait_for(lambda: op_a.poll() is not None or a_wrote_after_takeover(), timeout=45,
+                 what="op-a to exit or write")
+        assert recorder.error is None, f"the write recorder's watch broke: {recorder.error}"
+        assert not a_wrote_after_takeover(), "op-a wrote after op-b took over (split brain)"
+        # The same from the API server's own record of who wrote: managedFields times are whole seconds.
+        late = [(name, entry["time"]) for _, name, obj in recorder.seen
+                for entry in obj["metadata"].get("managedFields") or []
+                if entry["manager"] == "fabmesh-operator/op-a"
+                and _epoch(entry["time"]) >= takeover_wall - 1]
+        assert late == [], f"op-a's writes after the takeover: {late}"
+        assert op_a.poll() is not None and op_a.returncode != 0, f"op-a did not exit non-zero: {op_a.poll()}"
+        assert a_exited_before_takeover, "op-a was still running when op-b took over"
+        assert op_b.poll() is None
+        assert mesh_of(configmaps(env)["fabmesh-agent-e2"]).tunnel.mtu == 1380
+    finally:
+        recorder.stop()
+        proxy.close()
