@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabmesh.mesh.dataplane import DEFAULT_PRIORITY, BypassPolicy, Direction, bypass_policies
+from fabmesh.mesh.dataplane import DEFAULT_PRIORITY, Direction, XfrmPolicy, bypass_policies
 from fabmesh.xfrm.driver import PoliciesNotApplied, XfrmPolicies
 
 pytestmark = pytest.mark.dataplane
@@ -130,20 +130,20 @@ def test_bypass_policies_cover_every_ordered_pair_of_local_subnets_in_every_dire
 ) -> None:
     policies = bypass_policies(subnets, priority=7)
 
-    assert policies == {BypassPolicy(s, d, direction, 7) for s, d in pairs for direction in Direction}
+    assert policies == {XfrmPolicy(s, d, direction, 7) for s, d in pairs for direction in Direction}
     assert len(policies) == 3 * len(pairs)
 
 
 def test_bypass_policy_is_canonical_and_refuses_what_could_not_be_recognised_as_ours() -> None:
-    policy = BypassPolicy("10.1.0.7", "10.2.0.0/16", "out", 5)  # type: ignore[arg-type]
+    policy = XfrmPolicy("10.1.0.7", "10.2.0.0/16", "out", 5)  # type: ignore[arg-type]
     assert (policy.src, policy.dst, policy.direction) == ("10.1.0.7/32", "10.2.0.0/16", Direction.OUT)
-    assert BypassPolicy("FD00:0::1", "fd00::/64", Direction.IN).src == "fd00::1/128"
+    assert XfrmPolicy("FD00:0::1", "fd00::/64", Direction.IN).src == "fd00::1/128"
     with pytest.raises(ValueError, match="families"):
-        BypassPolicy("10.1.0.0/24", "fd00::/64", Direction.IN)
+        XfrmPolicy("10.1.0.0/24", "fd00::/64", Direction.IN)
     with pytest.raises(ValueError, match="priority 0"):
-        BypassPolicy("10.1.0.0/24", "10.1.0.0/24", Direction.IN, 0)
+        XfrmPolicy("10.1.0.0/24", "10.1.0.0/24", Direction.IN, 0)
     with pytest.raises(ValueError):
-        BypassPolicy("10.1.0.1/24", "10.1.0.0/24", Direction.IN)
+        XfrmPolicy("10.1.0.1/24", "10.1.0.0/24", Direction.IN)
 
 
 # -- reconciler ----------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_selector_held_by_a_foreign_tunnel_policy_is_reported_not_taken_over(net
 
     assert [f.policy.direction for f in raised.value.failures] == [Direction.OUT]
     assert len(raised.value.changes) == 2
-    assert xp.list() == {BypassPolicy(POD_CIDR, POD_CIDR, d) for d in (Direction.IN, Direction.FWD)}
+    assert xp.list() == {XfrmPolicy(POD_CIDR, POD_CIDR, d) for d in (Direction.IN, Direction.FWD)}
     held = [line for line in observed_policies(netns) if "dir out" in line]
     assert len(held) == 1 and "tmpl" in held[0] and f"priority {CHARON_PRIORITY}" in held[0]
 
@@ -223,7 +223,7 @@ def test_selector_held_by_a_foreign_tunnel_policy_is_reported_not_taken_over(net
 def test_bypass_written_with_host_bits_is_replaced_by_the_canonical_one(netns: str) -> None:
     add_policy(netns, f"src 10.233.1.1/24 dst {POD_CIDR} dir out priority 5")
     xp = XfrmPolicies(netns)
-    out = BypassPolicy(POD_CIDR, POD_CIDR, Direction.OUT)
+    out = XfrmPolicy(POD_CIDR, POD_CIDR, Direction.OUT)
 
     assert xp.list() == {out}
     assert xp.set([out]) == [f"action=add-xfrm-bypass {out}", f"action=delete-xfrm-bypass {out}"]
