@@ -204,6 +204,7 @@ class XfrmPolicy:
     direction: Direction
     priority: int = DEFAULT_PRIORITY
     action: XfrmAction = XfrmAction.ALLOW
+    dev: str = ""  # selector's device ("" = any); see block_policies for why blocks name the uplink
 
     def __post_init__(self) -> None:
         src, dst = ipaddress.ip_network(self.src), ipaddress.ip_network(self.dst)
@@ -212,6 +213,8 @@ class XfrmPolicy:
             raise ValueError(f"{where}: source and destination are of different families")
         action = XfrmAction(self.action)
         band = _BANDS[action]
+        if any(c.isspace() for c in self.dev):
+            raise ValueError(f"{where}: dev {self.dev!r} is not a device name")
         if self.priority not in band:
             raise ValueError(
                 f"{where}: priority {self.priority} is outside {band.start}-{band.stop - 1}, "
@@ -224,7 +227,8 @@ class XfrmPolicy:
 
     def key(self) -> str:
         """The kernel's identity of the policy: two policies with the same key cannot coexist."""
-        return f"dir={self.direction} src={self.src} dst={self.dst}"
+        dev = f" dev={self.dev}" if self.dev else ""
+        return f"dir={self.direction} src={self.src} dst={self.dst}{dev}"
 
     @property
     def kind(self) -> str:
@@ -276,7 +280,7 @@ def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORI
     return policies
 
 
-def block_policies(tunnels: Iterable[tuple[Iterable[str], Iterable[str]]],
+def block_policies(tunnels: Iterable[tuple[Iterable[str], Iterable[str]]], dev: str,
                    priority: int = BLOCK_PRIORITY) -> set[XfrmPolicy]:
     """``block`` policies under every tunnel's outbound selectors, so that no gap lets them out in clear (pure).
 
@@ -286,6 +290,13 @@ def block_policies(tunnels: Iterable[tuple[Iterable[str], Iterable[str]]],
     uplink and, with no policy, the kernel sends it as is: in clear. A block policy with the same
     selector (for every local, remote pair) and a worse priority is overridden by charon's while the
     SA is up and drops the packet otherwise (``XfrmOutPolBlock``).
+
+    "The same selector" cannot be literal: the kernel keys a policy by its selector, mark and
+    if_id, not its priority, so charon's ``XFRM_MSG_UPDPOLICY`` would *replace* a block with the
+    very same selector, and delete it with its own when the SA goes. Blocks therefore also name
+    the device the tunnels' routes leave by (``dev``, the uplink): a different key, and no loss of
+    coverage, since the kernel matches it against the output device of the routed packet (the
+    flow's ``oif``, for out and for fwd alike).
 
     Two directions, as charon writes them for local -> remote: ``out`` for what the host sends and
     for forwarded packets' output lookup, ``fwd`` for packets forwarded from local pods (the kernel
@@ -301,6 +312,6 @@ def block_policies(tunnels: Iterable[tuple[Iterable[str], Iterable[str]]],
             for dst in remote:
                 if ipaddress.ip_network(src).version != ipaddress.ip_network(dst).version:
                     continue
-                policies |= {XfrmPolicy(src=src, dst=dst, direction=d, priority=priority, action=XfrmAction.BLOCK)
-                             for d in (Direction.OUT, Direction.FWD)}
+                policies |= {XfrmPolicy(src=src, dst=dst, direction=d, priority=priority, action=XfrmAction.BLOCK,
+                                        dev=dev) for d in (Direction.OUT, Direction.FWD)}
     return policies

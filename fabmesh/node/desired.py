@@ -135,8 +135,9 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
     if mesh.tunnel.backend is Backend.KERNEL:
         if mesh.node.role is Role.EDGE and mesh.node.pod_cidr:
             xfrm = bypass_policies([mesh.node.pod_cidr, mesh.node.address])
-        xfrm |= block_policies((mesh.local_ts(p), [s for s in p.subnets if str(ipaddress.ip_network(s)) in tunneled])
-                               for p in mesh.peers)
+        under = [(mesh.local_ts(p), [s for s in p.subnets if str(ipaddress.ip_network(s)) in tunneled])
+                 for p in mesh.peers]
+        xfrm |= block_policies(under, dev=device)
     ours = [s for s in (mesh.node.pod_cidr, mesh.node.address) if s]
     members = set(mesh.mesh_cidrs) | local | {s for p in mesh.peers for s in p.subnets}
     masquerade = mesh.node.pod_cidr if mesh.node.role is Role.EDGE else None

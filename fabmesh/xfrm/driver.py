@@ -25,8 +25,9 @@ therefore ours when it has exactly the shape fabmesh writes, and nothing else:
 * type ``main``, direction ``in``, ``out`` or ``fwd``; ``action allow`` with a priority in
   ``PRIORITY_BAND`` (1-999) or ``action block`` with one in ``BLOCK_PRIORITY_BAND``;
 * no template (every policy charon installs for a tunnel has one), no mark, no ``if_id``, no
-  security context, no flags, no protocol, port or device in the selector (lifetime limits are
-  not printed by ``ip xfrm policy list`` and not checked: nobody puts them on these).
+  security context, no flags, no protocol or port in the selector, and a device in it only as
+  blocks have one (lifetime limits are not printed by ``ip xfrm policy list`` and not checked:
+  nobody puts them on these).
 
 ``ip xfrm policy add`` without ``priority`` gives 0, outside both bands, so a policy a person typed
 in is left alone; charon's pass/drop shunts (no template) sit between 68541 and ~600000 unless
@@ -183,7 +184,8 @@ class XfrmPolicies:
     # -- writing -------------------------------------------------------------------------------
 
     def _write(self, verb: _Verb, policy: XfrmPolicy, failures: builtins.list[PolicyFailure]) -> bool:
-        selector = ["src", policy.src, "dst", policy.dst, "dir", policy.direction]
+        selector = ["src", policy.src, "dst", policy.dst, *(["dev", policy.dev] if policy.dev else []),
+                    "dir", policy.direction]
         try:
             self._send(verb, *selector, "priority", str(policy.priority), "action", policy.action)
         except XfrmError as exc:
@@ -196,7 +198,8 @@ class XfrmPolicies:
 
     def _delete(self, old: _Installed, failures: builtins.list[PolicyFailure]) -> bool:
         try:
-            self._send(_Verb.DELETE, "src", old.src, "dst", old.dst, "dir", old.policy.direction)
+            dev = ["dev", old.policy.dev] if old.policy.dev else []
+            self._send(_Verb.DELETE, "src", old.src, "dst", old.dst, *dev, "dir", old.policy.direction)
         except XfrmError as exc:
             if "RTNETLINK answers: No such file or directory" in str(exc):
                 return False  # already gone
@@ -240,16 +243,20 @@ def _blocks(text: str) -> builtins.list[builtins.list[str]]:
 def _parse_ours(block: builtins.list[str]) -> _Installed | None:
     """The policy a block describes, if it has exactly the shape fabmesh writes; None otherwise.
 
-    Ours print as two lines, ``src A dst B`` and ``dir D priority P ptype main`` (``action allow``
-    is the default and not printed; ``action block`` is, before the priority); a mark, ``if_id``,
-    template or context would add lines, a protocol, port or device would add words to the first, a
-    flag to the second.
+    Ours print as two lines, ``src A dst B [dev D]`` and ``dir D [action block] priority P ptype main``
+    (``action allow`` is the default and not printed); a mark, ``if_id``, template or context would
+    add lines, a protocol or port would add words to the first, a flag to the second.
     """
     if len(block) != 2:
         return None
     selector, attributes = block[0].split(), block[1].split()
-    if len(selector) != 4 or selector[0] != "src" or selector[2] != "dst" or len(attributes) % 2:
+    if len(selector) not in (4, 6) or selector[0] != "src" or selector[2] != "dst" or len(attributes) % 2:
         return None
+    dev = ""
+    if len(selector) == 6:
+        if selector[4] != "dev":
+            return None
+        dev = selector[5]
     values = dict(zip(attributes[::2], attributes[1::2], strict=True))
     action = values.get("action", XfrmAction.ALLOW)
     if (
@@ -258,6 +265,7 @@ def _parse_ours(block: builtins.list[str]) -> _Installed | None:
         or values.get("ptype", "main") != "main"
         or action not in tuple(XfrmAction)
         or values.get("dir") not in tuple(Direction)
+        or (dev and action != XfrmAction.BLOCK)
         or not values.get("priority", "").isdigit()
         or int(values["priority"]) not in _BANDS[XfrmAction(action)]
     ):
@@ -270,6 +278,7 @@ def _parse_ours(block: builtins.list[str]) -> _Installed | None:
             direction=Direction(values["dir"]),
             priority=int(values["priority"]),
             action=XfrmAction(action),
+            dev=dev,
         )
     except ValueError:
         return None

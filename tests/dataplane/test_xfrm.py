@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabmesh.mesh.dataplane import DEFAULT_PRIORITY, Direction, XfrmPolicy, bypass_policies
+from fabmesh.mesh.dataplane import (
+    BLOCK_PRIORITY,
+    DEFAULT_PRIORITY,
+    Direction,
+    XfrmAction,
+    XfrmPolicy,
+    block_policies,
+    bypass_policies,
+)
 from fabmesh.xfrm.driver import PoliciesNotApplied, XfrmPolicies
 
 pytestmark = pytest.mark.dataplane
@@ -288,3 +296,75 @@ def test_pod_to_pod_routed_through_the_host_needs_the_fwd_and_out_bypass(
 
     XfrmPolicies(host).set(bypass)
     assert pings(pod_a, "10.233.1.3")
+
+
+# -- block policies (fail closed) ------------------------------------------------------------------
+
+CLOUD_PODS = "10.244.0.0/16"
+
+
+def _arrived(netns: str) -> int:
+    """Packets for the cloud pods counted on arrival in ``netns`` (raw PREROUTING, before anything drops them)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x",
+                          "-n"], check=True, capture_output=True, text=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())
+
+
+def test_block_policies_are_written_listed_and_a_resync_writes_nothing(netns: str) -> None:
+    ip(netns, "link", "add", "fmw0", "type", "veth", "peer", "name", "fmw1")
+    desired = block_policies([([POD_CIDR, NODE_IP], [CLOUD_PODS])], dev="fmw0") | bypass_policies([POD_CIDR])
+    xp = XfrmPolicies(netns)
+
+    xp.set(desired)
+
+    assert {line for line in observed_policies(netns) if "block" in line} == {
+        f"src {s} dst {CLOUD_PODS} dev fmw0 dir {d} action block priority {BLOCK_PRIORITY} ptype main"
+        for s in (POD_CIDR, "192.0.2.10/32") for d in ("out", "fwd")
+    }
+    assert xp.list() == desired
+    writes = xp.writes
+    assert XfrmPolicies(netns).set(desired) == [] and xp.set(desired) == [] and xp.writes == writes
+    assert all(c.startswith("action=delete-xfrm-block") for c in xp.set(bypass_policies([POD_CIDR])))
+    with pytest.raises(ValueError, match="block"):
+        XfrmPolicy(POD_CIDR, CLOUD_PODS, Direction.OUT, DEFAULT_PRIORITY, XfrmAction.BLOCK)
+
+
+def test_without_a_tunnel_policy_the_block_drops_what_the_route_would_send_out_in_clear(
+    netns: str, more_netns: Callable[[], str]
+) -> None:
+    host, wan, pod = netns, more_netns(), more_netns()
+    subprocess.run(["ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    ip(host, "link", "add", "fmw0", "type", "veth", "peer", "name", "eth0", "netns", wan)
+    ip(host, "addr", "add", "198.51.100.1/24", "dev", "fmw0")
+    ip(host, "link", "set", "fmw0", "up")
+    ip(wan, "addr", "add", "198.51.100.2/24", "dev", "eth0")
+    ip(wan, "link", "set", "eth0", "up")
+    subprocess.run(["ip", "netns", "exec", wan, "iptables", "-t", "raw", "-A", "PREROUTING", "-d", CLOUD_PODS],
+                   check=True)
+    veth_to(host, pod, "fmp0")
+    ip(host, "addr", "add", "10.233.1.1/24", "dev", "fmp0")
+    ip(pod, "addr", "add", "10.233.1.2/24", "dev", "eth0")
+    ip(pod, "route", "add", "default", "via", "10.233.1.1")
+    # What table 2620 does with kernel ESP: the cloud pods go out of the uplink, the xfrm policy encrypts them.
+    ip(host, "route", "add", CLOUD_PODS, "via", "198.51.100.2", "src", "10.233.1.1")
+
+    def sent(netns: str, source: str) -> int:
+        before = _arrived(wan)
+        subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", source,
+                        "10.244.1.5"], capture_output=True)
+        return _arrived(wan) - before
+
+    # No tunnel policy (its CHILD_SA is down): in clear, from the host and forwarded from the pod.
+    assert sent(host, "10.233.1.1") == 2 and sent(pod, "10.233.1.2") == 2
+
+    XfrmPolicies(host).set(block_policies([([POD_CIDR], [CLOUD_PODS])], dev="fmw0"))
+    blocked = xfrm_stat(host, "XfrmOutPolBlock")
+    assert sent(host, "10.233.1.1") == 0 and sent(pod, "10.233.1.2") == 0
+    assert xfrm_stat(host, "XfrmOutPolBlock") > blocked
+
+    # charon's policies (out and outbound fwd, at its priority, same addresses: the block's device keeps
+    # them from replacing it) override the block while the SA is up. No ESP here, so they stand in
+    # without a template: packets then leave as the tunnel would take them.
+    for direction in ("out", "fwd"):
+        add_policy(host, f"src {POD_CIDR} dst {CLOUD_PODS} dir {direction} priority {CHARON_PRIORITY}")
+    assert sent(host, "10.233.1.1") == 2 and sent(pod, "10.233.1.2") == 2

@@ -119,7 +119,7 @@ def test_kernel_backend_blocks_every_tunnel_selector_out_and_forwarded_and_asks_
     state = desired_state(edge_mesh(Backend.KERNEL), "CERT", uplink="wan0")
     blocks = {p for p in state.xfrm if p.action is XfrmAction.BLOCK}
     remotes = (*CLOUD_SIDE, "10.233.2.0/24", "192.0.2.2/32")
-    assert blocks == {XfrmPolicy(src, dst, d, BLOCK_PRIORITY, XfrmAction.BLOCK)
+    assert blocks == {XfrmPolicy(src, dst, d, BLOCK_PRIORITY, XfrmAction.BLOCK, dev="wan0")
                       for src in ("10.233.1.0/24", "192.0.2.1/32") for dst in remotes
                       for d in (Direction.OUT, Direction.FWD)}
     assert all(c["children"][n]["policies_fwd_out"] == "yes" for n, c in state.connections.items())
