@@ -105,7 +105,12 @@ class Reconciler:
         ca = self._ca()
         ipam_cm = self.kube.get("configmaps", o.IPAM_CONFIGMAP, self.ns)
         recorded = json.loads((ipam_cm or {}).get("data", {}).get("allocations.json", "{}"))
-        mesh = plan(infos, self.settings, ca.cert_pem, recorded)
+        configmaps = {c["metadata"]["name"]: c
+                      for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)}
+        # An edge that turns invalid stays in its peers' configs as its own ConfigMap last described it.
+        last_good = {name: cm["data"]["mesh.yaml"] for name in edge_names
+                     if (cm := configmaps.get(o.agent_configmap_name(name))) and "mesh.yaml" in (cm.get("data") or {})}
+        mesh = plan(infos, self.settings, ca.cert_pem, recorded, last_good)
         result = PassResult(plan=mesh, errors=[*invalid, *mesh.errors])
         if mesh.ipam_record != recorded and not self._write_ipam(ipam_cm, mesh.ipam_record):
             result.retry = True
@@ -115,8 +120,6 @@ class Reconciler:
 
         by_name = {n.name: n for n in infos}
         secrets = {s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)}
-        configmaps = {c["metadata"]["name"]: c
-                      for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)}
         expiry: dict[str, str] = {}
         for name, addresses in sorted(mesh.cert_addresses.items()):
             node = by_name[name]
