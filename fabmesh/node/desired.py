@@ -15,6 +15,12 @@ swallowing traffic they must not carry:
   tunnel's own UDP packets would be routed into it (the endpoint stays
   reachable directly, which IKE needs anyway).
 
+One bad peer never costs the others: a peer whose subnets or endpoint are not of
+this node's address family (an IPv6 host route from a dual-stack node, in an IPv4
+mesh) is left out, with a note naming the peer and the field in ``rejected``, and
+everything else is planned. Raising instead would stop every pass on this node, so
+no peer could be added or removed here until the bad one went away.
+
 The iptables chains and the ipsets are rendered by ``fabmesh/firewall/rules.py``
 from this node's CIDRs, MTU and role.
 
@@ -39,7 +45,7 @@ from typing import Any
 
 from fabmesh.firewall.rules import firewall_chains, firewall_jumps, mesh_ipset, remote_ipset, tunnel_match
 from fabmesh.mesh.dataplane import Chain, IPSet, Jump, Route, XfrmPolicy, block_policies, bypass_policies
-from fabmesh.mesh.model import Backend, NodeMesh, Role
+from fabmesh.mesh.model import Backend, NodeMesh, Peer, Role
 from fabmesh.node.cni import gateway
 from fabmesh.node.tunnels import desired_connections
 
@@ -59,6 +65,7 @@ class NodeState:
     connections: dict[str, dict[str, Any]] = field(hash=False)
     initiators: frozenset[str] = frozenset()
     skipped: tuple[str, ...] = ()  # human notes about subnets deliberately not routed
+    rejected: tuple[str, ...] = ()  # human notes about peers left out, naming the peer and the field
     anchors: tuple[str, ...] = ()  # local subnets that need a local address (libipsec), see below
     # kernel ESP: bypasses keeping local traffic out of tunnels, blocks under the tunnels (fail closed)
     xfrm: tuple[XfrmPolicy, ...] = ()
@@ -96,9 +103,13 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
     device = LIBIPSEC_DEVICE if mesh.tunnel.backend is Backend.LIBIPSEC else uplink
     if device is None:
         raise ValueError("the kernel backend needs the uplink device to route tunnel traffic")
+    src = _source(mesh)
+    family = ipaddress.ip_address(src).version
+    problems = {p.name: note for p in mesh.peers if (note := _peer_problem(p, family))}
+    if problems:
+        mesh = mesh.model_copy(update={"peers": tuple(p for p in mesh.peers if p.name not in problems)})
     own = {mesh.node.address, mesh.node.endpoint}
     endpoints = _Endpoints({p.endpoint for p in mesh.peers if p.endpoint} | own | set(ike_remotes))
-    src = _source(mesh)
     routes: dict[str, Route] = {}
     skipped: list[str] = []
     local = set(mesh.local_subnets)
@@ -150,6 +161,7 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
         jumps=firewall_jumps(),
         connections=desired_connections(mesh, cert_pem),
         initiators=frozenset(p.name for p in mesh.peers if p.initiate), skipped=tuple(skipped),
+        rejected=tuple(note for _, note in sorted(problems.items())),
         anchors=tuple(sorted(anchors)), xfrm=tuple(sorted(xfrm)))
 
 
@@ -166,6 +178,22 @@ def _without(subnets: set[str], holes: list[str]) -> set[str]:
             # else net lies inside the hole: nothing of it is left
         left = pieces
     return {str(n) for n in ipaddress.collapse_addresses(left)}  # type: ignore[arg-type]
+
+
+def _peer_problem(peer: Peer, family: int) -> str | None:
+    """Why ``peer`` cannot be planned on a node of IP version ``family``, or None.
+
+    The model has validated every address, so a colon tells the family: a connector checks
+    thousands of peers on every pass.
+    """
+    v6 = family == 6
+    if peer.endpoint and (":" in peer.endpoint) != v6:
+        return f"peer {peer.name} endpoint {peer.endpoint} is not IPv{family}: peer left out"
+    for key in ("subnets", "local_subnets"):
+        for i, subnet in enumerate(getattr(peer, key)):
+            if (":" in subnet) != v6:
+                return f"peer {peer.name} {key}[{i}] {subnet} is not IPv{family}: peer left out"
+    return None
 
 
 def _source(mesh: NodeMesh) -> str:

@@ -56,6 +56,7 @@ class NodeLoop:
         self.applier: NodeApplier | None = None
         self.healthy = False
         self.metrics_tried = False
+        self.rejected: frozenset[str] = frozenset()  # peers left out by desired_state, as last logged
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -97,6 +98,7 @@ class NodeLoop:
         conflist = render_conflist(config.mesh, self.options.ipam_data_dir) if config.mesh.node.pod_cidr else None
         state = desired_state(config.mesh, config.cert_pem, uplink=self._uplink(config), conflist=conflist,
                               ike_remotes=remotes)
+        self._report_rejected(config.mesh.node.name, state.rejected)
         report = self.applier.apply(state, config.creds)
         sas = self._observe_sas()
         self._export(config, sas)
@@ -116,6 +118,14 @@ class NodeLoop:
             return
         self.metrics_tried = True
         serve(self.metrics.registry, address, self.options.metrics_port)
+
+    def _report_rejected(self, node: str, notes: tuple[str, ...]) -> None:
+        """One WARNING per peer newly left out, one INFO when it is back; nothing while unchanged."""
+        for note in sorted(set(notes) - self.rejected):
+            log.warning("node=%s action=reject-peer %s", node, note)
+        for note in sorted(self.rejected - set(notes)):
+            log.info("node=%s action=accept-peer no longer rejected: %s", node, note)
+        self.rejected = frozenset(notes)
 
     def _uplink(self, config: NodeConfig) -> str | None:
         """``--uplink``, else the device the kernel routes towards the first peer (or the internet)."""

@@ -118,7 +118,11 @@ class Reconciler:
         seen = self._observe()
         ca = ca_from_secret(seen.ca_secret) or self._create_ca(now)
         recorded = json.loads((seen.ipam_cm or {}).get("data", {}).get("allocations.json", "{}"))
-        mesh = plan(seen.nodes, self.settings, ca.cert_pem, recorded)
+        # An edge that turns invalid stays in its peers' configs as its own ConfigMap last described it.
+        kept = {name: (seen.configmaps.get(o.agent_configmap_name(name)) or {}).get("data") or {}
+                for name in seen.edge_names}
+        last_good = {name: data["mesh.yaml"] for name, data in kept.items() if "mesh.yaml" in data}
+        mesh = plan(seen.nodes, self.settings, ca.cert_pem, recorded, last_good)
         certs = plan_certificates(seen.secrets, mesh.cert_addresses, mesh.edges, ca, now)
         result = PassResult(plan=mesh, errors=[*seen.invalid, *mesh.errors, *certs.errors])
         if mesh.ipam_record != recorded and not self._write_ipam(seen.ipam_cm, mesh.ipam_record):

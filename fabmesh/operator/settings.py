@@ -6,6 +6,7 @@ documented in ``docs/operator.md`` and in the chart's ``values.yaml``.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -89,6 +90,11 @@ class OperatorSettings(BaseModel):
     # Extra cloud host ranges the connector tunnel carries (e.g. hosts that reach edge kubelets from their
     # own address). Empty adds none: a cloud node reaches edges from its flannel.1 address, in cloud_pod_cidrs.
     cloud_node_cidrs: tuple[Cidr, ...] = ()
+    # Where edge node addresses may live: an edge's InternalIP is announced to the mesh (a /32 on the
+    # connector and its peers, for kubelet) only inside these. Empty = any address that is not globally
+    # routable (private, CGNAT, ULA, documentation ranges). Mesh ranges and other nodes' addresses are
+    # refused either way (fabmesh/operator/addresses.py).
+    edge_node_cidrs: tuple[Cidr, ...] = ()
     cert_lifetime_days: int = Field(default=365, ge=1)
     ca_lifetime_days: int = Field(default=3650, ge=2)
     connector_shards: int = Field(default=16, ge=1, le=256)
@@ -114,8 +120,6 @@ class OperatorSettings(BaseModel):
 
     @model_validator(mode="after")
     def _pool_fits_prefix(self) -> OperatorSettings:
-        import ipaddress
-
         pool = ipaddress.ip_network(self.edge_pod_pool)
         if not pool.prefixlen <= self.edge_pod_prefix_len <= pool.max_prefixlen:
             raise ValueError(f"edge_pod_prefix_len {self.edge_pod_prefix_len} does not fit "
@@ -123,7 +127,19 @@ class OperatorSettings(BaseModel):
         for cidr in (*self.cloud_pod_cidrs, self.service_cidr):
             if pool.overlaps(ipaddress.ip_network(cidr)):
                 raise ValueError(f"edge_pod_pool {pool} overlaps {cidr}")
+        # The mesh is single-stack, in the pool's family: a range of the other family would put
+        # selectors and routes of two families into one tunnel, which no peer can apply.
+        for key in ("cloud_pod_cidrs", "service_cidr", "cloud_node_cidrs", "edge_node_cidrs"):
+            value = getattr(self, key)
+            for cidr in (value,) if isinstance(value, str) else value:
+                if ipaddress.ip_network(cidr).version != pool.version:
+                    raise ValueError(f"{key} {cidr} is not IPv{pool.version} like edge_pod_pool {pool}")
         return self
+
+    @property
+    def family(self) -> int:
+        """The mesh's IP version (4 or 6): the edge pod pool's."""
+        return ipaddress.ip_network(self.edge_pod_pool).version
 
 
 class SettingsError(ValueError):

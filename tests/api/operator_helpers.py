@@ -140,7 +140,7 @@ def resource_versions(env: OperatorEnv) -> dict[str, str]:
 
 def events_for(env: OperatorEnv, name: str) -> list[dict[str, Any]]:
     return [e for e in env.kube.list("events", "default")
-            if e["involvedObject"]["name"] == name and e["reason"] == "FabmeshInvalidNode"]
+            if e["involvedObject"].get("name") == name and e.get("reason") == "FabmeshInvalidNode"]
 
 
 class WriteRecorder:

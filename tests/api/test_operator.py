@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from fabmesh.kube.client import ApiError
-from fabmesh.mesh.model import Role
+from fabmesh.mesh.model import Peer, Role, parse_peer_shard
+from fabmesh.node.desired import desired_state
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
@@ -483,3 +484,92 @@ def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_ove
     finally:
         recorder.stop()
         proxy.close()
+
+
+# -- issue 10: a hostile node or a bad label harms at most that node ---------------------------------
+
+def connector_peers(env: OperatorEnv) -> dict[str, Peer]:
+    return {p.name: p for name, cm in configmaps(env).items() if name.startswith("fabmesh-connector-peers-")
+            for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
+
+
+def peer_of(env: OperatorEnv, node: str, peer: str) -> Peer | None:
+    return next((p for p in mesh_of(configmaps(env)[o.agent_configmap_name(node)]).peers if p.name == peer), None)
+
+
+def event_fields(env: OperatorEnv, name: str) -> set[str]:
+    return {e["message"].split(":")[0] for e in events_for(env, name)}
+
+
+def test_edges_announce_only_their_own_addresses(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    with_external = edge("ext-bad", "192.0.2.9", "a")
+    with_external["status"]["addresses"].append({"type": "ExternalIP", "address": "10.244.0.9"})
+    homes = [edge(f"home-{x}", "192.168.1.10") for x in "ab"]
+    create_nodes(env.kube, [*cloud_nodes(), edge("good", "192.0.2.1", "a"), edge("hijack", "10.244.1.5", "a"),
+                            edge("api-server", "198.51.100.2"), with_external, *homes])
+    env.start()
+    names = {"good", "hijack", "api-server", "ext-bad", "home-a", "home-b"}
+    wait_converged(env, names)  # every edge is planned: a bad address costs only that address
+    wait_for(lambda: all(events_for(env, n) for n in names - {"good"}), timeout=30, what="Events on bad addresses")
+
+    shards = connector_peers(env)
+    cidr = {n: nodes(env)[n]["spec"]["podCIDR"] for n in names}
+    for name in names - {"good", "ext-bad"}:
+        assert shards[name].subnets == (cidr[name],), name  # pod CIDR only, no hijacking /32
+    assert shards["good"].subnets == (cidr["good"], "192.0.2.1/32")
+    assert shards["ext-bad"].subnets == (cidr["ext-bad"], "192.0.2.9/32")  # only its ExternalIP was refused
+    assert peer_of(env, "good", "hijack") is None  # no address its peers may use: relayed by the connector
+    assert peer_of(env, "good", "ext-bad").endpoint == "192.0.2.9"  # type: ignore[union-attr]
+    assert event_fields(env, "hijack") == {"status.addresses[0]"}
+    assert event_fields(env, "ext-bad") == {"status.addresses[1]"}
+    assert event_fields(env, "home-a") == event_fields(env, "home-b") == {"status.addresses[0]"}
+
+
+def test_one_nodes_bad_data_never_reaches_the_others(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    cloud = cloud_nodes()
+    cloud[1]["metadata"]["annotations"] = {"fabmesh.io/pod-cidr": "10.233.0.0/16"}  # a cloud kubelet's claim
+    create_nodes(env.kube, [*cloud, edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a"),
+                            edge("e3", "192.0.2.3", "a")])
+    env.start()
+    wait_converged(env, {"e1", "e2", "e3"}, timeout=30)
+    before = mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers
+    cidr = {n: nodes(env)[n]["spec"]["podCIDR"] for n in ("e1", "e2", "e3")}
+
+    # e2 writes e1's CIDR into its own annotation: an Event, not the CIDR; the annotation is put back.
+    env.kube.merge_patch("nodes", "e2", {"metadata": {"annotations": {"fabmesh.io/pod-cidr": cidr["e1"]}}})
+    wait_for(lambda: "metadata.annotations[fabmesh.io/pod-cidr]" in event_fields(env, "e2"), timeout=30,
+             what="an Event on e2's annotation")
+    wait_for(lambda: nodes(env)["e2"]["metadata"]["annotations"]["fabmesh.io/pod-cidr"] == cidr["e2"],
+             timeout=30, what="e2's annotation rewritten from the record")
+
+    # e3 turns invalid: it stays in its peers' configs with its last good values until it is deleted.
+    env.kube.merge_patch("nodes", "e3", {"metadata": {"labels": {"community.fabmesh.io/Bad_Name": ""}}})
+    wait_for(lambda: events_for(env, "e3"), timeout=30, what="an Event on e3")
+    time.sleep(2 * env.settings.resync_period_s)
+    assert mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers == before
+    assert connector_peers(env)["e3"].subnets == (cidr["e3"], "192.0.2.3/32")
+    assert cidr["e3"] in configmaps(env)[o.IPAM_CONFIGMAP]["data"]["allocations.json"]
+    env.kube.delete("nodes", "e3")
+    wait_for(lambda: "e3" not in connector_peers(env) and peer_of(env, "e1", "e3") is None, timeout=30,
+             what="e3 to leave every config once deleted")
+
+
+def test_dual_stack_and_ipv6_addresses_never_break_ipv4_peers(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    dual = edge("dual", "2001:db8::5", "a")
+    dual["status"]["addresses"].append({"type": "InternalIP", "address": "192.0.2.5"})
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), dual, edge("v6", "2001:db8::6", "a")])
+    env.start()
+    wait_converged(env, {"e1", "dual"})
+    wait_for(lambda: events_for(env, "v6"), timeout=30, what="an Event on the IPv6-only edge")
+    assert event_fields(env, "v6") == {"status.addresses"}
+    assert connector_peers(env)["dual"].subnets == (nodes(env)["dual"]["spec"]["podCIDR"], "192.0.2.5/32")
+    # What the connector and e1 would apply from these configs: every peer planned, none rejected.
+    header = mesh_of(configmaps(env)[o.CONNECTOR_CONFIGMAP])
+    connector = header.model_copy(update={"peers": tuple(connector_peers(env).values())})
+    dual_cidr = nodes(env)["dual"]["spec"]["podCIDR"]
+    for mesh, route in ((connector, "192.0.2.5/32"), (mesh_of(configmaps(env)["fabmesh-agent-e1"]), dual_cidr)):
+        state = desired_state(mesh, "CERT", uplink="wan0")
+        assert state.rejected == () and route in {r.dst for r in state.routes}

@@ -151,3 +151,22 @@ def test_connector_gets_anchors_for_local_selectors_and_routes_from_its_flannel_
     # Cloud pods are local here (they reach the connector in clear, over flannel): only the edge is remote.
     remote = next(s for s in state.ipsets if s.name == "FABMESH-REMOTE").members
     assert remote == {"10.233.1.0/24", "192.0.2.1/32"}
+
+
+BAD_PEERS = {
+    "ipv6-host-route": (Peer(name="e3", role=Role.EDGE, endpoint="198.51.100.13",
+                             subnets=("10.233.3.0/24", "2001:db8::3/128")), "peer e3 subnets[1] 2001:db8::3/128"),
+    "ipv6-endpoint": (Peer(name="e3", role=Role.EDGE, endpoint="2001:db8::3", subnets=("10.233.3.0/24",)),
+                      "peer e3 endpoint 2001:db8::3"),
+}
+
+
+@pytest.mark.parametrize("bad,note", BAD_PEERS.values(), ids=BAD_PEERS.keys())
+def test_a_peer_of_another_family_is_rejected_with_a_note_and_the_others_are_planned(bad: Peer, note: str) -> None:
+    mesh = edge_mesh(Backend.LIBIPSEC)
+    mesh = mesh.model_copy(update={"peers": (*mesh.peers, bad)})
+    state = desired_state(mesh, "CERT")
+    assert len(state.rejected) == 1 and state.rejected[0].startswith(note)
+    assert set(state.connections) == {"c1", "e2"}
+    assert {r.dst for r in state.routes} == {*CLOUD_SIDE, "10.233.2.0/24", "192.0.2.2/32", "10.233.1.0/24"}
+    assert desired_state(edge_mesh(Backend.LIBIPSEC), "CERT").rejected == ()
