@@ -200,3 +200,13 @@ def test_plan_leaves_the_garbage_collector_running() -> None:
     finally:
         gc.callbacks.pop()
     assert gc.isenabled() and collections, "the cyclic collector never ran during a 300-edge plan"
+
+
+def test_every_connector_active_or_standby_gets_a_certificate_only_the_active_one_a_mesh() -> None:
+    standby = raw("conn-0", "198.51.100.2", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-06-01T00:00:00Z")
+    active = raw("conn-9", "198.51.100.9", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-01-01T00:00:00Z")
+    result, _ = run(standby, active, edge("e1", "192.0.2.1"))
+    assert result.connectors == ("conn-0", "conn-9")
+    assert result.cert_addresses["conn-0"] == ("198.51.100.2",)
+    assert result.cert_addresses["conn-9"] == ("198.51.100.9",)
+    assert result.connector is not None and result.connector.node.name == "conn-9"  # the oldest, not by name
