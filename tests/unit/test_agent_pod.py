@@ -118,3 +118,16 @@ def test_the_connector_pod_gets_the_connector_resources() -> None:
     assert containers["connector"]["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
                                                     "limits": {"cpu": "1", "memory": "512Mi"}}
     assert containers["strongswan"]["resources"]["limits"] == {"cpu": "2", "memory": "1Gi"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_path_a_connector_container_writes_is_a_volume(backend: Backend) -> None:
+    spec = _connector(backend)["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    writable = {c["name"]: {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly")}
+                for c in spec["containers"]}
+    assert set(writable["connector"]) == {"/var/run/fabmesh", "/tmp", "/run/xtables.lock"}
+    assert "emptyDir" in writable["connector"]["/tmp"]
+    # charon will not start without its compiled-in pid file, /var/run/charon.pid.
+    assert {"/var/run", "/var/run/fabmesh"} <= set(writable["strongswan"])
+    assert "emptyDir" in writable["strongswan"]["/var/run"]
