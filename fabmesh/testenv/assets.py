@@ -28,6 +28,17 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.37.2"
 HELM_VERSION = "v3.22.0"
 BINARIES = ("kube-apiserver", "etcd", "kubectl")
+# Built only by ensure_node_assets(): the api tier never pays for them.
+NODE_BINARIES = ("kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler")
+_PACKAGES = {
+    "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+    "etcd": "go.etcd.io/etcd/server/v3",
+    "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
+    "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+}
 
 
 class AssetError(RuntimeError):
@@ -82,7 +93,10 @@ def _staging_modules(kube_version: str, env: dict[str, str]) -> list[str]:
     return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod.read_text(), re.M)))
 
 
-def _build_kubernetes(dest: Path, kube_version: str) -> None:
+def _build_kubernetes(dest: Path, kube_version: str, names: tuple[str, ...] = BINARIES) -> None:
+    """Build the missing ``names`` into ``dest``; one throwaway module, one Go build cache for all."""
+    if all((dest / n).exists() for n in names):
+        return
     env = _go_env()
     staging = _staging_version(kube_version)
     modules = _staging_modules(kube_version, env)
@@ -92,17 +106,14 @@ def _build_kubernetes(dest: Path, kube_version: str) -> None:
                  f"require k8s.io/kubernetes {kube_version}", ""]
         lines += [f"replace {m} => {m} {staging}" for m in modules]
         (work / "go.mod").write_text("\n".join(lines) + "\n")
+        imports = "".join(f'\t_ "{_PACKAGES[n]}"\n' for n in names)
         (work / "tools.go").write_text(
-            "//go:build tools\n\npackage tools\n\nimport (\n"
-            '\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
-            '\t_ "k8s.io/kubernetes/cmd/kubectl"\n'
-            '\t_ "go.etcd.io/etcd/server/v3"\n)\n'
+            "//go:build tools\n\npackage tools\n\nimport (\n" + imports + ")\n"
         )
         _run("resolve modules", ["go", "mod", "tidy", "-e"], cwd=work, env=env)
         dest.mkdir(parents=True, exist_ok=True)
-        for name, pkg in (("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
-                          ("etcd", "go.etcd.io/etcd/server/v3"),
-                          ("kubectl", "k8s.io/kubernetes/cmd/kubectl")):
+        for name in names:
+            pkg = _PACKAGES[name]
             if (dest / name).exists():
                 continue
             tmp_out = dest / f".{name}.tmp"
@@ -142,6 +153,17 @@ def ensure_assets(kube_version: str = KUBERNETES_VERSION, helm_version: str = HE
     return Assets(directory=directory, helm=helm)
 
 
+def ensure_node_assets(kube_version: str = KUBERNETES_VERSION) -> Path:
+    """Build (once) kubelet, kube-proxy, kube-controller-manager and kube-scheduler next to kube-apiserver.
+
+    Kept apart from ensure_assets() because only the real-node tier needs them and a cold
+    build of the four costs several minutes more on a 2-core machine. Returns the directory.
+    """
+    directory = cache_root() / f"k8s-{kube_version}"
+    _build_kubernetes(directory, kube_version, NODE_BINARIES)
+    return directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fabmesh.testenv.assets",
@@ -149,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     parser.add_argument("--helm-version", default=HELM_VERSION)
+    parser.add_argument("--node", action="store_true",
+                        help="also build kubelet, kube-proxy, kube-controller-manager, kube-scheduler")
     args = parser.parse_args(argv)
     try:
         assets = ensure_assets(args.kubernetes_version, args.helm_version)
+        if args.node:
+            ensure_node_assets(args.kubernetes_version)
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
