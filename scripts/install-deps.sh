@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything fabmesh's tests and lab need, idempotently; cached between runs.
-#   Debian packages (strongSwan with kernel-libipsec, iproute2, iptables, ipset, CNI plugins, iperf3)
+#   Debian packages (strongSwan with kernel-libipsec, iproute2, iptables, ipset, CNI plugins, iperf3;
+#   for real nodes: containerd 1.6 + runc, busybox-static for the local images)
 #   a Python venv at .venv with fabmesh and its pinned dependencies
 #   kube-apiserver, etcd, kubectl (built from Go modules) and helm, under ~/.cache/fabmesh
 # Rerun this script after any failure: every step says what it ran.
@@ -13,7 +14,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: network namespaces, iptables and charon need it (sudo $0)"
 
 DEBS=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
-      iproute2 iptables ipset containernetworking-plugins iperf3 iputils-ping socat procps python3-venv)
+      iproute2 iptables ipset containernetworking-plugins iperf3 iputils-ping socat procps python3-venv
+      containerd runc busybox-static)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -24,6 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
     || die "step 'apt-get install ${missing[*]}' failed; rerun scripts/install-deps.sh"
 fi
+
+# Real nodes run Debian's containerd 1.6 (see docs/real-nodes.md for why not v2): refuse another series.
+containerd --version | grep -q ' 1\.6\.' \
+  || die "containerd $(containerd --version | cut -d' ' -f3) installed; real nodes are tested with the 1.6 series"
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -41,3 +47,9 @@ fi
 command -v go >/dev/null || die "no Go toolchain on PATH: kube-apiserver is built from Go modules (install Go >= 1.26)"
 step "kube-apiserver, etcd, kubectl and helm (built once, cached in ~/.cache/fabmesh)"
 .venv/bin/python -m fabmesh.testenv.assets
+# Real-node tier only (tests/nodes): FABMESH_NODE_ASSETS=1 also builds kubelet, kube-proxy,
+# kube-controller-manager and kube-scheduler (several more minutes cold).
+if [ "${FABMESH_NODE_ASSETS:-0}" = 1 ]; then
+  step "kubelet, kube-proxy, kube-controller-manager, kube-scheduler (cached in ~/.cache/fabmesh)"
+  .venv/bin/python -m fabmesh.testenv.assets --node
+fi

@@ -60,9 +60,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Only the prefixes the tests use (fixtures: fmt*, labs: fmlab*): a benchmark or a user's
-    # own lab running beside the suite must not fail it.
-    leaked_ns = sorted(n for n in _namespaces() - _namespaces_at_start if n.startswith(("fmt", "fmlab")))
+    # Only the prefixes the tests use (fixtures: fmt*, labs: fmlab*, and cni-* that a real node's
+    # containerd mounts for each Pod): a benchmark or a user's own lab beside the suite must not fail it.
+    leaked_ns = sorted(n for n in _namespaces() - _namespaces_at_start if n.startswith(("fmt", "fmlab", "cni-")))
     leaked_procs = _live_children()
     if leaked_ns or leaked_procs:
         # Teardown must leave the machine as it found it; a leak fails the run.

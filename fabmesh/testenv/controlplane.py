@@ -111,6 +111,12 @@ class ControlPlane:
         (certs / "apiserver.crt").write_text(serving.cert_pem)
         (certs / "apiserver.key").write_text(serving.key_pem)
         (certs / "apiserver.key").chmod(0o600)
+        # The identity the apiserver shows a kubelet (logs, exec, proxy); a real kubelet authorizes it
+        # with a SubjectAccessReview, which system:masters passes.
+        kubelet_client = client_certificate(ca, "kube-apiserver-kubelet-client", "system:masters")
+        (certs / "kubelet-client.crt").write_text(kubelet_client.cert_pem)
+        (certs / "kubelet-client.key").write_text(kubelet_client.key_pem)
+        (certs / "kubelet-client.key").chmod(0o600)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         (certs / "sa.key").write_bytes(sa_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -129,6 +135,8 @@ class ControlPlane:
             "--tls-cert-file", str(certs / "apiserver.crt"),
             "--tls-private-key-file", str(certs / "apiserver.key"),
             "--client-ca-file", str(certs / "ca.crt"),
+            "--kubelet-client-certificate", str(certs / "kubelet-client.crt"),
+            "--kubelet-client-key", str(certs / "kubelet-client.key"),
             "--token-auth-file", str(certs / "tokens.csv"),
             "--authorization-mode", "Node,RBAC",
             "--enable-admission-plugins", "NodeRestriction",

@@ -1,0 +1,141 @@
+"""One real node (containerd 1.6 + runc + kubelet 1.37) on a lab host: it registers Ready, runs a Pod
+created through the API with the real CNI bridge plugin, and the API server serves that Pod's logs
+from the kubelet (``kubectl logs``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabmesh.kube.client import Kube
+from fabmesh.testenv import cgroups
+from fabmesh.testenv.controlplane import ControlPlane
+from fabmesh.testenv.hosts import Network, owned_namespaces, wait_for
+from fabmesh.testenv.images import LocalImages
+from fabmesh.testenv.kubenode import KubeNode, NodeLink
+
+pytestmark = [pytest.mark.e2e, pytest.mark.nodes]
+
+POD_CIDR = "10.244.1.0/24"
+
+
+def _condition(node: dict, kind: str) -> str | None:
+    for condition in node.get("status", {}).get("conditions", []):
+        if condition["type"] == kind:
+            return condition["status"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def node(node_network: tuple[Network, NodeLink], control_plane: ControlPlane, node_binaries: Path,
+         local_images: LocalImages, admin: Kube) -> Iterator[KubeNode]:
+    net, link = node_network
+    host = net.add_host("node-1")
+    kube_node = KubeNode(host=host, name="node-1", pod_cidr=POD_CIDR, binaries=node_binaries, images=local_images)
+    try:
+        started = time.monotonic()
+        kube_node.start(control_plane, link)
+        wait_for(lambda: (n := admin.get("nodes", "node-1")) is not None and _condition(n, "Ready") == "True",
+                 timeout=180, interval=0.5, what="Node node-1 Ready")
+        print(f"\n[measure] node start to Ready: {time.monotonic() - started:.1f}s")
+        yield kube_node
+    finally:
+        kube_node.stop()
+        admin.delete("nodes", "node-1")
+
+
+def test_node_registers_ready_with_its_internal_ip(node: KubeNode, admin: Kube,
+                                                   control_plane: ControlPlane) -> None:
+    observed = admin.get("nodes", "node-1")
+    assert observed is not None
+    assert _condition(observed, "Ready") == "True"
+    addresses = {a["type"]: a["address"] for a in observed["status"]["addresses"]}
+    assert addresses["InternalIP"] == node.host.wan_ip
+    assert observed["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://1.6.")
+    kubectl = control_plane.assets.path("kubectl")  # type: ignore[union-attr]
+    table = subprocess.run([str(kubectl), "--kubeconfig", str(control_plane.kubeconfig), "get", "nodes",
+                            "--no-headers"], capture_output=True, text=True, check=True).stdout
+    assert table.split()[:2] == ["node-1", "Ready"], table
+
+
+def test_pod_runs_with_real_cni_and_logs_come_from_the_kubelet(node: KubeNode, admin: Kube,
+                                                              local_images: LocalImages,
+                                                              control_plane: ControlPlane) -> None:
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {
+            "nodeName": "node-1",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": local_images.busybox, "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c",
+                            "echo hello-from-$(hostname); ip -4 -o addr show eth0; exec sleep 3600"],
+            }],
+        },
+    }
+    started = time.monotonic()
+    admin.create("pods", pod, namespace="default")
+    try:
+        running = wait_for(lambda: (p := admin.get("pods", "hello", "default")) is not None
+                           and p.get("status", {}).get("phase") == "Running" and p,
+                           timeout=120, interval=0.3, what="Pod hello Running")
+        print(f"\n[measure] pod create to Running: {time.monotonic() - started:.1f}s")
+        pod_ip = running["status"]["podIP"]
+        assert pod_ip.startswith("10.244.1."), running["status"]
+        # The sandbox is a real namespace wired by the bridge plugin, on the node's cni0 bridge.
+        sandboxes = node.sandbox_netns()
+        assert len(sandboxes) == 1 and sandboxes[0].startswith("cni-"), sandboxes
+        assert node.host.run("ping", "-c", "1", "-W", "2", pod_ip, check=False).returncode == 0
+        bridge = json.loads(node.host.run("ip", "-j", "-4", "addr", "show", "cni0").stdout)
+        assert bridge[0]["addr_info"][0]["local"] == "10.244.1.1"
+
+        kubectl = control_plane.assets.path("kubectl")  # type: ignore[union-attr]
+
+        def logs() -> str:
+            done = subprocess.run([str(kubectl), "--kubeconfig", str(control_plane.kubeconfig), "-n", "default",
+                                   "logs", "hello"], capture_output=True, text=True)
+            return done.stdout if done.returncode == 0 and "hello-from-hello" in done.stdout else ""
+
+        text = wait_for(logs, timeout=30, interval=0.5, what="kubectl logs hello")
+        assert f"inet {pod_ip}/24" in text, text
+    finally:
+        admin.delete("pods", "hello", "default", grace_period_s=0)
+
+
+def test_stop_leaves_no_process_cgroup_mount_or_namespace(node_network: tuple[Network, NodeLink],
+                                                        control_plane: ControlPlane, node_binaries: Path,
+                                                        local_images: LocalImages, admin: Kube) -> None:
+    """A node stopped with a Pod still running (no graceful deletion) must leave nothing behind."""
+    net, link = node_network
+    host = net.add_host("node-2")
+    kube_node = KubeNode(host=host, name="node-2", pod_cidr="10.244.2.0/24", binaries=node_binaries,
+                         images=local_images)
+    try:
+        kube_node.start(control_plane, link)
+        wait_for(lambda: (n := admin.get("nodes", "node-2")) is not None and _condition(n, "Ready") == "True",
+                 timeout=180, interval=0.5, what="Node node-2 Ready")
+        admin.create("pods", {"apiVersion": "v1", "kind": "Pod",
+                              "metadata": {"name": "left-running", "namespace": "default"},
+                              "spec": {"nodeName": "node-2", "containers": [{
+                                  "name": "main", "image": local_images.busybox, "imagePullPolicy": "Never",
+                                  "command": ["sleep", "3600"]}]}}, namespace="default")
+        wait_for(lambda: (p := admin.get("pods", "left-running", "default")) is not None
+                 and p.get("status", {}).get("phase") == "Running", timeout=120, interval=0.3,
+                 what="Pod left-running Running")
+        sandboxes = kube_node.sandbox_netns()
+        assert sandboxes and cgroups.pids(kube_node.cgroup_root)
+    finally:
+        kube_node.stop()
+        admin.delete("pods", "left-running", "default", grace_period_s=0)
+        admin.delete("nodes", "node-2")
+    assert cgroups.pids(kube_node.cgroup_root) == set()
+    assert not any((h / kube_node.cgroup_root.strip("/")).exists() for h in cgroups.v1_hierarchies())
+    assert not set(sandboxes) & set(owned_namespaces(""))
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(kube_node.paths.directory) not in mounts

@@ -1,0 +1,76 @@
+"""Real-node configuration and local images: per-node paths, the quirks this machine needs, and an
+OCI archive that is deterministic and self-consistent (every digest names its blob)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import tomllib
+from pathlib import Path
+
+from fabmesh.testenv.cgroups import v1_hierarchies
+from fabmesh.testenv.images import build_archive
+from fabmesh.testenv.nodeconfig import NodePaths, bridge_conflist, kubelet_config, render_containerd_config
+
+PATHS = NodePaths(Path("/tmp/lab/edge-1/kube"))
+
+
+def test_containerd_config_is_per_node_and_restricts_oom_score_adj() -> None:
+    config = tomllib.loads(render_containerd_config(PATHS, "fabmesh.local/pause:abc"))
+    assert config["version"] == 2
+    assert config["root"].startswith("/tmp/lab/edge-1/kube/") and config["state"].startswith("/tmp/lab/edge-1/kube/")
+    assert config["grpc"]["address"] == str(PATHS.containerd_socket)
+    cri = config["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["sandbox_image"] == "fabmesh.local/pause:abc"
+    assert cri["restrict_oom_score_adj"] is True
+    assert cri["cni"] == {"bin_dir": "/usr/lib/cni", "conf_dir": str(PATHS.cni_conf_dir), "max_conf_num": 1}
+    assert cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
+
+
+def test_kubelet_config_is_per_node_cgroupfs_v1_and_never_collects_images() -> None:
+    config = kubelet_config(PATHS, node_ip="203.0.113.225", cgroup_root="/fabmesh-x", client_ca=Path("/ca.crt"))
+    assert (config["failCgroupV1"], config["cgroupDriver"], config["cgroupRoot"]) == (False, "cgroupfs", "/fabmesh-x")
+    assert config["podLogsDir"] == str(PATHS.pod_logs)
+    assert config["containerRuntimeEndpoint"] == f"unix://{PATHS.containerd_socket}"
+    assert config["address"] == "203.0.113.225" and config["readOnlyPort"] == 0
+    assert config["authentication"]["anonymous"]["enabled"] is False
+    assert config["imageGCHighThresholdPercent"] == 100
+
+
+def test_bridge_conflist_keeps_leases_in_the_nodes_own_dir() -> None:
+    conflist = bridge_conflist("lab", "cni0", "10.244.1.0/24", PATHS.ipam_dir)
+    ipam = conflist["plugins"][0]["ipam"]
+    assert ipam["dataDir"] == str(PATHS.ipam_dir)
+    assert ipam["ranges"] == [[{"subnet": "10.244.1.0/24"}]]
+
+
+def test_v1_hierarchies_skip_cgroup2() -> None:
+    mounts = ("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+              "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+              "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n"
+              "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n")
+    assert v1_hierarchies(mounts) == [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/memory")]
+
+
+def _members(archive: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_image_archive_is_deterministic_and_every_digest_names_its_blob() -> None:
+    names = {"fabmesh.local/busybox:t": ["/bin/sh"], "fabmesh.local/pause:t": ["/bin/sleep", "infinity"]}
+    archive = build_archive(b"\x7fELF fake busybox", names)
+    assert archive == build_archive(b"\x7fELF fake busybox", names)
+    files = _members(archive)
+    for path, data in files.items():
+        if path.startswith("blobs/sha256/"):
+            assert hashlib.sha256(data).hexdigest() == path.rsplit("/", 1)[1]
+    index = json.loads(files["index.json"])
+    by_name = {m["annotations"]["io.containerd.image.name"]: m for m in index["manifests"]}
+    assert set(by_name) == set(names)
+    pause = json.loads(files[f"blobs/sha256/{by_name['fabmesh.local/pause:t']['digest'][7:]}"])
+    config = json.loads(files[f"blobs/sha256/{pause['config']['digest'][7:]}"])
+    assert config["config"]["Entrypoint"] == ["/bin/sleep", "infinity"]
+    assert config["os"] == "linux"
