@@ -44,7 +44,14 @@ from fabmesh.testenv import cgroups
 from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, wait_for
 from fabmesh.testenv.images import LocalImages, import_images
-from fabmesh.testenv.nodeconfig import NodePaths, bridge_conflist, kubelet_config, render_containerd_config
+from fabmesh.testenv.nodeconfig import (
+    KUBELET_SYSCTLS,
+    NodePaths,
+    bridge_conflist,
+    kubelet_config,
+    kubelet_launcher,
+    render_containerd_config,
+)
 
 CONTAINER_LOGS = Path("/var/log/containers")  # kubelet's symlinks; a fixed path in kubelet
 
@@ -133,8 +140,10 @@ class KubeNode:
     def _write_files(self, control_plane: ControlPlane, link: NodeLink) -> None:
         p = self.paths
         for directory in (p.containerd_root, p.containerd_state, p.kubelet_root, p.pod_logs,
-                          p.cni_conf_dir, p.ipam_dir, p.pki):
+                          p.cni_conf_dir, p.ipam_dir, p.pki, p.sysctls):
             directory.mkdir(parents=True, exist_ok=True)
+        for key, value in KUBELET_SYSCTLS.items():
+            (p.sysctls / key.replace("/", ".")).write_text(value + "\n")
         assert control_plane.ca is not None, "start the control plane first"
         serving = issue_leaf(control_plane.ca, name=self.name, addresses=[self.host.wan_ip],
                              now=datetime.datetime.now(datetime.UTC))
@@ -175,10 +184,20 @@ class KubeNode:
 
     def _start_kubelet(self) -> None:
         p = self.paths
-        proc = self._in_node("kubelet", [
-            str(self.binaries / "kubelet"), "--config", str(p.kubelet_config), "--kubeconfig", str(p.kubeconfig),
-            "--root-dir", str(p.kubelet_root), "--cert-dir", str(p.pki), "--hostname-override", self.name,
-            "--node-ip", self.host.wan_ip, "--v", "2"])
+        # Volumes kubelet mounts in its own mount namespace must reach runc in the host's.
+        sh("mount", "--bind", str(p.kubelet_root), str(p.kubelet_root))
+        sh("mount", "--make-shared", str(p.kubelet_root))
+        launcher = p.directory / "kubelet.sh"
+        launcher.write_text(kubelet_launcher(
+            p, netns=self.host.netns, cgroup_procs=cgroups.join_files(self.cgroup_root),
+            kubelet=[str(self.binaries / "kubelet"), "--config", str(p.kubelet_config),
+                     "--kubeconfig", str(p.kubeconfig), "--root-dir", str(p.kubelet_root),
+                     "--cert-dir", str(p.pki), "--hostname-override", self.name,
+                     "--node-ip", self.host.wan_ip, "--v", "2"]))
+        launcher.chmod(0o755)
+        proc = _spawn(["/bin/sh", str(launcher)], p.directory / "kubelet.log")
+        self.processes["kubelet"] = proc
+        (p.directory / "kubelet.pid").write_text(str(proc.pid))
         time.sleep(0.5)
         if proc.poll() is not None:
             raise NodeError(f"node {self.name}: kubelet exited ({proc.returncode}); "

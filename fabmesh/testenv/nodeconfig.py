@@ -19,12 +19,25 @@ quirks of this machine, found the hard way:
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CNI_BIN_DIR = Path("/usr/lib/cni")
 KUBELET_PORT = 10250
+# Host-wide sysctls kubelet's container manager sets when they differ (setupKernelTunables), with the
+# values it wants. On a shared box they must not change (kernel.panic_on_oops=1 would turn any oops
+# into a panic), and protectKernelDefaults would only make kubelet refuse to start: so each node's
+# kubelet sees these values in files bind-mounted over /proc/sys in its own mount namespace.
+KUBELET_SYSCTLS = {
+    "vm/overcommit_memory": "1",
+    "vm/panic_on_oom": "0",
+    "kernel/panic": "10",
+    "kernel/panic_on_oops": "1",
+    "kernel/keys/root_maxkeys": "1000000",
+    "kernel/keys/root_maxbytes": "25000000",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,10 @@ class NodePaths:
     @property
     def pki(self) -> Path:
         return self.directory / "pki"
+
+    @property
+    def sysctls(self) -> Path:
+        return self.directory / "sysctl"
 
 
 def _toml_value(value: object) -> str:
@@ -145,6 +162,23 @@ def kubelet_config(paths: NodePaths, *, node_ip: str, cgroup_root: str, client_c
         "syncFrequency": "5s",
         "resolvConf": "",
     }
+
+
+def kubelet_launcher(paths: NodePaths, *, netns: str, cgroup_procs: list[Path], kubelet: list[str]) -> str:
+    """A shell script: join the node's cgroups, then a private mount namespace where /proc/sys shows
+    kubelet the values it wants (KUBELET_SYSCTLS), then the host's network namespace, then kubelet.
+
+    The mount namespace keeps the host's propagation (``--propagation unchanged``), so the volumes
+    kubelet mounts under its root dir (made a shared mount beforehand) reach containerd and runc;
+    ``/`` and ``/proc`` are private here, so the sysctl masks never leave kubelet's namespace.
+    """
+    masks = " && ".join(f"mount --bind {shlex.quote(str(paths.sysctls / key.replace('/', '.')))} "
+                        f"/proc/sys/{key}" for key in sorted(KUBELET_SYSCTLS))
+    inner = f"{masks} && exec nsenter --net=/run/netns/{netns} " + " ".join(shlex.quote(a) for a in kubelet)
+    joins = " ".join(shlex.quote(str(f)) for f in cgroup_procs)
+    return ("#!/bin/sh\nset -e\n"
+            f'for f in {joins}; do echo $$ > "$f"; done\n'
+            f"exec unshare --mount --propagation unchanged -- sh -c {shlex.quote(inner)}\n")
 
 
 def bridge_conflist(name: str, bridge: str, pod_cidr: str, ipam_dir: Path) -> dict[str, Any]:
