@@ -137,6 +137,8 @@ class ControlPlane:
             "--client-ca-file", str(certs / "ca.crt"),
             "--kubelet-client-certificate", str(certs / "kubelet-client.crt"),
             "--kubelet-client-key", str(certs / "kubelet-client.key"),
+            # Lab node names resolve nowhere; kubeadm clusters prefer InternalIP the same way.
+            "--kubelet-preferred-address-types", "InternalIP,ExternalIP,Hostname",
             "--token-auth-file", str(certs / "tokens.csv"),
             "--authorization-mode", "Node,RBAC",
             "--enable-admission-plugins", "NodeRestriction",
