@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -93,6 +94,12 @@ class NodeLink:
         self.relay = _spawn(["socat", f"TCP-LISTEN:{port},bind={self.address},fork,reuseaddr",
                              f"TCP:127.0.0.1:{api_port}"], self.directory / "relay.log")
         self.server = f"https://{self.address}:{port}"
+        relay = self.relay
+        wait_for(lambda: relay.poll() is not None or _listening(self.address, port), timeout=10,
+                 what=f"API relay on {self.address}:{port}")
+        if relay.poll() is not None:
+            raise NodeError(f"API relay on {self.address}:{port} exited ({relay.returncode}); "
+                            f"see {self.directory / 'relay.log'}")
         return self
 
     def stop(self) -> None:
@@ -175,8 +182,8 @@ class KubeNode:
 
     def _start_containerd(self) -> None:
         proc = self._in_node("containerd", ["containerd", "--config", str(self.paths.containerd_config)])
-        socket = self.paths.containerd_socket
-        wait_for(lambda: proc.poll() is not None or _ctr_ok(socket), timeout=60, interval=0.2,
+        sock = self.paths.containerd_socket
+        wait_for(lambda: proc.poll() is not None or _ctr_ok(sock), timeout=60, interval=0.2,
                  what=f"containerd on node {self.name}")
         if proc.poll() is not None:
             raise NodeError(f"node {self.name}: containerd exited ({proc.returncode}); "
@@ -205,10 +212,10 @@ class KubeNode:
 
     def sandbox_netns(self) -> list[str]:
         """Names under /run/netns of this node's Pod sandboxes, read from its containerd."""
-        socket = self.paths.containerd_socket
-        if not socket.exists():
+        sock = self.paths.containerd_socket
+        if not sock.exists():
             return []
-        ctr = ["ctr", "--address", str(socket), "-n", "k8s.io", "containers"]
+        ctr = ["ctr", "--address", str(sock), "-n", "k8s.io", "containers"]
         listing = subprocess.run([*ctr, "ls", "-q"], capture_output=True, text=True)
         found = []
         for container in listing.stdout.split():
@@ -243,10 +250,18 @@ class KubeNode:
                         link.unlink()
 
 
-def _ctr_ok(socket: Path) -> bool:
-    if not socket.exists():
+def _listening(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=1).close()
+    except OSError:
         return False
-    return subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True).returncode == 0
+    return True
+
+
+def _ctr_ok(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    return subprocess.run(["ctr", "--address", str(sock), "version"], capture_output=True).returncode == 0
 
 
 def _unmount_under(directory: Path) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from fabmesh.testenv.cgroups import v1_hierarchies
 from fabmesh.testenv.images import build_archive
-from fabmesh.testenv.nodeconfig import NodePaths, bridge_conflist, kubelet_config, render_containerd_config
+from fabmesh.testenv.nodeconfig import (
+    KUBELET_SYSCTLS,
+    NodePaths,
+    bridge_conflist,
+    kubelet_config,
+    kubelet_launcher,
+    render_containerd_config,
+)
 
 PATHS = NodePaths(Path("/tmp/lab/edge-1/kube"))
 
@@ -74,3 +81,14 @@ def test_image_archive_is_deterministic_and_every_digest_names_its_blob() -> Non
     config = json.loads(files[f"blobs/sha256/{pause['config']['digest'][7:]}"])
     assert config["config"]["Entrypoint"] == ["/bin/sleep", "infinity"]
     assert config["os"] == "linux"
+
+
+def test_kubelet_launcher_masks_every_host_sysctl_and_enters_only_the_network_namespace() -> None:
+    script = kubelet_launcher(PATHS, netns="fmtabc-edge-1", cgroup_procs=[Path("/sys/fs/cgroup/cpu/x/cgroup.procs")],
+                              kubelet=["/bin/kubelet", "--node-ip", "203.0.113.225"])
+    for key in KUBELET_SYSCTLS:
+        assert f"/proc/sys/{key}" in script
+    assert "nsenter --net=/run/netns/fmtabc-edge-1 /bin/kubelet --node-ip 203.0.113.225" in script
+    assert "ip netns exec" not in script  # it would remount /sys and hide the cgroup v1 mounts
+    assert "/sys/fs/cgroup/cpu/x/cgroup.procs" in script.splitlines()[2]
+    assert "unshare --mount --propagation unchanged" in script
