@@ -93,6 +93,15 @@ def _staging_modules(kube_version: str, env: dict[str, str]) -> list[str]:
     return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod.read_text(), re.M)))
 
 
+def _version_ldflags(kube_version: str) -> str:
+    """What ``hack/lib/version.sh`` stamps in: without it every component reports
+    ``v0.0.0-master+$Format:%H$`` (Node ``kubeletVersion``, ``/version``, ``kubectl get nodes``)."""
+    major, minor = kube_version.lstrip("v").split(".")[:2]
+    values = {"gitVersion": kube_version, "gitMajor": major, "gitMinor": minor, "gitTreeState": "clean"}
+    return " ".join(f"-X k8s.io/{pkg}.{key}={value}" for pkg in ("client-go/pkg/version", "component-base/version")
+                    for key, value in values.items())
+
+
 def _build_kubernetes(dest: Path, kube_version: str, names: tuple[str, ...] = BINARIES) -> None:
     """Build the missing ``names`` into ``dest``; one throwaway module, one Go build cache for all."""
     if all((dest / n).exists() for n in names):
@@ -117,7 +126,8 @@ def _build_kubernetes(dest: Path, kube_version: str, names: tuple[str, ...] = BI
             if (dest / name).exists():
                 continue
             tmp_out = dest / f".{name}.tmp"
-            _run(f"build {name}", ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp_out), pkg],
+            ldflags = f"-s -w {_version_ldflags(kube_version)}"
+            _run(f"build {name}", ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(tmp_out), pkg],
                  cwd=work, env=env)
             tmp_out.rename(dest / name)
 

@@ -8,10 +8,13 @@ fabmesh's own PKI, an admin bearer token in ``system:masters``
 (``system:node:<name>``), and a service-account signing key so the TokenRequest
 API can mint tokens for least-privilege clients.
 
-There is no kube-controller-manager: nothing garbage-collects owner references
-and no controller creates a namespace's ``default`` ServiceAccount. The
-``ServiceAccount`` admission plugin is therefore off (as in controller-runtime's
-envtest), and fabmesh deletes what it owns explicitly instead of relying on GC.
+By default there is no kube-controller-manager: nothing garbage-collects owner
+references and no controller creates a namespace's ``default`` ServiceAccount.
+The ``ServiceAccount`` admission plugin is therefore off (as in
+controller-runtime's envtest), and fabmesh deletes what it owns explicitly
+instead of relying on GC. Real-node tests add kube-controller-manager and
+kube-scheduler with :meth:`ControlPlane.start_controllers`. The API server
+reaches kubelets at their InternalIP with a ``kubelet-client`` certificate.
 """
 
 from __future__ import annotations
@@ -160,6 +163,28 @@ class ControlPlane:
         if proc.poll() is not None:
             raise RuntimeError(f"kube-apiserver exited ({proc.returncode}); "
                                f"see {self.directory / 'kube-apiserver.log'}")
+
+    def start_controllers(self, binaries: Path) -> None:
+        """Run kube-controller-manager and kube-scheduler too (from ``ensure_node_assets()``'s directory).
+
+        Only for real nodes: with them, owner references are garbage-collected, DaemonSets and
+        ReplicaSets make Pods and Pods without ``nodeName`` are scheduled, which the api tier's tests
+        (written for an envtest-like control plane) do not expect. Both use the admin identity and
+        serve nothing (``--secure-port 0``); no leader election, there is one of each.
+        """
+        certs = self.directory / "pki"
+        controller_manager = self._spawn("kube-controller-manager", [
+            str(binaries / "kube-controller-manager"), "--kubeconfig", str(self.kubeconfig),
+            "--secure-port", "0", "--leader-elect=false",
+            "--service-account-private-key-file", str(certs / "sa.key"),
+            "--root-ca-file", str(certs / "ca.crt"), "--v", "1"])
+        scheduler = self._spawn("kube-scheduler", [
+            str(binaries / "kube-scheduler"), "--kubeconfig", str(self.kubeconfig),
+            "--secure-port", "0", "--leader-elect=false", "--v", "1"])
+        time.sleep(1)
+        for name, proc in (("kube-controller-manager", controller_manager), ("kube-scheduler", scheduler)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.directory / f'{name}.log'}")
 
     def _write_kubeconfig(self, path: Path, *, user: str, token: str | None = None,
                           client: KeyPair | None = None, namespace: str = "default") -> None:

@@ -39,7 +39,9 @@ def local_images() -> LocalImages:
 def control_plane(tmp_path_factory: pytest.TempPathFactory, node_binaries: Path) -> Iterator[ControlPlane]:
     cp = ControlPlane(directory=tmp_path_factory.mktemp("controlplane"))
     try:
-        yield cp.start()
+        cp.start()
+        cp.start_controllers(node_binaries)
+        yield cp
     finally:
         cp.stop()
 

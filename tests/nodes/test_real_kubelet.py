@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from fabmesh.kube.client import Kube
 from fabmesh.testenv import cgroups
+from fabmesh.testenv.assets import KUBERNETES_VERSION
 from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import Network, owned_namespaces, wait_for
 from fabmesh.testenv.images import LocalImages
@@ -57,6 +59,7 @@ def test_node_registers_ready_with_its_internal_ip(node: KubeNode, admin: Kube,
     addresses = {a["type"]: a["address"] for a in observed["status"]["addresses"]}
     assert addresses["InternalIP"] == node.host.wan_ip
     assert observed["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://1.6.")
+    assert observed["status"]["nodeInfo"]["kubeletVersion"] == KUBERNETES_VERSION
     kubectl = control_plane.assets.path("kubectl")  # type: ignore[union-attr]
     table = subprocess.run([str(kubectl), "--kubeconfig", str(control_plane.kubeconfig), "get", "nodes",
                             "--no-headers"], capture_output=True, text=True, check=True).stdout
@@ -106,6 +109,34 @@ def test_pod_runs_with_real_cni_and_logs_come_from_the_kubelet(node: KubeNode, a
         assert f"inet {pod_ip}/24" in text, text
     finally:
         admin.delete("pods", "hello", "default", grace_period_s=0)
+
+
+def test_daemonset_pod_is_made_scheduled_and_collected_by_the_real_controllers(node: KubeNode, admin: Kube,
+                                                                               local_images: LocalImages) -> None:
+    """kube-controller-manager makes the DaemonSet's Pod, kube-scheduler binds it (DaemonSet Pods go
+    through the scheduler), kubelet runs it; deleting the DaemonSet lets the garbage collector remove
+    the Pod by its owner reference."""
+    apps = client.AppsV1Api(admin.api)
+    labels = {"app": "probe"}
+    daemonset = {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "probe", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": local_images.busybox, "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"]}]}}},
+    }
+    apps.create_namespaced_daemon_set("default", daemonset)
+    try:
+        pod = wait_for(lambda: next((p for p in admin.list("pods", "default", labels="app=probe")
+                                     if p.get("status", {}).get("phase") == "Running"), None),
+                       timeout=120, interval=0.5, what="DaemonSet probe's Pod Running")
+        assert pod["spec"]["nodeName"] == "node-1"
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+    finally:
+        apps.delete_namespaced_daemon_set("probe", "default")
+    wait_for(lambda: not admin.list("pods", "default", labels="app=probe"), timeout=120, interval=0.5,
+             what="the garbage collector to delete probe's Pod")
 
 
 def test_stop_leaves_no_process_cgroup_mount_or_namespace(node_network: tuple[Network, NodeLink],
