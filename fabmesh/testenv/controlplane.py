@@ -219,6 +219,14 @@ class ControlPlane:
                                client=client_certificate(self.ca, f"system:node:{node}", "system:nodes"))
         return path
 
+    def kubeconfig_for_client(self, user: str, group: str) -> Path:
+        """A kubeconfig with a client certificate for ``user`` in ``group``: e.g. ``system:kube-proxy``,
+        which the API server's default ``system:node-proxier`` binding already authorizes."""
+        assert self.ca is not None, "start the control plane first"
+        path = self.directory / f"kubeconfig-{user.replace(':', '-')}"
+        self._write_kubeconfig(path, user=user, client=client_certificate(self.ca, user, group))
+        return path
+
     def stop(self) -> None:
         for pid in reversed(self.pids):
             stop_pid(pid, timeout=10)

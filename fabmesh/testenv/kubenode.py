@@ -42,13 +42,14 @@ import yaml
 
 from fabmesh.pki.authority import issue_leaf
 from fabmesh.testenv import cgroups
-from fabmesh.testenv.controlplane import ControlPlane
+from fabmesh.testenv.controlplane import SERVICE_CIDR, ControlPlane
 from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, wait_for
 from fabmesh.testenv.images import LocalImages, import_images
 from fabmesh.testenv.nodeconfig import (
     KUBELET_SYSCTLS,
     NodePaths,
     bridge_conflist,
+    kube_proxy_config,
     kubelet_config,
     kubelet_launcher,
     render_containerd_config,
@@ -210,6 +211,31 @@ class KubeNode:
             raise NodeError(f"node {self.name}: kubelet exited ({proc.returncode}); "
                             f"see {p.directory / 'kubelet.log'}")
 
+    def start_kube_proxy(self, control_plane: ControlPlane, link: NodeLink, cluster_cidr: str) -> None:
+        """kube-proxy (iptables mode) in the node's namespace, as ``system:kube-proxy``.
+
+        Locally generated packets are routed before the nat OUTPUT chain rewrites them, so a
+        ClusterIP needs a route to exist at all: a real node has a default route, a lab host only
+        its WAN subnet, so the Service range is routed to ``wan0`` (DNAT then reroutes to the Pod).
+        """
+        p = self.paths
+        kubeconfig = yaml.safe_load(control_plane.kubeconfig_for_client("system:kube-proxy",
+                                                                         "system:node-proxiers").read_text())
+        for cluster in kubeconfig["clusters"]:
+            cluster["cluster"]["server"] = link.server
+            cluster["cluster"]["tls-server-name"] = "localhost"
+        p.kube_proxy_kubeconfig.write_text(yaml.safe_dump(kubeconfig))
+        p.kube_proxy_kubeconfig.chmod(0o600)
+        p.kube_proxy_config.write_text(yaml.safe_dump(kube_proxy_config(
+            p, node_name=self.name, node_ip=self.host.wan_ip, cluster_cidr=cluster_cidr)))
+        self.host.run("ip", "route", "replace", SERVICE_CIDR, "dev", "wan0")
+        proc = self._in_node("kube-proxy", [str(self.binaries / "kube-proxy"), "--config", str(p.kube_proxy_config),
+                                            "--v", "2"])
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise NodeError(f"node {self.name}: kube-proxy exited ({proc.returncode}); "
+                            f"see {p.directory / 'kube-proxy.log'}")
+
     def sandbox_netns(self) -> list[str]:
         """Names under /run/netns of this node's Pod sandboxes, read from its containerd."""
         sock = self.paths.containerd_socket
@@ -232,8 +258,9 @@ class KubeNode:
     def stop(self) -> None:
         """kubelet by PID; then every process in the node's cgroups (containers, shims, containerd);
         then the mounts under the node's directory, its Pod namespaces, cgroups and log symlinks."""
-        if "kubelet" in self.processes:
-            stop_pid(self.processes["kubelet"].pid, timeout=10)
+        for component in ("kube-proxy", "kubelet"):
+            if component in self.processes:
+                stop_pid(self.processes[component].pid, timeout=10)
         netns = self.sandbox_netns()
         cgroups.kill_all(self.cgroup_root)
         for proc in self.processes.values():

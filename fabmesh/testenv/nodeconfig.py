@@ -91,6 +91,14 @@ class NodePaths:
         return self.directory / "pki"
 
     @property
+    def kube_proxy_config(self) -> Path:
+        return self.directory / "kube-proxy.yaml"
+
+    @property
+    def kube_proxy_kubeconfig(self) -> Path:
+        return self.directory / "kube-proxy.kubeconfig"
+
+    @property
     def sysctls(self) -> Path:
         return self.directory / "sysctl"
 
@@ -161,6 +169,28 @@ def kubelet_config(paths: NodePaths, *, node_ip: str, cgroup_root: str, client_c
         "nodeStatusUpdateFrequency": "2s",
         "syncFrequency": "5s",
         "resolvConf": "",
+    }
+
+
+def kube_proxy_config(paths: NodePaths, *, node_name: str, node_ip: str, cluster_cidr: str) -> dict[str, Any]:
+    """kube-proxy in iptables mode inside the node's namespace, touching no host-wide sysctl.
+
+    ``nf_conntrack_max`` exists only in the initial network namespace, so ``maxPerCore: 0``
+    (leave it alone); the TCP timeouts are left alone too (0s), and ``oomScoreAdj: 0`` because
+    root here may not lower a score (no CAP_SYS_RESOURCE).
+    """
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(paths.kube_proxy_kubeconfig)},
+        "mode": "iptables",
+        "hostnameOverride": node_name,
+        "bindAddress": node_ip,
+        "clusterCIDR": cluster_cidr,
+        "metricsBindAddress": "127.0.0.1:10249",
+        "healthzBindAddress": "127.0.0.1:10256",
+        "oomScoreAdj": 0,
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
     }
 
 

@@ -139,6 +139,53 @@ def test_daemonset_pod_is_made_scheduled_and_collected_by_the_real_controllers(n
              what="the garbage collector to delete probe's Pod")
 
 
+def test_cluster_ip_service_reaches_its_pod_through_kube_proxys_rules(node: KubeNode, admin: Kube,
+                                                                     control_plane: ControlPlane,
+                                                                     node_network: tuple[Network, NodeLink],
+                                                                     local_images: LocalImages) -> None:
+    """The real kube-proxy (iptables mode) in the node's namespace programs a ClusterIP Service whose
+    endpoint (from the real EndpointSlice controller) is a Pod the scheduler placed on the node."""
+    _, link = node_network
+    node.start_kube_proxy(control_plane, link, cluster_cidr="10.244.0.0/16")
+    labels = {"app": "web"}
+    admin.create("pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": labels},
+                          "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                              "name": "main", "image": local_images.busybox, "imagePullPolicy": "Never",
+                              "command": ["sh", "-c", "echo hello-from-web > /tmp/index.html; "
+                                                      "exec busybox httpd -f -p 8080 -h /tmp"]}]}},
+                 namespace="default")
+    service = admin.create("services", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                                        "spec": {"selector": labels,
+                                                 "ports": [{"port": 80, "targetPort": 8080}]}},
+                           namespace="default")
+    cluster_ip = service["spec"]["clusterIP"]
+    try:
+        def fetch() -> str:
+            # Not ``wget -T``: busybox 1.35's wget segfaults with it; the subprocess timeout bounds it.
+            try:
+                done = subprocess.run(["nsenter", f"--net=/run/netns/{node.host.netns}", "busybox", "wget", "-q",
+                                       "-O-", f"http://{cluster_ip}/index.html"],
+                                      capture_output=True, text=True, timeout=5)
+            except subprocess.TimeoutExpired:
+                return ""
+            return done.stdout if done.returncode == 0 else ""
+
+        try:
+            body = wait_for(fetch, timeout=120, interval=0.5, what=f"http://{cluster_ip}/ via kube-proxy")
+        except TimeoutError:
+            pod = admin.get("pods", "web", "default") or {}
+            slices = admin._call("GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices")
+            placed = pod.get("spec", {}).get("nodeName")
+            raise AssertionError(f"no answer from {cluster_ip}: pod spec.nodeName={placed} "
+                                 f"status={pod.get('status')} slices={slices.get('items')}") from None
+        assert body == "hello-from-web\n"
+        rules = node.host.run("iptables-save", "-t", "nat").stdout
+        assert f"-d {cluster_ip}/32" in rules and "KUBE-SVC-" in rules, rules
+    finally:
+        admin.delete("services", "web", "default")
+        admin.delete("pods", "web", "default", grace_period_s=0)
+
+
 def test_stop_leaves_no_process_cgroup_mount_or_namespace(node_network: tuple[Network, NodeLink],
                                                         control_plane: ControlPlane, node_binaries: Path,
                                                         local_images: LocalImages, admin: Kube) -> None:
