@@ -9,13 +9,16 @@ mount and PID namespaces, so every path is per node (see
 cgroup subtree (:mod:`fabmesh.testenv.cgroups`).
 
 The API server listens on the box's loopback, which a namespace cannot reach,
-and reaches kubelets at their InternalIP, which the box cannot route to. A
-:class:`NodeLink` joins the two: one veth pair from the root namespace into the
-WAN bridge's namespace (which the lab created) with one address of the WAN's
-TEST-NET range on the root end (its connected route is the only route added to
-the box), and a ``socat`` relay on that address to the API server. Kubelets
-dial the relay with ``tls-server-name: localhost``, the name on the API
-server's certificate.
+and the box itself gets no interface, address or route for the lab: a
+:class:`NodeLink` relays the API server through a unix socket instead (files
+are shared across network namespaces). One ``socat`` in the root namespace
+joins ``<link dir>/api.sock`` to ``127.0.0.1:<port>``; a second, in the WAN
+bridge's namespace (which the lab created), listens on an address of the WAN
+on ``br0`` and connects to that socket. Kubelets dial it with
+``tls-server-name: localhost``, the name on the API server's certificate. The
+way back (the API server dialling a kubelet for ``kubectl logs`` or ``exec``)
+would need the box to route to the lab, so it is not offered here: it needs
+the API server inside the mesh's network (issue 14).
 
 containerd 1.6 mounts each Pod's network namespace as ``/run/netns/cni-<uuid>``
 for the whole box; teardown reads the node's sandboxes from containerd and
@@ -31,10 +34,8 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import yaml
 from fabmesh.pki.authority import issue_leaf
 from fabmesh.testenv import cgroups
 from fabmesh.testenv.controlplane import SERVICE_CIDR, ControlPlane
-from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, wait_for
+from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, vici_ready, wait_for
 from fabmesh.testenv.images import LocalImages, import_images
 from fabmesh.testenv.nodeconfig import (
     KUBELET_SYSCTLS,
@@ -55,6 +56,7 @@ from fabmesh.testenv.nodeconfig import (
     render_containerd_config,
 )
 
+UNIX_PATH_MAX = 108  # sun_path, NUL included
 CONTAINER_LOGS = Path("/var/log/containers")  # kubelet's symlinks; a fixed path in kubelet
 
 
@@ -70,49 +72,70 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 @dataclass
 class NodeLink:
-    """The root namespace's one veth into the lab WAN, and a relay from it to the API server."""
+    """The API server relayed into the lab WAN over loopback and a unix socket; nothing in the root namespace."""
 
     network: Network
     directory: Path
     address: str = ""
-    root_if: str = ""
-    relay: subprocess.Popen[bytes] | None = None
+    socket_path: Path | None = None
+    relays: list[subprocess.Popen[bytes]] = field(default_factory=list)
     server: str = ""
 
     def start(self, control_plane: ControlPlane) -> NodeLink:
         wan = ipaddress.ip_network(self.network.wan_cidr)
         self.address = str(wan.broadcast_address - 1)
-        self.root_if = f"fmk{uuid.uuid4().hex[:8]}"
-        peer = f"k{uuid.uuid4().hex[:10]}"
-        sh("ip", "link", "add", self.root_if, "type", "veth", "peer", "name", peer,
-           "netns", self.network.wan_netns)
-        sh("ip", "-n", self.network.wan_netns, "link", "set", peer, "master", "br0", "up")
-        sh("ip", "addr", "add", f"{self.address}/{wan.prefixlen}", "dev", self.root_if)
-        sh("ip", "link", "set", self.root_if, "up")
         api_port = int(control_plane.url.rsplit(":", 1)[1])
-        port = api_port  # the same port number on another address: nothing else binds it there
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.relay = _spawn(["socat", f"TCP-LISTEN:{port},bind={self.address},fork,reuseaddr",
-                             f"TCP:127.0.0.1:{api_port}"], self.directory / "relay.log")
-        self.server = f"https://{self.address}:{port}"
-        relay = self.relay
-        wait_for(lambda: relay.poll() is not None or _listening(self.address, port), timeout=10,
-                 what=f"API relay on {self.address}:{port}")
-        if relay.poll() is not None:
-            raise NodeError(f"API relay on {self.address}:{port} exited ({relay.returncode}); "
-                            f"see {self.directory / 'relay.log'}")
+        sock = self.directory / "api.sock"
+        if len(str(sock)) >= UNIX_PATH_MAX:
+            raise NodeError(f"NodeLink directory {self.directory}: socket path {sock} is longer than "
+                            f"{UNIX_PATH_MAX - 1} bytes")
+        self.socket_path = sock
+        try:
+            # Root namespace: the unix socket to the API server on loopback.
+            root = _spawn(["socat", f"UNIX-LISTEN:{sock},fork,unlink-early,mode=600", f"TCP:127.0.0.1:{api_port}"],
+                          self.directory / "relay-root.log")
+            self.relays.append(root)
+            wait_for(lambda: root.poll() is not None or vici_ready(sock), timeout=10,
+                     what=f"API relay socket {sock}")
+            self._check(root, "root", sock)
+            # WAN namespace: an address on the bridge, and TCP on it to the unix socket.
+            wan_ns = self.network.wan_netns
+            sh("ip", "-n", wan_ns, "addr", "add", f"{self.address}/{wan.prefixlen}", "dev", "br0")
+            sh("ip", "-n", wan_ns, "link", "set", "lo", "up")  # the readiness probe dials from inside
+            port = api_port  # any port: the WAN namespace binds nothing else
+            inside = _spawn(["nsenter", f"--net=/run/netns/{wan_ns}", "socat",
+                             f"TCP-LISTEN:{port},bind={self.address},fork,reuseaddr", f"UNIX-CONNECT:{sock}"],
+                            self.directory / "relay-wan.log")
+            self.relays.append(inside)
+            self.server = f"https://{self.address}:{port}"
+            wait_for(lambda: inside.poll() is not None or _healthz_in(wan_ns, self.server), timeout=10,
+                     what=f"API relay on {self.address}:{port} in {wan_ns}")
+            self._check(inside, "WAN", sock)
+        except Exception:
+            self.stop()
+            raise
         return self
 
+    def _check(self, relay: subprocess.Popen[bytes], side: str, sock: Path) -> None:
+        if relay.poll() is not None:
+            name = "relay-root.log" if side == "root" else "relay-wan.log"
+            raise NodeError(f"NodeLink {side} relay ({sock}) exited ({relay.returncode}); "
+                            f"see {self.directory / name}")
+
     def stop(self) -> None:
-        if self.relay is not None:
-            # socat forks a child per connection in the relay's process group.
+        """Both relays by PID (and the children socat forked per connection), then the socket file."""
+        for relay in reversed(self.relays):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.relay.pid, signal.SIGTERM)
-            stop_pid(self.relay.pid)
-            self.relay = None
-        if self.root_if:
-            sh("ip", "link", "del", self.root_if, check=False)
-            self.root_if = ""
+                os.killpg(relay.pid, signal.SIGTERM)
+            stop_pid(relay.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(relay.pid, signal.SIGKILL)
+        self.relays.clear()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            self.socket_path = None
 
 
 @dataclass
@@ -277,12 +300,12 @@ class KubeNode:
                         link.unlink()
 
 
-def _listening(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
+def _healthz_in(netns: str, server: str) -> bool:
+    """The whole chain answers: an HTTPS reply (any status) from the API server, dialled from ``netns``."""
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "curl", "-sk", "--max-time", "2",
+                           "-o", "/dev/null", "-w", "%{http_code}", f"{server}/healthz"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() not in ("", "000")
 
 
 def _ctr_ok(sock: Path) -> bool:

@@ -19,13 +19,14 @@ from fabmesh.testenv.images import LocalImages, ensure_local_images
 from fabmesh.testenv.kubenode import NodeLink
 from tests.conftest import require_root_tools
 
-# A /28 of TEST-NET-3 that no other tier uses: the root namespace gets one address in it.
+# A /28 of TEST-NET-3 that no other tier uses; it lives only in the lab's namespaces (the WAN bridge
+# holds the API relay's address), never in the root namespace.
 NODE_WAN = "203.0.113.224/28"
 
 
 @pytest.fixture(scope="session")
 def node_binaries() -> Path:
-    require_root_tools("go", "ip", "nsenter", "socat", "containerd", "containerd-shim-runc-v2", "runc", "ctr",
+    require_root_tools("go", "ip", "nsenter", "socat", "curl", "containerd", "containerd-shim-runc-v2", "runc", "ctr",
                        "/usr/lib/cni/bridge", "/bin/busybox")
     return ensure_node_assets()
 
@@ -54,7 +55,7 @@ def admin(control_plane: ControlPlane) -> Kube:
 @pytest.fixture(scope="module")
 def node_network(tmp_path_factory: pytest.TempPathFactory, control_plane: ControlPlane) -> Iterator[
         tuple[Network, NodeLink]]:
-    """The lab WAN for real nodes, joined to the root namespace (API server relay, kubelet port)."""
+    """The lab WAN for real nodes and the API server relayed into it (loopback and a unix socket only)."""
     directory = tmp_path_factory.mktemp("nodes")
     net = Network(prefix=unique_prefix("fmt"), directory=directory, wan_cidr=NODE_WAN).create()
     link = NodeLink(network=net, directory=directory / "link")
