@@ -14,7 +14,9 @@ The ``ServiceAccount`` admission plugin is therefore off (as in
 controller-runtime's envtest), and fabmesh deletes what it owns explicitly
 instead of relying on GC. Real-node tests add kube-controller-manager and
 kube-scheduler with :meth:`ControlPlane.start_controllers`. The API server
-reaches kubelets at their InternalIP with a ``kubelet-client`` certificate.
+would reach kubelets at their InternalIP with a ``kubelet-client`` certificate;
+from the box's loopback it has no route into the lab, so that path waits for
+an API server inside the mesh (issue 14).
 """
 
 from __future__ import annotations
