@@ -84,8 +84,9 @@ def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
         "resync_period_s": 10,
         "tunnel": {"backend": "libipsec"},
         "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
-        # The lab runs agents as processes (no kubelet), so the operator's agent Pods are off.
+        # The lab runs agents and the connector as processes (no kubelet), so the operator's Pods are off.
         "agent_pods": {"enabled": False},
+        "connector_pods": {"enabled": False},
     }
 
 
@@ -105,7 +106,9 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     progress("starting the operator")
     settings_file = directory / "operator.yaml"
     settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace)))
-    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
+    # Supervised: it exits on losing its Lease (an API server outage) and, as under a kubelet, comes back.
+    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs",
+                                            restart=True).pid
     state.save()
     progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
     spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])

@@ -45,7 +45,7 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet_and_writes
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     client = subprocess.Popen(["ip", "netns", "exec", pod(running_lab, "edge-1").netns, "iperf3", "-c",
-                               pod(running_lab, "cloud-2").ip, "-t", "5", "-b", "20M"],
+                               pod(running_lab, "cloud-2").ip, "-t", "5", "-b", "5M"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1)
     marks = {n: _log(running_lab, n).stat().st_size for n in ("edge-1", "connector-1")}
