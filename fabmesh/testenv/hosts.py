@@ -216,11 +216,13 @@ class NatRouter:
         return str(next(ipaddress.ip_network(self.lan_cidr).hosts()))
 
     def set_wan_ip(self, new_ip: str, prefixlen: int) -> None:
-        """A new WAN address, as after a 4G reconnect: the old one goes, and with it every mapping
-        the LAN had (the kernel's MASQUERADE drops the conntrack entries of a deleted address)."""
-        old = self.wan_ip
+        """A new WAN address, as after a 4G reconnect: the link goes down, comes back with another
+        address, and every mapping the LAN had is gone (the kernel's MASQUERADE forgets the
+        mappings of a device that went down; deleting the address alone leaves them in place)."""
+        sh("ip", "link", "set", "wan0", "down", ns=self.netns)
+        sh("ip", "addr", "del", f"{self.wan_ip}/{prefixlen}", "dev", "wan0", ns=self.netns)
         sh("ip", "addr", "add", f"{new_ip}/{prefixlen}", "dev", "wan0", ns=self.netns)
-        sh("ip", "addr", "del", f"{old}/{prefixlen}", "dev", "wan0", ns=self.netns)
+        sh("ip", "link", "set", "wan0", "up", ns=self.netns)
         self.wan_ip = new_ip
 
 
