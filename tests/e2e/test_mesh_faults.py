@@ -54,9 +54,9 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet_and_writes
     out, _ = client.communicate(timeout=60)
     server.wait(timeout=30)
     assert client.returncode == 0, out
-    for proc in pings:
+    for proc, pair in zip(pings, ("edge-1->cloud-2", "edge-1->edge-2", "edge-3->edge-1"), strict=True):
         sent, received = _loss(proc)
-        assert received == sent, f"lost {sent - received} of {sent} packets"
+        assert received == sent, f"{pair}: lost {sent - received} of {sent} packets"
     for name, mark in marks.items():  # the restarted loops found everything in place
         wait_for(lambda n=name: "config loaded" in _log(running_lab, n).read_text()[marks[n]:], timeout=20,
                  what=f"{name} to start its first pass")
