@@ -15,11 +15,16 @@ Choices, and why:
   restarts on DPD timeout and on close; the responder only answers, so a pair
   never builds two IKE_SAs. ``trap`` is avoided: with kernel-libipsec a trap
   policy never starts the tunnel.
-* The remote identity must equal the peer's node name *and* chain to the
-  cluster CA (``cacerts``): a certificate from elsewhere, or for a node that
-  has left the mesh (its connection is gone), gets no tunnel.
+* The remote identity must equal the peer's node name, chain to the cluster
+  CA bundle (``cacerts``, one entry per CA: two during a CA roll, and one match
+  is enough) *and*, when the operator pinned it, be exactly the peer's current
+  leaf (``certs``: charon's subject-certificate constraint, "peer not
+  authenticated with peer cert"). A certificate from elsewhere, a replaced key
+  of a reissued node, or a node that has left the mesh (its connection is gone)
+  gets no tunnel.
 * ``unique = replace``: an edge that reboots and reconnects replaces its stale
-  IKE_SA on the connector instead of stacking a second one.
+  IKE_SA on the connector instead of stacking a second one. The pin is what
+  keeps a stolen old key from using this to evict the real edge.
 * ``local_addrs = %any``, never the node's ``endpoint``: the endpoint is what
   peers dial, the ExternalIP where a Node has one, and on the major clouds that
   address lives in the provider's 1:1 NAT, on no interface of the VM. charon
@@ -65,9 +70,16 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         # too (keyingtries=0) races the agent and builds duplicate IKE_SAs that replace each other.
         "keyingtries": "1",
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
-        "remote": {"auth": "pubkey", "id": peer.id, "cacerts": [mesh.ca_cert]},
+        "remote": _remote_auth(mesh, peer),
         "children": {peer.name: child},
     }
+
+
+def _remote_auth(mesh: NodeMesh, peer: Peer) -> dict[str, Any]:
+    remote: dict[str, Any] = {"auth": "pubkey", "id": peer.id, "cacerts": list(mesh.ca_certs())}
+    if peer.cert:
+        remote["certs"] = [peer.cert]
+    return remote
 
 
 def desired_connections(mesh: NodeMesh, cert_pem: str) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,7 @@ import bisect
 import ipaddress
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
@@ -82,6 +82,32 @@ _FIELDS_SET: dict[type, set[str]] = {kind: set(kind.model_fields) for kind in (P
 
 def _peer(**values: object) -> Peer:
     return Peer.model_construct(_fields_set=_FIELDS_SET[Peer], **values)
+
+
+def pin_certificates(mesh: MeshPlan, leaves: Mapping[str, str]) -> MeshPlan:
+    """The plan with every peer pinned to its node's current leaf (``Peer.cert``).
+
+    Separate from :func:`plan` because the leaves are known only once the certificates
+    planned from ``plan().cert_addresses`` are issued. A peer whose node has no leaf is
+    left out (fail closed: nothing could authenticate as it, and an unpinned peer would
+    accept any key the CA ever signed for that name). Shared ``Peer`` objects stay
+    shared: one pinned copy is made per planned object.
+    """
+    pinned: dict[int, Peer | None] = {}
+
+    def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
+        out = []
+        for peer in peers:
+            if id(peer) not in pinned:
+                cert = leaves.get(peer.name)
+                pinned[id(peer)] = None if not cert else peer.model_copy(update={"cert": cert})
+            if (copy := pinned[id(peer)]) is not None:
+                out.append(copy)
+        return tuple(out)
+
+    edges = {name: m.model_copy(update={"peers": pin(m.peers)}) for name, m in mesh.edges.items()}
+    shards = {i: pin(peers) for i, peers in mesh.connector_shards.items()}
+    return replace(mesh, edges=edges, connector_shards=shards)
 
 
 def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
