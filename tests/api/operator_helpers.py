@@ -9,9 +9,11 @@ from typing import Any
 
 from fabmesh.kube.client import Kube
 from fabmesh.mesh.model import NodeMesh, parse_node_mesh, parse_peer_shard
+from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
+from fabmesh.operator.certs import current_leaves
 from fabmesh.operator.inventory import read_node
-from fabmesh.operator.plan import plan
+from fabmesh.operator.plan import pin_certificates, plan
 from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv
 
@@ -110,8 +112,10 @@ def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
     infos = [i for i in (read_node(n, env.settings) for n in nodes(env).values()) if not hasattr(i, "reason")]
     cms = configmaps(env)
     recorded = json.loads(cms[o.IPAM_CONFIGMAP]["data"]["allocations.json"])
-    ca = secret_text(secrets(env)[o.CA_SECRET], "tls.crt")
+    stored = secrets(env)
+    ca = ca_roll.state_from_secret(stored[o.CA_SECRET]).bundle()
     mesh = plan(infos, env.settings, ca, recorded)  # type: ignore[arg-type]
+    mesh = pin_certificates(mesh, current_leaves(stored, mesh.cert_addresses, mesh.edges))
     return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
 
 
