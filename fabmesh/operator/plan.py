@@ -94,16 +94,15 @@ def pin_certificates(mesh: MeshPlan, leaves: Mapping[str, str]) -> MeshPlan:
     shared: one pinned copy is made per planned object.
     """
     pinned: dict[int, Peer | None] = {}
-
-    def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
-        out = []
+    for peers in (*(m.peers for m in mesh.edges.values()), *mesh.connector_shards.values()):
         for peer in peers:
             if id(peer) not in pinned:
                 cert = leaves.get(peer.name)
-                pinned[id(peer)] = None if not cert else peer.model_copy(update={"cert": cert})
-            if (copy := pinned[id(peer)]) is not None:
-                out.append(copy)
-        return tuple(out)
+                pinned[id(peer)] = peer.model_copy(update={"cert": cert}) if cert else None
+
+    def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
+        out = tuple(map(pinned.__getitem__, map(id, peers)))
+        return out if None not in out else tuple(p for p in out if p is not None)
 
     edges = {name: m.model_copy(update={"peers": pin(m.peers)}) for name, m in mesh.edges.items()}
     shards = {i: pin(peers) for i, peers in mesh.connector_shards.items()}
