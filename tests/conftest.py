@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,25 @@ def _namespaces() -> set[str]:
         return set()
 
 
-def _live_children() -> list[str]:
-    """Processes whose parent is this pytest process and that are still running (not zombies)."""
-    me = str(os.getpid())
-    found = []
+def live_processes() -> Iterator[tuple[Path, list[str]]]:
+    """Each running (not zombie) process: its /proc directory and the fields of its stat after the name
+    (state, ppid, pgrp, ...)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == me and fields[0] != "Z":
-            found.append(f"{stat.parent.name}:{(stat.parent / 'comm').read_text().strip()}")
+        if fields[0] != "Z":
+            yield stat.parent, fields
+
+
+def _live_children() -> list[str]:
+    """Processes whose parent is this pytest process and that are still running (not zombies)."""
+    me = str(os.getpid())
+    found = []
+    for proc, fields in live_processes():
+        if fields[1] == me:
+            found.append(f"{proc.name}:{(proc / 'comm').read_text().strip()}")
     return found
 
 

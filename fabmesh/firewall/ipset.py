@@ -135,10 +135,7 @@ class IPSets:
                 continue
             changes.append(change)
         if errors:
-            for other in errors[1:]:
-                errors[0].add_note(str(other))
-            errors[0].changes = changes
-            raise errors[0]
+            raise FirewallError.first_of(errors, changes)
         return changes
 
     def _converge(self, want: IPSet, observed: dict[str, _Observed]) -> str | None:

@@ -79,6 +79,15 @@ class FirewallError(RuntimeError):
         text = f" ({line!r})" if line is not None else ""
         super().__init__(f"{tool} failed for {subject}{where}{text}: {reason}")
 
+    @staticmethod
+    def first_of(errors: list[FirewallError], changes: list[str]) -> FirewallError:
+        """One error for a call that kept going after failures: the first, the others as notes,
+        carrying every change the call did make."""
+        for other in errors[1:]:
+            errors[0].add_note(str(other))
+        errors[0].changes = changes
+        return errors[0]
+
 
 def run_tool(netns: str | None, argv: Sequence[str], subject: str, stdin: str | None = None) -> str:
     """Run a tool (inside ``netns`` when set) and return its stdout; raise FirewallError on failure.
@@ -317,10 +326,7 @@ class IPTables:
             changes.extend(plan.changes)
             self._learn(table, [c for c in table_chains if c.name in plan.written], table_jumps)
         if errors:
-            for other in errors[1:]:
-                errors[0].add_note(str(other))
-            errors[0].changes = changes
-            raise errors[0]
+            raise FirewallError.first_of(errors, changes)
         return changes
 
     def _learn(self, table: str, written: Sequence[Chain], jumps: Sequence[Jump]) -> None:

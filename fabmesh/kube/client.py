@@ -7,13 +7,17 @@ at (kubeconfig, TLS, auth, retries) and send and receive JSON ourselves.
 Watches and leader election use the package as it is.
 
 Every write is counted in :attr:`Kube.writes` by verb and kind, which is how
-tests prove that a resync with nothing changed writes nothing.
+tests prove that a resync with nothing changed writes nothing. Every call has a
+timeout (an API server that stops answering must not stall a caller for ever), and
+every write first asks the optional ``write_guard`` how long it may take: a leader
+elector's fence plugs in there, so no write path can forget it.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -37,14 +41,23 @@ class ApiError(Exception):
 
 
 def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """From a kubeconfig path, else in-cluster, else ``~/.kube/config``."""
+    """From a kubeconfig path, else in-cluster, else ``~/.kube/config``.
+
+    urllib3's hidden retries are off: by default it re-sends a GET or PUT whose
+    read timed out, up to three times, each with a fresh timeout, so a call could
+    take four times its timeout and a write could land after the caller gave up on
+    it (after the leader's fence closed). Callers retry themselves.
+    """
+    configuration = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -58,13 +71,18 @@ def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | 
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0, field_manager: str | None = None,
+                 write_guard: Callable[[], float] | None = None) -> None:
+        """``field_manager`` names us in ``metadata.managedFields``; ``write_guard`` returns the seconds a
+        write may take, or raises to refuse it (see ``fabmesh.operator.election``)."""
         self.api = api
         self.timeout = timeout
+        self.field_manager = field_manager
+        self.write_guard = write_guard
         self.writes: Counter[str] = Counter()
 
     def _call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-              content_type: str = "application/json") -> JSON:
+              content_type: str = "application/json", timeout: float | None = None) -> JSON:
         if query:
             path = f"{path}?{urlencode(query)}"
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -72,49 +90,55 @@ class Kube:
             method=method, resource_path=path, header_params=headers,
             body=body, auth_settings=["BearerToken"])
         response = self.api.call_api(method, url, header_params=headers, body=payload,
-                                     _request_timeout=self.timeout)
+                                     _request_timeout=self.timeout if timeout is None else min(self.timeout, timeout))
         response.read()
         text = response.data.decode() if response.data else ""
         if not 200 <= response.status < 300:
             raise ApiError(response.status, response.reason or "", text)
         return json.loads(text) if text else {}
 
-    def _count(self, verb: str, kind: str) -> None:
+    def _write(self, verb: str, kind: str, method: str, path: str, body: Any = None,
+               query: dict[str, str] | None = None, content_type: str = "application/json",
+               timeout: float | None = None) -> JSON:
+        if self.write_guard is not None:
+            budget = self.write_guard()
+            timeout = budget if timeout is None else min(timeout, budget)
         self.writes[f"{verb}:{kind}"] += 1
+        if self.field_manager and method != "DELETE":
+            query = {**(query or {}), "fieldManager": self.field_manager}
+        return self._call(method, path, body, query, content_type, timeout)
 
     def list(self, kind: str, namespace: str | None = None, labels: str | None = None) -> list[JSON]:
         query = {"labelSelector": labels} if labels else None
         return self._call("GET", _path(kind, namespace), query=query).get("items", [])
 
-    def get(self, kind: str, name: str, namespace: str | None = None) -> JSON | None:
+    def get(self, kind: str, name: str, namespace: str | None = None,
+            timeout: float | None = None) -> JSON | None:
         try:
-            return self._call("GET", _path(kind, namespace, name))
+            return self._call("GET", _path(kind, namespace, name), timeout=timeout)
         except ApiError as exc:
             if exc.not_found:
                 return None
             raise
 
-    def create(self, kind: str, body: JSON, namespace: str | None = None) -> JSON:
-        self._count("create", kind)
-        return self._call("POST", _path(kind, namespace), body)
+    def create(self, kind: str, body: JSON, namespace: str | None = None, timeout: float | None = None) -> JSON:
+        return self._write("create", kind, "POST", _path(kind, namespace), body, timeout=timeout)
 
-    def replace(self, kind: str, body: JSON, namespace: str | None = None) -> JSON:
+    def replace(self, kind: str, body: JSON, namespace: str | None = None, timeout: float | None = None) -> JSON:
         """PUT; the body's ``metadata.resourceVersion`` makes it a compare-and-swap (409 on a race)."""
-        self._count("update", kind)
-        return self._call("PUT", _path(kind, namespace, body["metadata"]["name"]), body)
+        return self._write("update", kind, "PUT", _path(kind, namespace, body["metadata"]["name"]), body,
+                           timeout=timeout)
 
     def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None) -> JSON:
-        self._count("patch", kind)
-        return self._call("PATCH", _path(kind, namespace, name), patch,
-                          content_type="application/merge-patch+json")
+        return self._write("patch", kind, "PATCH", _path(kind, namespace, name), patch,
+                           content_type="application/merge-patch+json")
 
     def delete(self, kind: str, name: str, namespace: str | None = None,
                grace_period_s: int | None = None) -> bool:
         """Delete; ``grace_period_s=0`` force-deletes a Pod whose kubelet will never confirm."""
-        self._count("delete", kind)
         query = {"gracePeriodSeconds": str(grace_period_s)} if grace_period_s is not None else None
         try:
-            self._call("DELETE", _path(kind, namespace, name), query=query)
+            self._write("delete", kind, "DELETE", _path(kind, namespace, name), query=query)
         except ApiError as exc:
             if exc.not_found:
                 return False

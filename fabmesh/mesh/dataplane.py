@@ -1,4 +1,4 @@
-"""The values a node's dataplane is described in: routes, iptables chains and jumps, ipsets, xfrm bypasses.
+"""The values a node's dataplane is described in: routes, iptables chains and jumps, ipsets, xfrm policies.
 
 They sit next to the model, not in the drivers, so that the planners (``fabmesh.node.desired``,
 ``fabmesh.firewall.rules``) can build a whole node without importing pyroute2 or any tool that
@@ -164,11 +164,15 @@ class IPSet:
         object.__setattr__(self, "members", members)
 
 
-# -- xfrm bypass policies ----------------------------------------------------------------------------
+# -- xfrm policies: bypasses and blocks ---------------------------------------------------------------
 
 DEFAULT_PRIORITY = 5
 PRIORITY_BAND = range(1, 1000)
-"""Priorities fabmesh writes and recognises as its own (see ``fabmesh/xfrm/driver.py``)."""
+"""Priorities of fabmesh's bypass (``allow``) policies: better than any charon installs."""
+BLOCK_PRIORITY = 1_000_000
+BLOCK_PRIORITY_BAND = range(1_000_000, 1_001_000)
+"""Priorities of fabmesh's ``block`` policies: worse than any charon installs (its fallback policies
+sit near 600000), so a tunnel's own policies override them while its CHILD_SA is up."""
 
 
 class Direction(StrEnum):
@@ -177,41 +181,65 @@ class Direction(StrEnum):
     FWD = "fwd"
 
 
+class XfrmAction(StrEnum):
+    ALLOW = "allow"  # no template: "send as is", a bypass
+    BLOCK = "block"  # drop: what is left when a tunnel's policies are gone
+
+
+_BANDS = {XfrmAction.ALLOW: PRIORITY_BAND, XfrmAction.BLOCK: BLOCK_PRIORITY_BAND}
+
+
 @dataclass(frozen=True, order=True)
-class BypassPolicy:
-    """Send packets from ``src`` to ``dst`` in ``direction`` without IPsec, at ``priority``.
+class XfrmPolicy:
+    """Treat packets from ``src`` to ``dst`` in ``direction`` with ``action`` (no template), at ``priority``.
 
     ``src`` and ``dst`` are canonicalised (``10.1.0.7`` becomes ``10.1.0.7/32``, IPv6 compressed);
-    host bits raise ``ValueError``, as do mixed families and a priority outside ``PRIORITY_BAND``.
+    host bits raise ``ValueError``, as do mixed families and a priority outside the action's band
+    (``PRIORITY_BAND`` for ``allow``, ``BLOCK_PRIORITY_BAND`` for ``block``): the band is how the
+    driver recognises its own policies.
     """
 
     src: str
     dst: str
     direction: Direction
     priority: int = DEFAULT_PRIORITY
+    action: XfrmAction = XfrmAction.ALLOW
+    dev: str = ""  # selector's device ("" = any); see block_policies for why blocks name the uplink
 
     def __post_init__(self) -> None:
         src, dst = ipaddress.ip_network(self.src), ipaddress.ip_network(self.dst)
+        where = f"xfrm policy {self.src} -> {self.dst}"
         if src.version != dst.version:
-            raise ValueError(f"bypass {self.src} -> {self.dst}: source and destination are of different families")
-        if self.priority not in PRIORITY_BAND:
+            raise ValueError(f"{where}: source and destination are of different families")
+        action = XfrmAction(self.action)
+        band = _BANDS[action]
+        if any(c.isspace() for c in self.dev):
+            raise ValueError(f"{where}: dev {self.dev!r} is not a device name")
+        if self.priority not in band:
             raise ValueError(
-                f"bypass {self.src} -> {self.dst}: priority {self.priority} is outside "
-                f"{PRIORITY_BAND.start}-{PRIORITY_BAND.stop - 1}, where fabmesh recognises its own policies"
+                f"{where}: priority {self.priority} is outside {band.start}-{band.stop - 1}, "
+                f"where fabmesh recognises its own {action} policies"
             )
         object.__setattr__(self, "src", str(src))
         object.__setattr__(self, "dst", str(dst))
         object.__setattr__(self, "direction", Direction(self.direction))
+        object.__setattr__(self, "action", action)
 
     def key(self) -> str:
         """The kernel's identity of the policy: two policies with the same key cannot coexist."""
-        return f"dir={self.direction} src={self.src} dst={self.dst}"
+        dev = f" dev={self.dev}" if self.dev else ""
+        return f"dir={self.direction} src={self.src} dst={self.dst}{dev}"
+
+    @property
+    def kind(self) -> str:
+        """``bypass`` or ``block``: what the policy is for, as logs name it."""
+        return "bypass" if self.action is XfrmAction.ALLOW else "block"
 
     def __str__(self) -> str:
         return f"{self.key()} priority={self.priority}"
 
 
-def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> set[BypassPolicy]:
+def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORITY) -> set[XfrmPolicy]:
     """Bypass policies that keep traffic among ``local_subnets`` out of every tunnel (pure).
 
     Pass the node's pod CIDR and the node's own addresses (a bare address means /32 or /128), not
@@ -240,13 +268,50 @@ def bypass_policies(local_subnets: Iterable[str], priority: int = DEFAULT_PRIORI
     for subnet in local_subnets:
         network = ipaddress.ip_network(subnet)
         by_version[network.version].append(network)
-    policies: set[BypassPolicy] = set()
+    policies: set[XfrmPolicy] = set()
     for networks in by_version.values():
         merged = [str(n) for n in ipaddress.collapse_addresses(networks)]
         policies |= {
-            BypassPolicy(src=a, dst=b, direction=d, priority=priority)
+            XfrmPolicy(src=a, dst=b, direction=d, priority=priority)
             for a in merged
             for b in merged
             for d in Direction
         }
+    return policies
+
+
+def block_policies(tunnels: Iterable[tuple[Iterable[str], Iterable[str]]], dev: str,
+                   priority: int = BLOCK_PRIORITY) -> set[XfrmPolicy]:
+    """``block`` policies under every tunnel's outbound selectors, so that no gap lets them out in clear (pure).
+
+    ``tunnels`` gives, per tunnel, its local selectors and the remote subnets routed into it. With
+    the kernel backend charon installs a tunnel's xfrm policies only while its CHILD_SA is up
+    (``start_action = none``, no trap); in between, the route still sends the packet out of the
+    uplink and, with no policy, the kernel sends it as is: in clear. A block policy with the same
+    selector (for every local, remote pair) and a worse priority is overridden by charon's while the
+    SA is up and drops the packet otherwise (``XfrmOutPolBlock``).
+
+    "The same selector" cannot be literal: the kernel keys a policy by its selector, mark and
+    if_id, not its priority, so charon's ``XFRM_MSG_UPDPOLICY`` would *replace* a block with the
+    very same selector, and delete it with its own when the SA goes. Blocks therefore also name
+    the device the tunnels' routes leave by (``dev``, the uplink): a different key, and no loss of
+    coverage, since the kernel matches it against the output device of the routed packet (the
+    flow's ``oif``, for out and for fwd alike).
+
+    Two directions, as charon writes them for local -> remote: ``out`` for what the host sends and
+    for forwarded packets' output lookup, ``fwd`` for packets forwarded from local pods (the kernel
+    checks fwd policies in ``ip_forward``). A fwd block needs charon's outbound fwd policy to
+    override it while the SA is up: the connection sets ``policies_fwd_out`` (strongSwan 5.5.1+,
+    off by default) for the kernel backend. Inbound cleartext is dropped by the firewall
+    (``fabmesh/firewall/rules.py``), not here. Pairs of different families are skipped.
+    """
+    policies: set[XfrmPolicy] = set()
+    for local, remote in tunnels:
+        remote = list(remote)
+        for src in local:
+            for dst in remote:
+                if ipaddress.ip_network(src).version != ipaddress.ip_network(dst).version:
+                    continue
+                policies |= {XfrmPolicy(src=src, dst=dst, direction=d, priority=priority, action=XfrmAction.BLOCK,
+                                        dev=dev) for d in (Direction.OUT, Direction.FWD)}
     return policies

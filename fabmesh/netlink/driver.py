@@ -309,17 +309,7 @@ class Netlink:
         """
         if self._plain_rules(table, priority):
             return False
-        added = self._write_tolerating(
-            f"rule from all lookup {table} pref {priority}",
-            {errno.EEXIST},
-            _Object.RULE,
-            _Verb.ADD,
-            family=socket.AF_INET,
-            table=table,
-            priority=priority,
-            action="to_tbl",
-            protocol=RTPROT_FABMESH,
-        )
+        added = self._write_rule(_Verb.ADD, table, priority, {errno.EEXIST})
         if added:
             self._changed(f"action=add-rule table={table} priority={priority}")
         return added
@@ -329,20 +319,16 @@ class Netlink:
         removed = False
         for _ in (r for r in self._plain_rules(table, priority) if r.get("protocol") == RTPROT_FABMESH):
             # The protocol is what makes the kernel pick this rule and not one with a selector.
-            if self._write_tolerating(
-                f"rule from all lookup {table} pref {priority}",
-                {errno.ENOENT, errno.ESRCH},
-                _Object.RULE,
-                _Verb.DEL,
-                family=socket.AF_INET,
-                table=table,
-                priority=priority,
-                action="to_tbl",
-                protocol=RTPROT_FABMESH,
-            ):
+            if self._write_rule(_Verb.DEL, table, priority, {errno.ENOENT, errno.ESRCH}):
                 removed = True
                 self._changed(f"action=remove-rule table={table} priority={priority}")
         return removed
+
+    def _write_rule(self, verb: _Verb, table: int, priority: int, tolerated: set[int]) -> bool:
+        # The protocol marks the rule as ours; the kernel matches it on delete too.
+        return self._write_tolerating(f"rule from all lookup {table} pref {priority}", tolerated, _Object.RULE, verb,
+                                      family=socket.AF_INET, table=table, priority=priority, action="to_tbl",
+                                      protocol=RTPROT_FABMESH)
 
     # -- observing -----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Each step is independent: one failing (charon not up yet, a device missing)
 is reported and the others still run, and the next pass retries it. Order:
 sysctls, bridge, CNI config, ipsets (before the rules that name them),
-iptables, xfrm bypass policies (kernel ESP), anchor addresses (libipsec),
+iptables, xfrm bypass and block policies (kernel ESP), anchor addresses (libipsec),
 tunnels over VICI (creates libipsec's TUN device), rule and routes.
 
 Writes are counted per resource; a pass over an unchanged node writes nothing.
@@ -94,8 +94,8 @@ class NodeApplier:
             self._step(report, "cni", lambda: self._cni(state.conflist or ""))
         self._step(report, "ipset", lambda: self.ipsets.set(state.ipsets, prefix="FABMESH-"))
         self._step(report, "iptables", lambda: self.iptables.set(state.chains, state.jumps, prefix="FABMESH-"))
-        if state.bypass or self.xfrm.list():
-            self._step(report, "xfrm", lambda: self.xfrm.set(state.bypass))
+        if state.xfrm or self.xfrm.list():
+            self._step(report, "xfrm", lambda: self.xfrm.set(state.xfrm))
         if state.anchors:
             self._step(report, "anchors", lambda: self._anchors(state))
         self._step(report, "tunnels", lambda: self._tunnels(state, creds))

@@ -22,6 +22,9 @@ Choices, and why:
   authenticated with peer cert"). A certificate from elsewhere, a replaced key
   of a reissued node, or a node that has left the mesh (its connection is gone)
   gets no tunnel.
+* With kernel ESP, ``policies_fwd_out = yes``: fabmesh puts ``block`` xfrm policies under each
+  tunnel (fail closed), and forwarded pod traffic meets the fwd one unless charon installs its
+  outbound fwd policy, which strongSwan does only when asked.
 * ``unique = replace``: an edge that reboots and reconnects replaces its stale
   IKE_SA on the connector instead of stacking a second one. The pin is what
   keeps a stolen old key from using this to evict the real edge.
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabmesh.mesh.model import NodeMesh, Peer
+from fabmesh.mesh.model import Backend, NodeMesh, Peer
 
 
 def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
@@ -56,6 +59,9 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         "dpd_action": "restart" if peer.initiate else "clear",
         "close_action": "start" if peer.initiate else "none",
     }
+    if tunnel.backend is Backend.KERNEL:
+        # Charon's outbound fwd policy overrides our fwd block while the SA is up (node/desired.py).
+        child["policies_fwd_out"] = "yes"
     return {
         "version": "2",
         "local_addrs": ["%any"],

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fabmesh.operator.health import DEFAULT_PORT as DEFAULT_HEALTH_PORT
 from fabmesh.operator.settings import SettingsError, load_settings
 
 
@@ -14,11 +15,17 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     parser = sub.add_parser(name, help=help_text, description=(
         f"{help_text}. Watches Nodes and writes, per edge node, ConfigMap fabmesh-agent-<node> "
         "(mesh.yaml), Secret fabmesh-tls-<node> and an agent Pod; plus the connector's config. "
-        "Leader-elected: run several replicas."))
+        "Leader-elected: run several replicas; a leader that cannot renew its Lease in time exits 1."))
     parser.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
     parser.add_argument("--config", type=Path,
                         help="settings YAML (see docs/operator.md; default: built-in defaults)")
     parser.add_argument("--identity", help="leader-election identity (default: hostname-pid)")
+    parser.add_argument("--field-manager", default="fabmesh-operator",
+                        help="name in metadata.managedFields of what this process writes (default: %(default)s)")
+    parser.add_argument("--health-address", default="0.0.0.0",
+                        help="address of the /healthz and /readyz endpoint (default: %(default)s)")
+    parser.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
+                        help="port of the /healthz and /readyz endpoint; 0 = none (default: %(default)s)")
     parser.add_argument("--once", action="store_true",
                         help="run one reconcile pass without leader election, print a summary, exit")
     parser.set_defaults(func=run)
@@ -36,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
 
     api = load_api_client(args.kubeconfig)
     if args.once:
-        kube = Kube(api)
+        kube = Kube(api, field_manager=args.field_manager)
         result = Reconciler(kube, settings).run_once()
         print(json.dumps({"edges": sorted(result.plan.edges), "errors": [str(e) for e in result.errors],
                           "writes": dict(kube.writes)}, indent=2))
         return 1 if result.retry else 0
-    return OperatorLoop(api, settings, args.identity).run()
+    health = (args.health_address, args.health_port) if args.health_port else None
+    return OperatorLoop(api, settings, args.identity, args.field_manager, health).run()

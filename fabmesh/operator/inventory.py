@@ -42,6 +42,9 @@ class NodeInfo:
     resource_version: str
     flannel: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # Where in the Node the addresses came from, for Events (``status.addresses[i]``).
+    internal_field: str = field(default="status.addresses", compare=False)
+    external_field: str = field(default="status.addresses", compare=False)
 
     @property
     def endpoint(self) -> str:
@@ -49,16 +52,24 @@ class NodeInfo:
         return self.external_ip or self.internal_ip
 
 
-def _address(node: str, addresses: list[dict[str, Any]], kind: str) -> tuple[str | None, InvalidNode | None]:
+def _address(node: str, addresses: list[dict[str, Any]], kind: str,
+             family: int) -> tuple[str | None, str, InvalidNode | None]:
+    """The first address of ``kind`` in the mesh's family, and its field.
+
+    Addresses of the other family are ignored (a dual-stack node lists both; the mesh is single-stack,
+    and an IPv6 host route among IPv4 selectors would break every peer that lists it).
+    """
     for i, entry in enumerate(addresses):
         if entry.get("type") != kind:
             continue
         raw = entry.get("address", "")
         try:
-            return str(ipaddress.ip_address(raw)), None
+            ip = ipaddress.ip_address(raw)
         except ValueError:
-            return None, InvalidNode(node, f"status.addresses[{i}]", f"{kind} {raw!r} is not an IP address")
-    return None, None
+            return None, "", InvalidNode(node, f"status.addresses[{i}]", f"{kind} {raw!r} is not an IP address")
+        if ip.version == family:
+            return str(ip), f"status.addresses[{i}]", None
+    return None, "status.addresses", None
 
 
 def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | InvalidNode:
@@ -71,17 +82,18 @@ def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | Inv
         return InvalidNode(name, placed.field, placed.reason)
     role, communities = placed.role, placed.communities
     addresses = (obj.get("status") or {}).get("addresses") or []
-    internal, error = _address(name, addresses, "InternalIP")
+    internal, internal_field, error = _address(name, addresses, "InternalIP", settings.family)
     if error:
         return error
-    external, error = _address(name, addresses, "ExternalIP")
+    external, external_field, error = _address(name, addresses, "ExternalIP", settings.family)
     if error:
         return error
     if internal is None:
         if role is Role.CLOUD:
             internal = "0.0.0.0"  # a cloud node without an address cannot be routed to; ignore it
         else:
-            return InvalidNode(name, "status.addresses", "no InternalIP: cannot build a tunnel")
+            return InvalidNode(name, "status.addresses",
+                               f"no IPv{settings.family} InternalIP (the mesh's family): cannot build a tunnel")
     spec_cidr = (obj.get("spec") or {}).get("podCIDR") or None
     return NodeInfo(
         name=name, role=role, internal_ip=internal, external_ip=external,
@@ -91,5 +103,5 @@ def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | Inv
         resource_version=meta.get("resourceVersion", ""),
         flannel={k: annotations[FLANNEL_PREFIX + k] for k in FLANNEL_KEYS
                  if FLANNEL_PREFIX + k in annotations},
-        annotations=annotations,
+        annotations=annotations, internal_field=internal_field, external_field=external_field,
     )

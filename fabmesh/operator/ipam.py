@@ -4,11 +4,17 @@ Edge nodes are not served by kube-controller-manager's node IPAM (their pod CIDR
 from fabmesh's own pool), yet a node may already carry one: in ``spec.podCIDR``
 (set at registration and immutable once set, so a hand-made or cloud-made value there
 can only be corrected by re-creating the Node) or in the ``fabmesh.io/pod-cidr``
-annotation the operator writes. This module decides, as plain data, which recorded
-CIDRs are kept, which nodes get a new one, and which nodes get an error instead. It
-never overwrites a user's value: a node whose record is bad gets an error and
-nothing else, and a CIDR recorded anywhere (on any node, valid or not) is never handed
-out again, so no two nodes are ever told to use the same addresses.
+annotation the operator writes, and in the operator's own record (ConfigMap
+``fabmesh-ipam``). The record is authoritative: a node listed there keeps that CIDR
+whatever its annotation says (a kubelet may rewrite its Node's annotations; it cannot
+write the record). This module decides, as plain data, which recorded CIDRs are kept,
+which nodes get a new one, and which nodes get an error instead. It never overwrites a
+user's value: a node whose record is bad gets an error and nothing else. A CIDR held by
+a valid claim, by a node fabmesh does not manage, or by the operator's record is never
+handed out again, so no two nodes are ever told to use the same addresses; an invalid
+claim (malformed, outside the pool, the wrong size, contradicting itself) holds
+nothing, so one bad node cannot block others (``10.233.0.0/16`` on one edge would
+otherwise block the whole pool).
 
 Overlaps are settled by age, ``(creationTimestamp, name)``: among edge nodes the
 earliest keeps the range. A CIDR recorded on a node fabmesh does not manage (a cloud
@@ -31,6 +37,7 @@ from fabmesh.mesh.names import POD_CIDR_ANNOTATION as ANNOTATION
 
 SPEC_FIELD = "spec.podCIDR"
 ANNOTATION_FIELD = f"metadata.annotations[{ANNOTATION}]"
+RECORD_FIELD = "configmap[fabmesh-ipam]"
 POOL_FIELD = "pool"
 
 
@@ -45,6 +52,8 @@ class Claim:
     """The ``fabmesh.io/pod-cidr`` annotation; ``""`` or ``None`` means unset."""
     created: str
     """``metadata.creationTimestamp`` (RFC3339); orders claims, ``""`` sorts first."""
+    recorded: str | None = None
+    """The operator's record for this node; when set, the annotation is not read at all."""
 
 
 class IpamErrorKind(StrEnum):
@@ -62,7 +71,7 @@ class IpamError:
 
     node: str
     field: str
-    """``spec.podCIDR``, ``metadata.annotations[fabmesh.io/pod-cidr]`` or ``pool``."""
+    """``spec.podCIDR``, ``metadata.annotations[fabmesh.io/pod-cidr]``, the record or ``pool``."""
     kind: IpamErrorKind
     reason: str
 
@@ -152,16 +161,27 @@ def plan_cidrs(
         holders.append((_Holder.RESERVED, ""))
     fields: dict[str, list[_Field]] = {}
     rank_of: dict[str, int] = {}
+    errors: list[IpamError] = []
+    found: dict[str, tuple[str, _Cidr] | None] = {}
     for claim in ordered:
         rank_of[claim.node] = len(holders)
         holders.append((_Holder.EDGE if claim.node in wanted else _Holder.UNMANAGED, claim.node))
         fields[claim.node] = _read_fields(claim)
-        # Every network a node names blocks, even one written with host bits set.
-        spans.extend((f.cidr, rank_of[claim.node]) for f in fields[claim.node] if f.cidr is not None)
+        if claim.node not in wanted:
+            # fabmesh cannot move what another node uses: every network it names blocks.
+            held = [f.cidr for f in fields[claim.node]]
+        else:
+            if fields[claim.node]:
+                found[claim.node] = _check_recorded(claim.node, fields[claim.node], pool_cidr, prefix_len, errors)
+            valid = found.get(claim.node)
+            # A valid claim holds its CIDR; the operator's record holds even when the Node contradicts it
+            # (peers may still route it there); anything else a wanted node writes holds nothing.
+            held = [valid[1] if valid else None,
+                    *(f.cidr for f in fields[claim.node] if f.name == RECORD_FIELD)]
+        spans.extend((cidr, rank_of[claim.node]) for cidr in dict.fromkeys(held) if cidr is not None)
 
     first_holder = _lowest_overlapping(spans)
     assigned: dict[str, str] = {}
-    errors: list[IpamError] = []
     to_allocate: list[str] = []
     for claim in ordered:
         if claim.node not in wanted:
@@ -169,10 +189,9 @@ def plan_cidrs(
         if not fields[claim.node]:
             to_allocate.append(claim.node)
             continue
-        found = _check_recorded(claim.node, fields[claim.node], pool_cidr, prefix_len, errors)
-        if found is None:
+        if found[claim.node] is None:
             continue
-        field, kept = found
+        field, kept = found[claim.node]  # type: ignore[misc]
         winner, winner_rank = first_holder[kept]
         if winner_rank < rank_of[claim.node]:
             reason = _overlap_reason(field, kept, winner, *holders[winner_rank])
@@ -230,7 +249,8 @@ def _index_claims(claims: Iterable[Claim]) -> dict[str, Claim]:
 
 def _read_fields(claim: Claim) -> list[_Field]:
     found = []
-    for name, text in ((SPEC_FIELD, claim.spec_pod_cidr), (ANNOTATION_FIELD, claim.annotation)):
+    second = (RECORD_FIELD, claim.recorded) if claim.recorded else (ANNOTATION_FIELD, claim.annotation)
+    for name, text in ((SPEC_FIELD, claim.spec_pod_cidr), second):
         if text:
             cidr, host_bits = _parse_cidr(text)
             found.append(_Field(name, text, cidr, host_bits))
@@ -308,10 +328,12 @@ def _check_recorded(
     if bad:
         return None
     if len(fields) == 2 and fields[0].cidr != fields[1].cidr:
-        reason = (
-            f"{SPEC_FIELD} {fields[0].text} and annotation {ANNOTATION} {fields[1].text} disagree; "
-            "spec.podCIDR cannot change, so fix or remove the annotation"
-        )
+        if fields[1].name == ANNOTATION_FIELD:
+            other, fix = f"annotation {ANNOTATION}", "fix or remove the annotation"
+        else:
+            other, fix = "the operator's record", "re-create the Node"
+        reason = (f"{SPEC_FIELD} {fields[0].text} and {other} {fields[1].text} disagree; "
+                  f"spec.podCIDR cannot change, so {fix}")
         errors.append(IpamError(node, SPEC_FIELD, IpamErrorKind.MISMATCH, reason))
         return None
     field, cidr = fields[0].name, fields[0].cidr

@@ -17,8 +17,17 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
   reaches kubelet (:10250) on edge nodes for ``kubectl logs/exec``. Cloud hosts
   talk to edges from their flannel address (inside the cloud pod CIDR): the
   connector routes with that source, flannel.1 on other cloud nodes has it.
-* More than one connector is accepted; the ones not active stay idle until
-  failover is built.
+  Which InternalIP an edge may offer, and which endpoint peers may use, is
+  :mod:`fabmesh.operator.addresses`' rule: a node's addresses are its kubelet's
+  claim, and must never pull other nodes' traffic into its tunnel.
+* One node's bad data stays with it: only edges' ``fabmesh.io/pod-cidr``
+  annotations are read, the IPAM record outranks them, and an edge that turns
+  invalid (a bad label, a contradicting ``spec.podCIDR``) stays in its peers'
+  configs with its last good values, read from its own agent ConfigMap (what
+  those peers were last told), until its Node is deleted or loses the edge label.
+* More than one connector is accepted; the oldest is active. Every connector
+  gets its own certificate (``cert_addresses``), standbys included, so a
+  failover issues nothing: the next oldest already holds its key.
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
+from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
-from fabmesh.mesh.topology import active_connector, community_members, community_peers_of
+from fabmesh.mesh.topology import active_connector, community_members, community_peers_of, shares_community
+from fabmesh.operator.addresses import EdgeAddresses, vet_edges
 from fabmesh.operator.inventory import InvalidNode, NodeInfo
-from fabmesh.operator.ipam import Claim, plan_cidrs
+from fabmesh.operator.ipam import ANNOTATION_FIELD, Claim, plan_cidrs
 from fabmesh.operator.settings import OperatorSettings
 
 
@@ -54,9 +64,11 @@ class MeshPlan:
     ipam_record: dict[str, str] = field(default_factory=dict)
     edges: dict[str, NodeMesh] = field(default_factory=dict)
     connector: NodeMesh | None = None  # header only: peers live in the shards
+    connectors: tuple[str, ...] = ()  # every valid connector node, active and standby, by name
     connector_shards: dict[int, tuple[Peer, ...]] = field(default_factory=dict)
     cert_addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)
     node_patches: dict[str, NodePatch] = field(default_factory=dict)
+    held: tuple[str, ...] = ()  # invalid edges kept in their peers' configs with their last good values
 
     def connector_mesh(self) -> NodeMesh | None:
         """The connector's full mesh: its header plus every shard's peers."""
@@ -68,10 +80,6 @@ class MeshPlan:
 
 def shard_of(name: str, shards: int) -> int:
     return zlib.crc32(name.encode()) % shards
-
-
-def _host(ip: str) -> str:
-    return str(ipaddress.ip_network(ip))
 
 
 # One fields-set per model kind (every field counts as set: model_construct fills the defaults),
@@ -110,11 +118,14 @@ def pin_certificates(mesh: MeshPlan, leaves: Mapping[str, str]) -> MeshPlan:
 
 
 def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
-         recorded: Mapping[str, str] | None = None) -> MeshPlan:
+         recorded: Mapping[str, str] | None = None, last_good: Mapping[str, str] | None = None) -> MeshPlan:
     """Everything the operator should write, given the cluster as it is.
 
     ``recorded`` is the IPAM record (node -> CIDR) kept in the operator's own
-    ConfigMap: the durable truth for allocations not yet mirrored on a Node.
+    ConfigMap: the durable truth for allocations, over anything a Node says.
+    ``last_good`` is, for every Node that carries the edge label (valid or not),
+    the ``mesh.yaml`` of its existing agent ConfigMap: only those of edges that
+    cannot be planned now are parsed.
 
     Cost at 10,000 nodes is dominated by the objects that outlive the call: every one of them
     is a container the cyclic garbage collector rescans in each full collection. So each edge
@@ -124,13 +135,15 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     """
     result = MeshPlan()
     recorded = dict(recorded or {})
+    last_good = last_good or {}
     by_name = {n.name: n for n in sorted(nodes, key=lambda n: n.name)}
     edges = [n for n in by_name.values() if n.role is Role.EDGE]
     connectors = [n for n in by_name.values() if n.role is Role.CONNECTOR]
 
-    claims = [Claim(node=n.name, spec_pod_cidr=n.spec_pod_cidr,
-                    annotation=n.pod_cidr_annotation or recorded.get(n.name), created=n.created)
-              for n in by_name.values()]
+    claims = [_claim(n, recorded.get(n.name), result.errors) for n in by_name.values()]
+    # An edge that could not even be read keeps its recorded CIDR taken while it exists.
+    claims += [Claim(node=name, spec_pod_cidr=None, annotation=None, created="", recorded=recorded[name])
+               for name in sorted(last_good.keys() - by_name.keys()) if name in recorded]
     ipam = plan_cidrs(settings.edge_pod_pool, settings.edge_pod_prefix_len, claims,
                       want=[n.name for n in edges],
                       reserved=(*settings.cloud_pod_cidrs, settings.service_cidr))
@@ -140,9 +153,18 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     result.allocated = dict(ipam.allocated)
     # Keep the record of every existing node (even one in error: its CIDR stays taken);
     # a deleted node's entry is dropped, which frees its CIDR.
-    result.ipam_record = {n: c for n, c in recorded.items() if n in by_name} | result.cidrs
+    result.ipam_record = {n: c for n, c in recorded.items() if n in by_name or n in last_good} | result.cidrs
 
     ready = [n for n in edges if n.name in result.cidrs]
+    held = _held(last_good, {n.name for n in ready}, recorded)
+    result.held = tuple(held)
+    vetted, address_errors = vet_edges(
+        [*(EdgeAddresses(n.name, n.internal_ip, n.external_ip, n.internal_field, n.external_field) for n in ready),
+         *(EdgeAddresses(h, _announced_address(m), m.node.endpoint, None, None) for h, m in held.items())],
+        [a for n in by_name.values() if n.role is not Role.EDGE for a in (n.internal_ip, n.external_ip)
+         if a and a != "0.0.0.0"],
+        settings)
+    result.errors.extend(address_errors)
     connector_name = active_connector({n.name: n.created for n in connectors})
     connector = by_name[connector_name] if connector_name is not None else None
     if connector is None and ready:
@@ -153,7 +175,17 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     mesh_cidrs = tuple(sorted({*settings.cloud_pod_cidrs, settings.service_cidr, settings.edge_pod_pool}))
     to_connector = tuple(sorted({*cloud_side, settings.edge_pod_pool}))
 
-    members = community_members({n.name: n.communities for n in ready})
+    # An edge no peer can reach (no usable endpoint) gets no direct tunnels: it is relayed.
+    communities = {n.name: n.communities if vetted[n.name].endpoint else () for n in ready}
+    members = community_members(communities)
+    # A held edge stays a peer of those it had a tunnel with, while they still share a community with what it had.
+    held_peers: dict[str, set[str]] = {}
+    for name, mesh in held.items():
+        if vetted[name].endpoint is None:
+            continue
+        for other in {p.name for p in mesh.peers} & communities.keys():
+            if shares_community(communities[other], mesh.node.communities):
+                held_peers.setdefault(other, set()).add(name)
 
     flannel = {}
     if connector is not None:
@@ -170,16 +202,21 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     # initiate flag; the lower name initiates), so planning is O(edges + peer references) and
     # rendering caches per Peer. model_construct skips validation: every value here is already
     # canonical (from read_node and IPAM).
-    own = {n.name: tuple(sorted({result.cidrs[n.name], _host(n.internal_ip)})) for n in ready}
-    initiator = {n.name: _peer(name=n.name, role=Role.EDGE, endpoint=n.endpoint, subnets=own[n.name], initiate=True)
-                 for n in ready}
-    responder = {n.name: _peer(name=n.name, role=Role.EDGE, endpoint=n.endpoint, subnets=own[n.name],
-                               initiate=False) for n in ready}
+    pod_cidrs = {**{n.name: result.cidrs[n.name] for n in ready}, **{h: m.node.pod_cidr for h, m in held.items()}}
+    own = {name: tuple(sorted({cidr, vetted[name].announced} - {None})) for name, cidr in pod_cidrs.items()}
+    initiator = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
+                             initiate=True) for name in own}
+    responder = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
+                             initiate=False) for name in own}
     to_connector_peer = None if connector is None else _peer(
         name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
     for node in ready:
         cidr = result.cidrs[node.name]
-        before, after = community_peers_of(node.name, node.communities, members)
+        before, after = community_peers_of(node.name, communities[node.name], members)
+        if node.name in held_peers:
+            ordered = sorted({*before, *after, *held_peers[node.name]})
+            me = bisect.bisect_left(ordered, node.name)
+            before, after = ordered[:me], ordered[me:]
         # Peers sorting before the node initiate to it (it responds); it initiates to those after.
         peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
         if to_connector_peer is not None:
@@ -201,8 +238,10 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         if patch.annotations or patch.spec_pod_cidr:
             result.node_patches[node.name] = patch
 
+    result.connectors = tuple(n.name for n in connectors)
+    for node in connectors:
+        result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
     if connector is not None:
-        result.cert_addresses[connector.name] = tuple(sorted({connector.internal_ip, connector.endpoint}))
         result.connector = NodeMesh(
             # The connector's cloud pod CIDR gives it a source address inside the tunnels' selectors.
             node=LocalNode(name=connector.name, role=Role.CONNECTOR, address=connector.internal_ip,
@@ -210,9 +249,49 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             local_subnets=to_connector, mesh_cidrs=mesh_cidrs, peers=(),
             caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}
-        for node in ready:
+        for name in sorted(own):
             # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
-            shards[shard_of(node.name, settings.connector_shards)].append(
-                _peer(name=node.name, role=Role.EDGE, subnets=own[node.name]))
+            shards[shard_of(name, settings.connector_shards)].append(
+                _peer(name=name, role=Role.EDGE, subnets=own[name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     return result
+
+
+def _claim(node: NodeInfo, record: str | None, errors: list[InvalidNode]) -> Claim:
+    """What IPAM reads of a Node: the record first; the annotation only on edges.
+
+    A cloud kubelet can write ``fabmesh.io/pod-cidr`` on its own Node; read there it
+    would outrank every edge (``10.233.0.0/16`` would drop them all), so only edges'
+    annotations count. An edge's annotation that contradicts the record gets an Event
+    and is rewritten; the record is kept.
+    """
+    if node.role is not Role.EDGE:
+        return Claim(node.name, node.spec_pod_cidr, None, node.created, recorded=record)
+    if record and node.pod_cidr_annotation and node.pod_cidr_annotation != record:
+        errors.append(InvalidNode(node.name, ANNOTATION_FIELD,
+                                  f"{node.pod_cidr_annotation} differs from the operator's record {record} "
+                                  "(ConfigMap fabmesh-ipam), which is kept; the annotation is rewritten"))
+    return Claim(node.name, node.spec_pod_cidr, node.pod_cidr_annotation, node.created, recorded=record)
+
+
+def _held(last_good: Mapping[str, str], ready: set[str], recorded: Mapping[str, str]) -> dict[str, NodeMesh]:
+    """Edges that exist but cannot be planned now, with the mesh their peers were last told about.
+
+    Only a config whose pod CIDR is still the one recorded for the node counts: that CIDR stays
+    taken in IPAM while the node exists, so its peers can keep routing it there.
+    """
+    held = {}
+    for name in sorted(last_good.keys() - ready):
+        try:
+            mesh = parse_node_mesh(last_good[name], f"configmap of node {name}")
+        except MeshConfigError:
+            continue
+        if mesh.node.name == name and mesh.node.pod_cidr and recorded.get(name) == mesh.node.pod_cidr:
+            held[name] = mesh
+    return held
+
+
+def _announced_address(mesh: NodeMesh) -> str | None:
+    """The node address an edge's config offered its peers (its /32 among its local subnets), if any."""
+    host = str(ipaddress.ip_network(mesh.node.address))
+    return mesh.node.address if host in mesh.local_subnets else None

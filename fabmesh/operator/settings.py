@@ -6,6 +6,7 @@ documented in ``docs/operator.md`` and in the chart's ``values.yaml``.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,7 +31,8 @@ class LeaderElection(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> LeaderElection:
-        # The kubernetes package's elector exits the process on these; say it at load time instead.
+        # The leader stops at renew_deadline_s, before a standby may take over at lease_duration_s (the
+        # margin covers writes in flight), and gets at least one retry before its deadline.
         if not self.lease_duration_s > self.renew_deadline_s > 1.2 * self.retry_period_s:
             raise ValueError("need lease_duration_s > renew_deadline_s > 1.2 * retry_period_s")
         return self
@@ -55,16 +57,23 @@ class Resources(BaseModel):
         return {k: dict(v) for k, v in (("requests", self.requests), ("limits", self.limits)) if v}
 
 
-class AgentPods(BaseModel):
+class NodePods(BaseModel):
+    """What the Pods the operator runs on nodes share: images, metrics, resources (agent and connector)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     strongswan_image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     image_pull_policy: str = "IfNotPresent"
-    # The agent's /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
+    # The /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     metrics_address: str = ""
+    resources: Resources = Resources()
+    strongswan_resources: Resources = Resources()
+
+
+class AgentPods(NodePods):
     # An edge agent holds one node's mesh (tens of peers): small. Memory limits stop a leak from
     # taking the node down; charon's CPU limit is generous because with libipsec ESP runs in charon,
     # so its limit caps tunnel throughput.
@@ -72,6 +81,17 @@ class AgentPods(BaseModel):
                                      limits={"cpu": "500m", "memory": "256Mi"})
     strongswan_resources: Resources = Resources(requests={"cpu": "20m", "memory": "32Mi"},
                                                 limits={"cpu": "1", "memory": "256Mi"})
+
+
+class ConnectorPods(NodePods):
+    # The connector holds every edge's peer entry and charon one IKE_SA per edge (~140 MiB at 2,000
+    # tunnels with libipsec, docs/performance.md): raise the memory limits for larger meshes.
+    resources: Resources = Resources(requests={"cpu": "100m", "memory": "128Mi"},
+                                     limits={"cpu": "1", "memory": "512Mi"})
+    strongswan_resources: Resources = Resources(requests={"cpu": "100m", "memory": "128Mi"},
+                                                limits={"cpu": "2", "memory": "1Gi"})
+    # Device IKE leaves by (e.g. eth0), passed as --uplink; "": the device the kernel routes to peers.
+    uplink: str = Field(default="", max_length=15, pattern=r"^[^/\s]*$")
 
 
 class OperatorSettings(BaseModel):
@@ -88,6 +108,11 @@ class OperatorSettings(BaseModel):
     # Extra cloud host ranges the connector tunnel carries (e.g. hosts that reach edge kubelets from their
     # own address). Empty adds none: a cloud node reaches edges from its flannel.1 address, in cloud_pod_cidrs.
     cloud_node_cidrs: tuple[Cidr, ...] = ()
+    # Where edge node addresses may live: an edge's InternalIP is announced to the mesh (a /32 on the
+    # connector and its peers, for kubelet) only inside these. Empty = any address that is not globally
+    # routable (private, CGNAT, ULA, documentation ranges). Mesh ranges and other nodes' addresses are
+    # refused either way (fabmesh/operator/addresses.py).
+    edge_node_cidrs: tuple[Cidr, ...] = ()
     cert_lifetime_days: int = Field(default=365, ge=1)
     ca_lifetime_days: int = Field(default=3650, ge=2)
     # How long each step of a CA roll waits for every node to apply the one before (ca_roll.py).
@@ -97,6 +122,7 @@ class OperatorSettings(BaseModel):
     tunnel: TunnelSettings = TunnelSettings()
     node: NodeSettings = NodeSettings()
     agent_pods: AgentPods = AgentPods()
+    connector_pods: ConnectorPods = ConnectorPods()
     leader_election: LeaderElection = LeaderElection()
 
     @field_validator("connector_label")
@@ -115,8 +141,6 @@ class OperatorSettings(BaseModel):
 
     @model_validator(mode="after")
     def _pool_fits_prefix(self) -> OperatorSettings:
-        import ipaddress
-
         pool = ipaddress.ip_network(self.edge_pod_pool)
         if not pool.prefixlen <= self.edge_pod_prefix_len <= pool.max_prefixlen:
             raise ValueError(f"edge_pod_prefix_len {self.edge_pod_prefix_len} does not fit "
@@ -124,7 +148,19 @@ class OperatorSettings(BaseModel):
         for cidr in (*self.cloud_pod_cidrs, self.service_cidr):
             if pool.overlaps(ipaddress.ip_network(cidr)):
                 raise ValueError(f"edge_pod_pool {pool} overlaps {cidr}")
+        # The mesh is single-stack, in the pool's family: a range of the other family would put
+        # selectors and routes of two families into one tunnel, which no peer can apply.
+        for key in ("cloud_pod_cidrs", "service_cidr", "cloud_node_cidrs", "edge_node_cidrs"):
+            value = getattr(self, key)
+            for cidr in (value,) if isinstance(value, str) else value:
+                if ipaddress.ip_network(cidr).version != pool.version:
+                    raise ValueError(f"{key} {cidr} is not IPv{pool.version} like edge_pod_pool {pool}")
         return self
+
+    @property
+    def family(self) -> int:
+        """The mesh's IP version (4 or 6): the edge pod pool's."""
+        return ipaddress.ip_network(self.edge_pod_pool).version
 
 
 class SettingsError(ValueError):

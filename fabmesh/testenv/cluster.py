@@ -78,12 +78,20 @@ def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
     return cp.kubeconfig_for_token(f"operator-{namespace}", token, namespace)
 
 
-def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path) -> subprocess.Popen[bytes]:
-    """The real operator entry point as its own process (stop it by PID)."""
+def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path,
+                   health_port: int = 0) -> subprocess.Popen[bytes]:
+    """The real operator entry point as its own process (stop it by PID).
+
+    Its writes carry field manager ``fabmesh-operator/<identity>``, so ``metadata.managedFields`` tells
+    which replica wrote what; its health endpoint listens on 127.0.0.1:``health_port`` (0 = none, so
+    that several replicas on one host do not fight over a port).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"operator-{identity}.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "fabmesh.cli", "operator", "--kubeconfig", str(kubeconfig),
-             "--config", str(settings), "--identity", identity],
+             "--config", str(settings), "--identity", identity,
+             "--field-manager", f"fabmesh-operator/{identity}",
+             "--health-address", "127.0.0.1", "--health-port", str(health_port)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})

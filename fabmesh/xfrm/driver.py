@@ -1,4 +1,4 @@
-"""Bypass xfrm policies: keep traffic between a node's own subnets out of its IPsec tunnels.
+"""fabmesh's own xfrm policies: bypasses for a node's local traffic, blocks under its tunnels.
 
 With the kernel IPsec backend, charon installs xfrm policies for each tunnel's traffic selectors. An
 edge's tunnel to the connector carries the whole edge pool (``10.233.0.0/16``), which contains the
@@ -11,20 +11,29 @@ prefers the *lowest* priority number; charon's policies are never below 68541 (s
 computes them from ``PRIO_BASE`` 200000 minus selector-specificity bonuses), so fabmesh's default of
 5 always wins.
 
+The opposite gap: charon's policies exist only while a CHILD_SA is up, and with none the kernel
+sends a packet the route gives the uplink as is, in clear. ``action block`` policies with the
+tunnels' outbound selectors at a priority worse than any charon writes (``BLOCK_PRIORITY_BAND``,
+from 1000000; charon's fallback policies sit near 600000) fill that gap: overridden while the SA is
+up, dropping the packet otherwise (``XfrmOutPolBlock`` in ``/proc/net/xfrm_stat``).
+
 Which policies are ours. The kernel keeps no free-form tag on an xfrm policy (nothing like a route's
 protocol number) and a ``mark`` is a *selector*: a policy with one matches only packets carrying
-that skb mark, so it would miss exactly the traffic a bypass exists for. A policy is therefore ours
-when it has exactly the shape fabmesh writes, and nothing else:
+that skb mark, so it would miss exactly the traffic a bypass or a block exists for. A policy is
+therefore ours when it has exactly the shape fabmesh writes, and nothing else:
 
-* type ``main``, ``action allow``, direction ``in``, ``out`` or ``fwd``;
+* type ``main``, direction ``in``, ``out`` or ``fwd``; ``action allow`` with a priority in
+  ``PRIORITY_BAND`` (1-999) or ``action block`` with one in ``BLOCK_PRIORITY_BAND``;
 * no template (every policy charon installs for a tunnel has one), no mark, no ``if_id``, no
-  security context, no flags, no protocol, port or device in the selector (lifetime limits are
-  not printed by ``ip xfrm policy list`` and not checked: nobody puts them on a bypass);
-* a priority in ``PRIORITY_BAND`` (1-999). ``ip xfrm policy add`` without ``priority`` gives 0,
-  outside the band, so a policy a person typed in is left alone; charon's pass/drop shunts (no
-  template) sit at 68541 or above unless swanctl sets ``priority`` explicitly, which fabmesh never does.
+  security context, no flags, no protocol or port in the selector, and a device in it only as
+  blocks have one (lifetime limits are not printed by ``ip xfrm policy list`` and not checked:
+  nobody puts them on these).
 
-``ip xfrm policy list priority 5`` shows what fabmesh wrote.
+``ip xfrm policy add`` without ``priority`` gives 0, outside both bands, so a policy a person typed
+in is left alone; charon's pass/drop shunts (no template) sit between 68541 and ~600000 unless
+swanctl sets ``priority`` explicitly, which fabmesh never does.
+
+``ip xfrm policy list priority 5`` shows the bypasses fabmesh wrote, ``... priority 1000000`` the blocks.
 
 Why ``ip`` and not pyroute2: pyroute2 0.9.7 defines the ``NETLINK_XFRM`` protocol number and
 nothing else for it (no message classes, no IPRoute method), so using it would mean hand-encoding
@@ -55,10 +64,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from fabmesh.mesh.dataplane import PRIORITY_BAND, BypassPolicy, Direction
+from fabmesh.mesh.dataplane import BLOCK_PRIORITY_BAND, PRIORITY_BAND, Direction, XfrmAction, XfrmPolicy
 
 log = logging.getLogger(__name__)
 
+_BANDS = {XfrmAction.ALLOW: PRIORITY_BAND, XfrmAction.BLOCK: BLOCK_PRIORITY_BAND}
 _C_LOCALE = {**os.environ, "LC_ALL": "C"}  # error texts are matched below
 
 
@@ -74,7 +84,7 @@ class XfrmError(RuntimeError):
 
 @dataclass(frozen=True)
 class PolicyFailure:
-    policy: BypassPolicy
+    policy: XfrmPolicy
     reason: str
 
     def __str__(self) -> str:
@@ -82,20 +92,20 @@ class PolicyFailure:
 
 
 class PoliciesNotApplied(XfrmError):
-    """Some bypass policies could not be written or removed; every other change was made (``changes``)."""
+    """Some policies could not be written or removed; every other change was made (``changes``)."""
 
     def __init__(self, netns: str | None, failures: Iterable[PolicyFailure], changes: Sequence[str]) -> None:
         self.failures = tuple(failures)
         self.changes = list(changes)
         listed = "; ".join(str(f) for f in self.failures)
-        super().__init__(f"netns={netns or '-'}: {len(self.failures)} xfrm bypass policy change(s) failed: {listed}")
+        super().__init__(f"netns={netns or '-'}: {len(self.failures)} xfrm policy change(s) failed: {listed}")
 
 
 @dataclass(frozen=True)
 class _Installed:
     """One of our policies as the kernel holds it; ``src``/``dst`` as printed, to delete exactly it."""
 
-    policy: BypassPolicy
+    policy: XfrmPolicy
     src: str = field(compare=False)
     dst: str = field(compare=False)
 
@@ -106,7 +116,7 @@ class _Installed:
 
 
 class XfrmPolicies:
-    """Reconciler for fabmesh's bypass xfrm policies in ``netns`` (``None``: the current namespace).
+    """Reconciler for fabmesh's xfrm policies (bypasses and blocks) in ``netns`` (``None``: the current namespace).
 
     ``writes`` counts the writing commands run (``ip xfrm policy add/update/delete``), failed ones included.
     """
@@ -115,20 +125,20 @@ class XfrmPolicies:
         self.netns = netns
         self.writes = 0
 
-    def list(self) -> builtins.set[BypassPolicy]:
-        """Our bypass policies as the kernel holds them (canonicalised)."""
+    def list(self) -> builtins.set[XfrmPolicy]:
+        """Our policies as the kernel holds them (canonicalised)."""
         return {installed.policy for installed in self._observe()}
 
-    def set(self, desired: Iterable[BypassPolicy]) -> builtins.list[str]:
-        """Make our bypass policies exactly ``desired``; return one line per change made.
+    def set(self, desired: Iterable[XfrmPolicy]) -> builtins.list[str]:
+        """Make our policies exactly ``desired``; return one line per change made.
 
         Policies that are not ours (see the module docstring) are never changed. Missing ones are
         added (or updated in place when only the priority differs) before stale ones are deleted,
-        so a change of subnets never leaves a moment without a bypass. A policy that cannot be
+        so a change of subnets never leaves a moment without a bypass or a block. A policy that cannot be
         written does not stop the others; ``PoliciesNotApplied`` lists the failures afterwards.
         """
         failures: list[PolicyFailure] = []
-        wanted: dict[str, BypassPolicy] = {}
+        wanted: dict[str, XfrmPolicy] = {}
         for policy in sorted(set(desired)):
             if policy.key() in wanted:
                 reason = f"selector already asked for at priority {wanted[policy.key()].priority}"
@@ -157,10 +167,10 @@ class XfrmPolicies:
             else:
                 verb = _Verb.ADD
             if self._write(verb, policy, failures):
-                changes.append(self._changed(f"action={verb}-xfrm-bypass {policy}"))
+                changes.append(self._changed(f"action={verb}-xfrm-{policy.kind} {policy}"))
         for old in stale:
             if id(old) not in replaced and self._delete(old, failures):
-                changes.append(self._changed(f"action=delete-xfrm-bypass {old.policy}"))
+                changes.append(self._changed(f"action=delete-xfrm-{old.policy.kind} {old.policy}"))
 
         if failures:
             raise PoliciesNotApplied(self.netns, failures, changes)
@@ -173,10 +183,11 @@ class XfrmPolicies:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _write(self, verb: _Verb, policy: BypassPolicy, failures: builtins.list[PolicyFailure]) -> bool:
-        selector = ["src", policy.src, "dst", policy.dst, "dir", policy.direction]
+    def _write(self, verb: _Verb, policy: XfrmPolicy, failures: builtins.list[PolicyFailure]) -> bool:
+        selector = ["src", policy.src, "dst", policy.dst, *(["dev", policy.dev] if policy.dev else []),
+                    "dir", policy.direction]
         try:
-            self._send(verb, *selector, "priority", str(policy.priority), "action", "allow")
+            self._send(verb, *selector, "priority", str(policy.priority), "action", policy.action)
         except XfrmError as exc:
             reason = str(exc)
             if "RTNETLINK answers: File exists" in reason:
@@ -187,7 +198,8 @@ class XfrmPolicies:
 
     def _delete(self, old: _Installed, failures: builtins.list[PolicyFailure]) -> bool:
         try:
-            self._send(_Verb.DELETE, "src", old.src, "dst", old.dst, "dir", old.policy.direction)
+            dev = ["dev", old.policy.dev] if old.policy.dev else []
+            self._send(_Verb.DELETE, "src", old.src, "dst", old.dst, *dev, "dir", old.policy.direction)
         except XfrmError as exc:
             if "RTNETLINK answers: No such file or directory" in str(exc):
                 return False  # already gone
@@ -231,33 +243,42 @@ def _blocks(text: str) -> builtins.list[builtins.list[str]]:
 def _parse_ours(block: builtins.list[str]) -> _Installed | None:
     """The policy a block describes, if it has exactly the shape fabmesh writes; None otherwise.
 
-    Ours print as two lines, ``src A dst B`` and ``dir D priority P ptype main`` (``action allow``
-    is the default and not printed); a mark, ``if_id``, template or context would add lines, a
-    protocol, port or device would add words to the first, a flag or ``action block`` to the second.
+    Ours print as two lines, ``src A dst B [dev D]`` and ``dir D [action block] priority P ptype main``
+    (``action allow`` is the default and not printed); a mark, ``if_id``, template or context would
+    add lines, a protocol or port would add words to the first, a flag to the second.
     """
     if len(block) != 2:
         return None
     selector, attributes = block[0].split(), block[1].split()
-    if len(selector) != 4 or selector[0] != "src" or selector[2] != "dst" or len(attributes) % 2:
+    if len(selector) not in (4, 6) or selector[0] != "src" or selector[2] != "dst" or len(attributes) % 2:
         return None
+    dev = ""
+    if len(selector) == 6:
+        if selector[4] != "dev":
+            return None
+        dev = selector[5]
     values = dict(zip(attributes[::2], attributes[1::2], strict=True))
+    action = values.get("action", XfrmAction.ALLOW)
     if (
         len(values) * 2 != len(attributes)
         or not values.keys() <= {"dir", "priority", "ptype", "action"}
         or values.get("ptype", "main") != "main"
-        or values.get("action", "allow") != "allow"
+        or action not in tuple(XfrmAction)
         or values.get("dir") not in tuple(Direction)
+        or (dev and action != XfrmAction.BLOCK)
         or not values.get("priority", "").isdigit()
-        or int(values["priority"]) not in PRIORITY_BAND
+        or int(values["priority"]) not in _BANDS[XfrmAction(action)]
     ):
         return None
     src, dst = selector[1], selector[3]
     try:
-        policy = BypassPolicy(
+        policy = XfrmPolicy(
             src=str(ipaddress.ip_network(src, strict=False)),
             dst=str(ipaddress.ip_network(dst, strict=False)),
             direction=Direction(values["dir"]),
             priority=int(values["priority"]),
+            action=XfrmAction(action),
+            dev=dev,
         )
     except ValueError:
         return None

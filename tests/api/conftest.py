@@ -53,8 +53,10 @@ class OperatorEnv:
     log_dir: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, identity: str = "op-1") -> subprocess.Popen[bytes]:
-        proc = spawn_operator(self.kubeconfig, self.settings_file, identity, self.log_dir)
+    def start(self, identity: str = "op-1", kubeconfig: Path | None = None,
+              settings_file: Path | None = None, health_port: int = 0) -> subprocess.Popen[bytes]:
+        proc = spawn_operator(kubeconfig or self.kubeconfig, settings_file or self.settings_file, identity,
+                              self.log_dir, health_port)
         self.processes.append(proc)
         return proc
 

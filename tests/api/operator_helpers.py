@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from kubernetes import client, watch
 
 from fabmesh.kube.client import Kube
 from fabmesh.mesh.model import NodeMesh, parse_node_mesh, parse_peer_shard
@@ -140,4 +144,29 @@ def resource_versions(env: OperatorEnv) -> dict[str, str]:
 
 def events_for(env: OperatorEnv, name: str) -> list[dict[str, Any]]:
     return [e for e in env.kube.list("events", "default")
-            if e["involvedObject"]["name"] == name and e["reason"] == "FabmeshInvalidNode"]
+            if e["involvedObject"].get("name") == name and e.get("reason") == "FabmeshInvalidNode"]
+
+
+class WriteRecorder:
+    """Every version of the operator's ConfigMaps, from a watch: a write that is overwritten a moment
+    later is still seen (polling would miss it). Each entry: (monotonic time, name, object)."""
+
+    def __init__(self, env: OperatorEnv) -> None:
+        self.seen: list[tuple[float, str, dict[str, Any]]] = []
+        self.error: Exception | None = None
+        self._watch = watch.Watch()
+        core = client.CoreV1Api(env.kube.api)
+        threading.Thread(target=self._run, args=(core, env.namespace), daemon=True, name="recorder").start()
+
+    def _run(self, core: client.CoreV1Api, namespace: str) -> None:
+        try:
+            for event in self._watch.stream(core.list_namespaced_config_map, namespace, deserialize=False,
+                                            timeout_seconds=600, _request_timeout=(5, 620)):
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    obj = event["object"]
+                    self.seen.append((time.monotonic(), obj["metadata"]["name"], obj))
+        except Exception as exc:  # noted, not raised: a thread's exception would only be a warning
+            self.error = exc
+
+    def stop(self) -> None:
+        self._watch.stop()

@@ -10,21 +10,28 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fabmesh.kube.client import ApiError
-from fabmesh.mesh.model import Role, parse_peer_shard
+from fabmesh.mesh.model import Peer, Role, parse_peer_shard
+from fabmesh.node.desired import desired_state
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import describe, issued_by, key_matches_cert, public_key_sha256, verify_leaf
+from fabmesh.testenv.controlplane import free_port
 from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv, write_settings
 from tests.api.operator_helpers import (
     CONNECTOR,
     EDGE,
     FLANNEL,
+    WriteRecorder,
     cloud_nodes,
     configmaps,
     converged,
@@ -42,6 +49,7 @@ from tests.api.operator_helpers import (
     secrets,
     wait_converged,
 )
+from tests.api.tcp_proxy import FreezableProxy
 
 pytestmark = pytest.mark.api
 
@@ -83,8 +91,9 @@ def test_burst_of_200_edges_gets_unique_cidrs_and_certificates_that_verify(opera
                                             f"community.fabmesh.io/{community}" in all_nodes[n]["metadata"]["labels"]}
         assert {p.name for p in mesh.peers} == expected_peers
         assert [p.role for p in mesh.peers if p.name == "connector-1"] == [Role.CONNECTOR]
-    connector_secret = secs[o.CONNECTOR_SECRET]
+    connector_secret = secs[o.connector_secret_name("connector-1")]
     assert describe(secret_text(connector_secret, "tls.crt")).common_name == "connector-1"
+    assert o.connector_secret_name("cloud-2") not in secs  # an unlabelled cloud node has no key
     # Agent Pods: no API token, only their own ConfigMap and Secret; no key material in any log line.
     for name in names:
         spec = pods(env)[o.agent_pod_name(name)]["spec"]
@@ -302,7 +311,15 @@ def test_moving_the_connector_label_repoints_every_edge_at_the_new_connectors_vt
                == other_vtep["flannel.alpha.coreos.com/backend-data"] for n in ("e1", "e2"))
     wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"cloud-9"},
              timeout=30, what="e1 to peer with the new connector")
-    assert describe(secret_text(secrets(env)[o.CONNECTOR_SECRET], "tls.crt")).common_name == "cloud-9"
+    # The new connector has its own key and Pod; the old one's are gone.
+    wait_for(lambda: o.connector_secret_name("connector-1") not in secrets(env)
+             and o.connector_pod_name("connector-1") not in pods(env), timeout=30,
+             what="the old connector's Secret and Pod to be deleted")
+    assert describe(secret_text(secrets(env)[o.connector_secret_name("cloud-9")], "tls.crt")).common_name == "cloud-9"
+    pod = pods(env)[o.connector_pod_name("cloud-9")]
+    assert pod["spec"]["nodeName"] == "cloud-9"
+    assert {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v} == {
+        o.connector_secret_name("cloud-9")}
 
 
 def _pod_security_verdict(env: OperatorEnv, pod: dict, level: str) -> str:
@@ -412,7 +429,7 @@ def _pins(env: OperatorEnv) -> dict[tuple[str, str], str]:
 
 
 def _leaf(env: OperatorEnv, node: str) -> str:
-    name = o.CONNECTOR_SECRET if node == CONNECTOR_NODE else o.tls_secret_name(node)
+    name = o.connector_secret_name(node) if node == CONNECTOR_NODE else o.tls_secret_name(node)
     return secret_text(secrets(env)[name], "tls.crt")
 
 
@@ -486,3 +503,175 @@ def test_ca_roll_trusts_the_new_ca_then_reissues_every_leaf_with_its_key_then_dr
     assert done.phase is ca_roll.Phase.STABLE and done.other is None
     assert bundles() == {new_ca_pem}
     assert o.unb64(secrets(env)[o.CA_SECRET]["data"]["tls.crt"]) == new_ca_pem
+
+
+def _lease_holder(env: OperatorEnv) -> str | None:
+    lease = env.kube.get("leases", env.settings.leader_election.lease_name, env.namespace)
+    return (lease or {}).get("spec", {}).get("holderIdentity")
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, json.loads(response.read())["reason"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["reason"]
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+def test_partitioned_leader_stops_writing_and_exits_before_the_standby_takes_over(
+        operator_env: OperatorEnv, tmp_path: Path) -> None:
+    """No split brain. op-a reaches the API server only through a relay that the test freezes (the
+    partition); op-b connects directly. The two run different settings (a rolling upgrade that changes
+    the tunnel MTU), so every write says whose it is: mtu 1400 is op-a's, 1380 op-b's."""
+    env = operator_env
+    election = {"lease_duration_s": 6, "renew_deadline_s": 3, "retry_period_s": 1}
+    env.settings = write_settings(env.settings_file, env.namespace, leader_election=election)
+    settings_b = tmp_path / "operator-b.yaml"
+    write_settings(settings_b, env.namespace, leader_election=election, tunnel={"mtu": 1380})
+    server = yaml.safe_load(env.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    proxy = FreezableProxy((host, int(port)))
+    via_proxy = tmp_path / "kubeconfig-via-proxy"
+    via_proxy.write_text(env.kubeconfig.read_text().replace(server, f"https://127.0.0.1:{proxy.port}"))
+    via_proxy.chmod(0o600)
+    recorder = WriteRecorder(env)
+    try:
+        create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1")])
+        health_a, health_b = free_port(), free_port()
+        op_a = env.start("op-a", kubeconfig=via_proxy, health_port=health_a)
+        wait_converged(env, {"e1"})
+        assert _lease_holder(env) == "op-a"
+        op_b = env.start("op-b", settings_file=settings_b, health_port=health_b)
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "standby"), timeout=30, what="op-b ready as standby")
+        assert _probe(health_a, "/readyz") == (200, "leader")
+        assert _probe(health_a, "/healthz")[0] == 200
+
+        proxy.freeze()
+        wait_for(lambda: _lease_holder(env) == "op-b", timeout=30, what="op-b to take the lease")
+        takeover, takeover_wall = time.monotonic(), time.time()
+        a_exited_before_takeover = op_a.poll() is not None
+        wait_for(lambda: mesh_of(configmaps(env)["fabmesh-agent-e1"]).tunnel.mtu == 1380, timeout=30,
+                 what="op-b to rewrite e1's config")
+        wait_for(lambda: _probe(health_b, "/readyz") == (200, "leader"), timeout=30, what="op-b ready as leader")
+        proxy.heal()
+        create_nodes(env.kube, [edge("e2", "192.0.2.2")])  # work for both, should both think they lead
+        wait_converged(env, {"e1", "e2"}, timeout=60)
+
+        def a_wrote_after_takeover() -> bool:
+            return any(t > takeover and mesh_of(obj).tunnel.mtu == 1400
+                       for t, name, obj in recorder.seen if name.startswith("fabmesh-agent-"))
+
+        # On the old code op-a's renew hung forever while its worker went on: wait long enough for its
+        # stalled requests (30 s timeout) to give up and a pass to run through the healed relay.
+        wait_for(lambda: op_a.poll() is not None or a_wrote_after_takeover(), timeout=45,
+                 what="op-a to exit or write")
+        assert recorder.error is None, f"the write recorder's watch broke: {recorder.error}"
+        assert not a_wrote_after_takeover(), "op-a wrote after op-b took over (split brain)"
+        # The same from the API server's own record of who wrote: managedFields times are whole seconds.
+        late = [(name, entry["time"]) for _, name, obj in recorder.seen
+                for entry in obj["metadata"].get("managedFields") or []
+                if entry["manager"] == "fabmesh-operator/op-a"
+                and _epoch(entry["time"]) >= takeover_wall - 1]
+        assert late == [], f"op-a's writes after the takeover: {late}"
+        assert op_a.poll() is not None and op_a.returncode != 0, f"op-a did not exit non-zero: {op_a.poll()}"
+        assert a_exited_before_takeover, "op-a was still running when op-b took over"
+        assert op_b.poll() is None
+        assert mesh_of(configmaps(env)["fabmesh-agent-e2"]).tunnel.mtu == 1380
+    finally:
+        recorder.stop()
+        proxy.close()
+
+
+# -- issue 10: a hostile node or a bad label harms at most that node ---------------------------------
+
+def connector_peers(env: OperatorEnv) -> dict[str, Peer]:
+    return {p.name: p for name, cm in configmaps(env).items() if name.startswith("fabmesh-connector-peers-")
+            for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
+
+
+def peer_of(env: OperatorEnv, node: str, peer: str) -> Peer | None:
+    return next((p for p in mesh_of(configmaps(env)[o.agent_configmap_name(node)]).peers if p.name == peer), None)
+
+
+def event_fields(env: OperatorEnv, name: str) -> set[str]:
+    return {e["message"].split(":")[0] for e in events_for(env, name)}
+
+
+def test_edges_announce_only_their_own_addresses(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    with_external = edge("ext-bad", "192.0.2.9", "a")
+    with_external["status"]["addresses"].append({"type": "ExternalIP", "address": "10.244.0.9"})
+    homes = [edge(f"home-{x}", "192.168.1.10") for x in "ab"]
+    create_nodes(env.kube, [*cloud_nodes(), edge("good", "192.0.2.1", "a"), edge("hijack", "10.244.1.5", "a"),
+                            edge("api-server", "198.51.100.2"), with_external, *homes])
+    env.start()
+    names = {"good", "hijack", "api-server", "ext-bad", "home-a", "home-b"}
+    wait_converged(env, names)  # every edge is planned: a bad address costs only that address
+    wait_for(lambda: all(events_for(env, n) for n in names - {"good"}), timeout=30, what="Events on bad addresses")
+
+    shards = connector_peers(env)
+    cidr = {n: nodes(env)[n]["spec"]["podCIDR"] for n in names}
+    for name in names - {"good", "ext-bad"}:
+        assert shards[name].subnets == (cidr[name],), name  # pod CIDR only, no hijacking /32
+    assert shards["good"].subnets == (cidr["good"], "192.0.2.1/32")
+    assert shards["ext-bad"].subnets == (cidr["ext-bad"], "192.0.2.9/32")  # only its ExternalIP was refused
+    assert peer_of(env, "good", "hijack") is None  # no address its peers may use: relayed by the connector
+    assert peer_of(env, "good", "ext-bad").endpoint == "192.0.2.9"  # type: ignore[union-attr]
+    assert event_fields(env, "hijack") == {"status.addresses[0]"}
+    assert event_fields(env, "ext-bad") == {"status.addresses[1]"}
+    assert event_fields(env, "home-a") == event_fields(env, "home-b") == {"status.addresses[0]"}
+
+
+def test_one_nodes_bad_data_never_reaches_the_others(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    cloud = cloud_nodes()
+    cloud[1]["metadata"]["annotations"] = {"fabmesh.io/pod-cidr": "10.233.0.0/16"}  # a cloud kubelet's claim
+    create_nodes(env.kube, [*cloud, edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a"),
+                            edge("e3", "192.0.2.3", "a")])
+    env.start()
+    wait_converged(env, {"e1", "e2", "e3"}, timeout=30)
+    before = mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers
+    cidr = {n: nodes(env)[n]["spec"]["podCIDR"] for n in ("e1", "e2", "e3")}
+
+    # e2 writes e1's CIDR into its own annotation: an Event, not the CIDR; the annotation is put back.
+    env.kube.merge_patch("nodes", "e2", {"metadata": {"annotations": {"fabmesh.io/pod-cidr": cidr["e1"]}}})
+    wait_for(lambda: "metadata.annotations[fabmesh.io/pod-cidr]" in event_fields(env, "e2"), timeout=30,
+             what="an Event on e2's annotation")
+    wait_for(lambda: nodes(env)["e2"]["metadata"]["annotations"]["fabmesh.io/pod-cidr"] == cidr["e2"],
+             timeout=30, what="e2's annotation rewritten from the record")
+
+    # e3 turns invalid: it stays in its peers' configs with its last good values until it is deleted.
+    env.kube.merge_patch("nodes", "e3", {"metadata": {"labels": {"community.fabmesh.io/Bad_Name": ""}}})
+    wait_for(lambda: events_for(env, "e3"), timeout=30, what="an Event on e3")
+    time.sleep(2 * env.settings.resync_period_s)
+    assert mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers == before
+    assert connector_peers(env)["e3"].subnets == (cidr["e3"], "192.0.2.3/32")
+    assert cidr["e3"] in configmaps(env)[o.IPAM_CONFIGMAP]["data"]["allocations.json"]
+    env.kube.delete("nodes", "e3")
+    wait_for(lambda: "e3" not in connector_peers(env) and peer_of(env, "e1", "e3") is None, timeout=30,
+             what="e3 to leave every config once deleted")
+
+
+def test_dual_stack_and_ipv6_addresses_never_break_ipv4_peers(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    dual = edge("dual", "2001:db8::5", "a")
+    dual["status"]["addresses"].append({"type": "InternalIP", "address": "192.0.2.5"})
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), dual, edge("v6", "2001:db8::6", "a")])
+    env.start()
+    wait_converged(env, {"e1", "dual"})
+    wait_for(lambda: events_for(env, "v6"), timeout=30, what="an Event on the IPv6-only edge")
+    assert event_fields(env, "v6") == {"status.addresses"}
+    assert connector_peers(env)["dual"].subnets == (nodes(env)["dual"]["spec"]["podCIDR"], "192.0.2.5/32")
+    # What the connector and e1 would apply from these configs: every peer planned, none rejected.
+    header = mesh_of(configmaps(env)[o.CONNECTOR_CONFIGMAP])
+    connector = header.model_copy(update={"peers": tuple(connector_peers(env).values())})
+    dual_cidr = nodes(env)["dual"]["spec"]["podCIDR"]
+    for mesh, route in ((connector, "192.0.2.5/32"), (mesh_of(configmaps(env)["fabmesh-agent-e1"]), dual_cidr)):
+        state = desired_state(mesh, "CERT", uplink="wan0")
+        assert state.rejected == () and route in {r.dst for r in state.routes}

@@ -12,6 +12,7 @@ import pytest
 
 from fabmesh.firewall.ipset import IPSets
 from fabmesh.firewall.iptables import FirewallError, IPTables
+from fabmesh.firewall.rules import firewall_chains, firewall_jumps, mesh_ipset, remote_ipset, tunnel_match
 from fabmesh.mesh.dataplane import Chain, IPSet, Jump
 
 pytestmark = pytest.mark.dataplane
@@ -311,3 +312,17 @@ def test_ipset_name_longer_than_the_kernel_allows_is_rejected_naming_the_set(net
     with pytest.raises(ValueError, match=no_room_for_tmp):
         IPSets(netns).set([IPSet(no_room_for_tmp, "inet", frozenset())], "FABMESH-")
     assert set_names(netns) == set()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-policy-match", "libipsec-tun-device"])
+def test_fabmesh_chains_are_written_as_iptables_save_prints_them_so_a_restarted_agent_writes_nothing(
+        netns: str, kernel: bool) -> None:
+    IPSets(netns).set([mesh_ipset(["10.233.0.0/16"]), remote_ipset(["10.244.0.0/16"])], prefix="FABMESH-")
+    chains = firewall_chains(tunnel_mtu=1400, masquerade="10.233.1.0/24",
+                             tunnel=tunnel_match(kernel=kernel, device="ipsec0"))
+    IPTables(netns, 4).set(chains, firewall_jumps())
+
+    for chain in chains:
+        assert rules(netns, chain.table, chain.name) == list(chain.rules)  # literally, no learning needed
+    restarted = IPTables(netns, 4)
+    assert restarted.set(chains, firewall_jumps()) == [] and restarted.writes == 0

@@ -12,19 +12,12 @@ from fabmesh.lab import processes, teardown
 from fabmesh.lab.processes import Outcome
 from fabmesh.lab.state import LabHost, LabState
 from fabmesh.testenv.hosts import owned_namespaces, sh, unique_prefix, wait_for
+from tests.conftest import live_processes
 
 
 def _group(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [int(proc.name) for proc, fields in live_processes() if int(fields[2]) == pgid]
 
 
 def test_down_stops_every_recorded_group_in_parallel_and_leaves_unrecorded_sessions_alone(tmp_path: Path) -> None:

@@ -282,7 +282,9 @@ def test_edge_applied_from_empty_gets_bridge_rule_routes_ipset_chains_tunnels_cn
 
     # (d) our chains, each jumped to exactly once, mesh-to-mesh exempted from NAT before the MASQUERADE
     tables = _iptables(edge)
-    assert tables["filter"]["FABMESH-FORWARD"] and all("-j ACCEPT" in r for r in tables["filter"]["FABMESH-FORWARD"])
+    forward = tables["filter"]["FABMESH-FORWARD"]
+    assert [r.split()[-1] for r in forward] == ["ACCEPT", "DROP", "ACCEPT", "DROP"], forward
+    assert all("ipsec0" in r for r in forward), forward  # every rule is about the tunnel, nothing else
     postrouting = tables["nat"]["FABMESH-POSTROUTING"]
     accept = next(i for i, r in enumerate(postrouting)
                   if "--match-set FABMESH-MESH src" in r and "--match-set FABMESH-MESH dst" in r and "-j ACCEPT" in r)
@@ -291,6 +293,7 @@ def test_edge_applied_from_empty_gets_bridge_rule_routes_ipset_chains_tunnels_cn
     assert accept < masquerade, postrouting
     assert any("-j TCPMSS --set-mss 1360" in r for r in tables["mangle"]["FABMESH-MSS"]), tables["mangle"]
     assert _jumps(tables["filter"]["FORWARD"], "FABMESH-FORWARD") == 1
+    assert _jumps(tables["filter"]["OUTPUT"], "FABMESH-OUTPUT") == 1
     assert _jumps(tables["nat"]["POSTROUTING"], "FABMESH-POSTROUTING") == 1
     assert _jumps(tables["mangle"]["FORWARD"], "FABMESH-MSS") == 1
     assert _jumps(tables["mangle"]["OUTPUT"], "FABMESH-MSS") == 1

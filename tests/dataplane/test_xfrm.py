@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fabmesh.mesh.dataplane import DEFAULT_PRIORITY, BypassPolicy, Direction, bypass_policies
+from fabmesh.mesh.dataplane import (
+    BLOCK_PRIORITY,
+    DEFAULT_PRIORITY,
+    Direction,
+    XfrmAction,
+    XfrmPolicy,
+    block_policies,
+    bypass_policies,
+)
 from fabmesh.xfrm.driver import PoliciesNotApplied, XfrmPolicies
 
 pytestmark = pytest.mark.dataplane
@@ -130,20 +138,20 @@ def test_bypass_policies_cover_every_ordered_pair_of_local_subnets_in_every_dire
 ) -> None:
     policies = bypass_policies(subnets, priority=7)
 
-    assert policies == {BypassPolicy(s, d, direction, 7) for s, d in pairs for direction in Direction}
+    assert policies == {XfrmPolicy(s, d, direction, 7) for s, d in pairs for direction in Direction}
     assert len(policies) == 3 * len(pairs)
 
 
 def test_bypass_policy_is_canonical_and_refuses_what_could_not_be_recognised_as_ours() -> None:
-    policy = BypassPolicy("10.1.0.7", "10.2.0.0/16", "out", 5)  # type: ignore[arg-type]
+    policy = XfrmPolicy("10.1.0.7", "10.2.0.0/16", "out", 5)  # type: ignore[arg-type]
     assert (policy.src, policy.dst, policy.direction) == ("10.1.0.7/32", "10.2.0.0/16", Direction.OUT)
-    assert BypassPolicy("FD00:0::1", "fd00::/64", Direction.IN).src == "fd00::1/128"
+    assert XfrmPolicy("FD00:0::1", "fd00::/64", Direction.IN).src == "fd00::1/128"
     with pytest.raises(ValueError, match="families"):
-        BypassPolicy("10.1.0.0/24", "fd00::/64", Direction.IN)
+        XfrmPolicy("10.1.0.0/24", "fd00::/64", Direction.IN)
     with pytest.raises(ValueError, match="priority 0"):
-        BypassPolicy("10.1.0.0/24", "10.1.0.0/24", Direction.IN, 0)
+        XfrmPolicy("10.1.0.0/24", "10.1.0.0/24", Direction.IN, 0)
     with pytest.raises(ValueError):
-        BypassPolicy("10.1.0.1/24", "10.1.0.0/24", Direction.IN)
+        XfrmPolicy("10.1.0.1/24", "10.1.0.0/24", Direction.IN)
 
 
 # -- reconciler ----------------------------------------------------------------------------------
@@ -215,7 +223,7 @@ def test_selector_held_by_a_foreign_tunnel_policy_is_reported_not_taken_over(net
 
     assert [f.policy.direction for f in raised.value.failures] == [Direction.OUT]
     assert len(raised.value.changes) == 2
-    assert xp.list() == {BypassPolicy(POD_CIDR, POD_CIDR, d) for d in (Direction.IN, Direction.FWD)}
+    assert xp.list() == {XfrmPolicy(POD_CIDR, POD_CIDR, d) for d in (Direction.IN, Direction.FWD)}
     held = [line for line in observed_policies(netns) if "dir out" in line]
     assert len(held) == 1 and "tmpl" in held[0] and f"priority {CHARON_PRIORITY}" in held[0]
 
@@ -223,7 +231,7 @@ def test_selector_held_by_a_foreign_tunnel_policy_is_reported_not_taken_over(net
 def test_bypass_written_with_host_bits_is_replaced_by_the_canonical_one(netns: str) -> None:
     add_policy(netns, f"src 10.233.1.1/24 dst {POD_CIDR} dir out priority 5")
     xp = XfrmPolicies(netns)
-    out = BypassPolicy(POD_CIDR, POD_CIDR, Direction.OUT)
+    out = XfrmPolicy(POD_CIDR, POD_CIDR, Direction.OUT)
 
     assert xp.list() == {out}
     assert xp.set([out]) == [f"action=add-xfrm-bypass {out}", f"action=delete-xfrm-bypass {out}"]
@@ -288,3 +296,75 @@ def test_pod_to_pod_routed_through_the_host_needs_the_fwd_and_out_bypass(
 
     XfrmPolicies(host).set(bypass)
     assert pings(pod_a, "10.233.1.3")
+
+
+# -- block policies (fail closed) ------------------------------------------------------------------
+
+CLOUD_PODS = "10.244.0.0/16"
+
+
+def _arrived(netns: str) -> int:
+    """Packets for the cloud pods counted on arrival in ``netns`` (raw PREROUTING, before anything drops them)."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x",
+                          "-n"], check=True, capture_output=True, text=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())
+
+
+def test_block_policies_are_written_listed_and_a_resync_writes_nothing(netns: str) -> None:
+    ip(netns, "link", "add", "fmw0", "type", "veth", "peer", "name", "fmw1")
+    desired = block_policies([([POD_CIDR, NODE_IP], [CLOUD_PODS])], dev="fmw0") | bypass_policies([POD_CIDR])
+    xp = XfrmPolicies(netns)
+
+    xp.set(desired)
+
+    assert {line for line in observed_policies(netns) if "block" in line} == {
+        f"src {s} dst {CLOUD_PODS} dev fmw0 dir {d} action block priority {BLOCK_PRIORITY} ptype main"
+        for s in (POD_CIDR, "192.0.2.10/32") for d in ("out", "fwd")
+    }
+    assert xp.list() == desired
+    writes = xp.writes
+    assert XfrmPolicies(netns).set(desired) == [] and xp.set(desired) == [] and xp.writes == writes
+    assert all(c.startswith("action=delete-xfrm-block") for c in xp.set(bypass_policies([POD_CIDR])))
+    with pytest.raises(ValueError, match="block"):
+        XfrmPolicy(POD_CIDR, CLOUD_PODS, Direction.OUT, DEFAULT_PRIORITY, XfrmAction.BLOCK)
+
+
+def test_without_a_tunnel_policy_the_block_drops_what_the_route_would_send_out_in_clear(
+    netns: str, more_netns: Callable[[], str]
+) -> None:
+    host, wan, pod = netns, more_netns(), more_netns()
+    subprocess.run(["ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    ip(host, "link", "add", "fmw0", "type", "veth", "peer", "name", "eth0", "netns", wan)
+    ip(host, "addr", "add", "198.51.100.1/24", "dev", "fmw0")
+    ip(host, "link", "set", "fmw0", "up")
+    ip(wan, "addr", "add", "198.51.100.2/24", "dev", "eth0")
+    ip(wan, "link", "set", "eth0", "up")
+    subprocess.run(["ip", "netns", "exec", wan, "iptables", "-t", "raw", "-A", "PREROUTING", "-d", CLOUD_PODS],
+                   check=True)
+    veth_to(host, pod, "fmp0")
+    ip(host, "addr", "add", "10.233.1.1/24", "dev", "fmp0")
+    ip(pod, "addr", "add", "10.233.1.2/24", "dev", "eth0")
+    ip(pod, "route", "add", "default", "via", "10.233.1.1")
+    # What table 2620 does with kernel ESP: the cloud pods go out of the uplink, the xfrm policy encrypts them.
+    ip(host, "route", "add", CLOUD_PODS, "via", "198.51.100.2", "src", "10.233.1.1")
+
+    def sent(netns: str, source: str) -> int:
+        before = _arrived(wan)
+        subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", source,
+                        "10.244.1.5"], capture_output=True)
+        return _arrived(wan) - before
+
+    # No tunnel policy (its CHILD_SA is down): in clear, from the host and forwarded from the pod.
+    assert sent(host, "10.233.1.1") == 2 and sent(pod, "10.233.1.2") == 2
+
+    XfrmPolicies(host).set(block_policies([([POD_CIDR], [CLOUD_PODS])], dev="fmw0"))
+    blocked = xfrm_stat(host, "XfrmOutPolBlock")
+    assert sent(host, "10.233.1.1") == 0 and sent(pod, "10.233.1.2") == 0
+    assert xfrm_stat(host, "XfrmOutPolBlock") > blocked
+
+    # charon's policies (out and outbound fwd, at its priority, same addresses: the block's device keeps
+    # them from replacing it) override the block while the SA is up. No ESP here, so they stand in
+    # without a template: packets then leave as the tunnel would take them.
+    for direction in ("out", "fwd"):
+        add_policy(host, f"src {POD_CIDR} dst {CLOUD_PODS} dir {direction} priority {CHARON_PRIORITY}")
+    assert sent(host, "10.233.1.1") == 2 and sent(pod, "10.233.1.2") == 2

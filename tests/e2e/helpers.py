@@ -69,3 +69,38 @@ def ask_peer(netns: str, ip: str, port: int, proto: str = "tcp") -> str:
         if done.stdout.strip():
             return done.stdout.strip()
     return ""
+
+
+@contextlib.contextmanager
+def wan_probe(state: LabState, address: str = "198.51.100.200") -> Iterator[str]:
+    """A namespace of our own on the lab's WAN bridge (another machine on the internet); yields its name.
+
+    It counts what reaches it (raw PREROUTING counters, see ``probe_counter``) and can send forged packets.
+    """
+    netns = f"{state.prefix}-probe"
+    wan = f"{state.prefix}-wan"
+    sh("ip", "netns", "add", netns)
+    try:
+        sh("ip", "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", "wprobe0", "netns", wan)
+        sh("ip", "-n", wan, "link", "set", "wprobe0", "master", "br0", "up")
+        sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        yield netns
+    finally:
+        sh("ip", "netns", "del", netns, check=False)
+
+
+def add_counter(netns: str, *match: str) -> None:
+    """A rule in raw PREROUTING that only counts the packets matching ``match`` (before any filter)."""
+    sh("iptables", "-t", "raw", "-I", "PREROUTING", *match, ns=netns)
+
+
+def remove_counter(netns: str, *match: str) -> None:
+    sh("iptables", "-t", "raw", "-D", "PREROUTING", *match, ns=netns, check=False)
+
+
+def counted(netns: str) -> int:
+    """Packets counted by every raw PREROUTING rule of ``netns`` (only our counters live there)."""
+    out = sh("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n", ns=netns).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())

@@ -81,10 +81,10 @@ CASES = {
         want=["a"],
         assigned={"a": "10.0.3.0/24"},
     ),
-    "spec-and-annotation-differ-is-mismatch-and-both-stay-blocked": Case(
+    "spec-and-annotation-differ-is-mismatch-and-blocks-nothing": Case(
         claims=[claim("a", spec="10.0.0.0/24", ann="10.0.1.0/24"), claim("b", created=t(1))],
         want=["a", "b"],
-        allocated={"b": "10.0.2.0/24"},
+        allocated={"b": "10.0.0.0/24"},
         errors={("a", SPEC, K.MISMATCH)},
     ),
     "malformed-annotation-gets-error-not-a-new-cidr": Case(
@@ -93,10 +93,10 @@ CASES = {
         allocated={"b": "10.0.0.0/24"},
         errors={("a", ANN, K.MALFORMED)},
     ),
-    "malformed-host-bits-set-still-blocks-its-network": Case(
+    "malformed-host-bits-set-blocks-nothing": Case(
         claims=[claim("a", spec="10.0.0.5/24"), claim("b", created=t(1))],
         want=["a", "b"],
-        allocated={"b": "10.0.1.0/24"},
+        allocated={"b": "10.0.0.0/24"},
         errors={("a", SPEC, K.MALFORMED)},
     ),
     "malformed-wrong-family": Case(
@@ -124,10 +124,10 @@ CASES = {
         want=["a"],
         errors={("a", SPEC, K.OUTSIDE_POOL)},
     ),
-    "wrong-prefix-is-an-error-and-its-range-stays-blocked": Case(
+    "wrong-prefix-is-an-error-and-blocks-nothing": Case(
         claims=[claim("a", ann="10.0.0.0/23"), claim("b", created=t(1))],
         want=["a", "b"],
-        allocated={"b": "10.0.2.0/24"},
+        allocated={"b": "10.0.0.0/24"},
         errors={("a", ANN, K.WRONG_PREFIX)},
     ),
     "overlap-later-created-loses": Case(
@@ -145,10 +145,30 @@ CASES = {
         assigned={"a": "10.0.4.0/24"},
         errors={("b", ANN, K.OVERLAP)},
     ),
-    "overlap-with-older-errored-node": Case(
+    "older-invalid-claim-never-blocks-a-valid-one": Case(
         claims=[claim("a", ann="10.0.4.0/23", created=t(1)), claim("b", ann="10.0.5.0/24", created=t(2))],
         want=["a", "b"],
-        errors={("a", ANN, K.WRONG_PREFIX), ("b", ANN, K.OVERLAP)},
+        assigned={"b": "10.0.5.0/24"},
+        errors={("a", ANN, K.WRONG_PREFIX)},
+    ),
+    "pool-wide-annotation-on-one-edge-blocks-nobody": Case(
+        claims=[claim("bad", ann="10.0.0.0/16", created=t(1)), claim("b", ann="10.0.4.0/24", created=t(2)),
+                claim("new", created=t(3))],
+        want=["bad", "b", "new"],
+        assigned={"b": "10.0.4.0/24"},
+        allocated={"new": "10.0.0.0/24"},
+        errors={("bad", ANN, K.WRONG_PREFIX)},
+    ),
+    "record-outranks-the-annotation": Case(
+        claims=[Claim("a", None, "10.0.9.0/24", "", recorded="10.0.3.0/24"), claim("b", ann="10.0.9.0/24")],
+        want=["a", "b"],
+        assigned={"a": "10.0.3.0/24", "b": "10.0.9.0/24"},
+    ),
+    "record-holds-its-cidr-even-when-spec-contradicts-it": Case(
+        claims=[Claim("a", "10.0.0.0/24", None, "", recorded="10.0.1.0/24"), claim("b", created=t(1))],
+        want=["a", "b"],
+        allocated={"b": "10.0.0.0/24"},
+        errors={("a", SPEC, K.MISMATCH)},
     ),
     "unmanaged-node-wins-overlap-even-when-younger": Case(
         claims=[
@@ -340,26 +360,40 @@ def recorded_nets(c: Claim) -> set[Network]:
     return {n for n in (lenient(c.spec_pod_cidr), lenient(c.annotation)) if n is not None}
 
 
+def valid_net(c: Claim) -> Network | None:
+    """The CIDR a wanted node's claim names, if well-formed, consistent and fit for the pool."""
+    texts = [x for x in (c.spec_pod_cidr, c.annotation) if x]
+    nets = [strict(x) for x in texts]
+    if not nets or any(n is None or n.version != 4 for n in nets) or len(set(nets)) != 1:
+        return None
+    net = nets[0]
+    assert net is not None
+    return net if net.subnet_of(POOL_NET) and net.prefixlen == PREFIX else None
+
+
+def blocking_nets(c: Claim, wanted: set[str]) -> set[Network]:
+    """What a claim holds: all an unmanaged node names; a wanted node only its valid CIDR."""
+    if c.node not in wanted:
+        return recorded_nets(c)
+    net = valid_net(c)
+    return {net} if net is not None else set()
+
+
 def expected_kept(claims: list[Claim], want: list[str], reserved: list[str]) -> dict[str, str]:
     """A naive statement of the keep rule, pairwise, to check the planner against."""
     wanted = set(want)
     kept = {}
     for c in claims:
-        if c.node not in wanted or not (c.spec_pod_cidr or c.annotation):
+        if c.node not in wanted:
             continue
-        texts = [x for x in (c.spec_pod_cidr, c.annotation) if x]
-        nets = [strict(x) for x in texts]
-        if any(n is None or n.version != 4 for n in nets) or len(set(nets)) != 1:
-            continue
-        net = nets[0]
-        assert net is not None
-        if not net.subnet_of(POOL_NET) or net.prefixlen != PREFIX:
+        net = valid_net(c)
+        if net is None:
             continue
         blockers = [ipaddress.ip_network(r) for r in reserved]
         for other in claims:
             older = other.node not in wanted or (other.created, other.node) < (c.created, c.node)
             if other.node != c.node and older:
-                blockers.extend(recorded_nets(other))
+                blockers.extend(blocking_nets(other, wanted))
         if not any(net.overlaps(b) for b in blockers if b.version == 4):
             kept[c.node] = str(net)
     return kept
@@ -388,12 +422,12 @@ def test_no_two_final_cidrs_overlap(data: tuple[list[Claim], list[str], list[str
 
 @settings(max_examples=200, deadline=None)
 @given(inputs())
-def test_allocations_fit_the_pool_and_avoid_every_record(
+def test_allocations_fit_the_pool_and_avoid_every_valid_record(
     data: tuple[list[Claim], list[str], list[str]],
 ) -> None:
     claims, want, reserved = data
     result = plan(claims, want, reserved)
-    blockers = [ipaddress.ip_network(r) for r in reserved] + [n for c in claims for n in recorded_nets(c)]
+    blockers = [ipaddress.ip_network(r) for r in reserved] + [n for c in claims for n in blocking_nets(c, set(want))]
     for cidr in result.allocated.values():
         net = ipaddress.ip_network(cidr)
         assert net.subnet_of(POOL_NET) and net.prefixlen == PREFIX

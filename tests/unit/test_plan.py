@@ -200,3 +200,139 @@ def test_plan_leaves_the_garbage_collector_running() -> None:
     finally:
         gc.callbacks.pop()
     assert gc.isenabled() and collections, "the cyclic collector never ran during a 300-edge plan"
+
+
+# -- issue 10: a hostile node or a bad label harms at most that node ---------------------------------
+
+def subnets_seen_by_others(result: MeshPlan, node: str) -> set[str]:
+    """Every subnet any other node routes into a tunnel towards ``node``."""
+    seen = {s for name, mesh in result.edges.items() if name != node
+            for p in mesh.peers if p.name == node for s in p.subnets}
+    mesh = result.connector_mesh()
+    return seen | {s for p in (mesh.peers if mesh else ()) if p.name == node for s in p.subnets}
+
+
+HIJACKS = {
+    "cloud-pod-ip": "10.244.1.5",
+    "inside-another-edges-pod-cidr": "10.233.0.7",
+    "service-ip": "10.96.0.1",
+    "api-server-on-a-cloud-node": "198.51.100.2",
+    "connector-address": "198.51.100.1",
+    "another-edges-address": "192.0.2.1",
+    "public-address-with-edge-node-cidrs-empty": "8.8.8.8",
+    "loopback": "127.0.0.1",
+}
+
+
+@pytest.mark.parametrize("address", HIJACKS.values(), ids=HIJACKS.keys())
+def test_an_edge_internal_ip_that_is_not_its_own_is_never_announced_and_the_edge_stays(address: str) -> None:
+    result, _ = run(CONNECTOR, CLOUD, edge("good", "192.0.2.1", "a", created="1"),
+                    edge("x", address, "a", created="2"))
+    assert f"{address}/32" not in subnets_seen_by_others(result, "x")
+    assert subnets_seen_by_others(result, "x") == {result.cidrs["x"]}  # its pod CIDR still reachable
+    assert f"{address}/32" not in result.edges["x"].local_subnets
+    assert ("x", "status.addresses[0]") in [(e.node, e.field) for e in result.errors]
+    if address != "192.0.2.1":  # the good edge keeps its own address, unless x copied it
+        assert "192.0.2.1/32" in subnets_seen_by_others(result, "good")
+
+
+def test_edge_node_cidrs_limits_which_internal_ips_are_announced() -> None:
+    settings = SETTINGS.model_copy(update={"edge_node_cidrs": ("192.168.0.0/16",)})
+    infos = [read_node(n, settings) for n in (CONNECTOR, edge("in", "192.168.7.1"), edge("out", "192.0.2.2"))]
+    result = plan(infos, settings, "CA")  # type: ignore[arg-type]
+    assert result.edges["in"].local_subnets == (result.cidrs["in"], "192.168.7.1/32")
+    assert result.edges["out"].local_subnets == (result.cidrs["out"],)
+    assert [(e.node, e.field) for e in result.errors] == [("out", "status.addresses[0]")]
+    assert "edge_node_cidrs" in result.errors[0].reason
+
+
+def test_an_external_ip_inside_the_cloud_range_never_makes_peers_drop_the_cloud_route() -> None:
+    from fabmesh.node.desired import desired_state
+
+    result, _ = run(CONNECTOR, edge("good", "192.0.2.1", "a"), edge("x", "192.0.2.9", "a", external="10.244.0.9"))
+    x_seen_from_good = next(p for p in result.edges["good"].peers if p.name == "x")
+    assert x_seen_from_good.endpoint == "192.0.2.9"  # its InternalIP, not the cloud address
+    assert ("x", "status.addresses[1]") in [(e.node, e.field) for e in result.errors]
+    state = desired_state(result.edges["good"], "CERT", uplink="wan0")
+    assert "10.244.0.0/16" in {r.dst for r in state.routes}
+
+
+def test_two_nated_edges_with_the_same_private_address_keep_their_tunnels_and_neither_announces_it() -> None:
+    result, _ = run(CONNECTOR, edge("home-a", "192.168.1.10", "a", external="203.0.113.1"),
+                    edge("home-b", "192.168.1.10", "a", external="203.0.113.2"))
+    for name, other in (("home-a", "home-b"), ("home-b", "home-a")):
+        assert subnets_seen_by_others(result, name) == {result.cidrs[name]}
+        assert other in peers(result, name) and "conn" in peers(result, name)
+    assert sorted((e.node, e.field) for e in result.errors) == [("home-a", "status.addresses[0]"),
+                                                                ("home-b", "status.addresses[0]")]
+
+
+def test_a_pod_cidr_annotation_on_a_cloud_node_is_ignored() -> None:
+    cloud = raw("cloud", "198.51.100.2", annotations={"fabmesh.io/pod-cidr": "10.233.0.0/16"})
+    result, _ = run(CONNECTOR, cloud, edge("e1", "192.0.2.1"), edge("e2", "192.0.2.2"))
+    assert set(result.cidrs) == {"e1", "e2"} and result.errors == []
+    assert {p.name for p in result.connector_mesh().peers} == {"e1", "e2"}  # type: ignore[union-attr]
+
+
+def test_the_ipam_record_outranks_an_edges_rewritten_annotation() -> None:
+    recorded = {"e1": "10.233.0.0/24", "e2": "10.233.1.0/24"}
+    result, _ = run(CONNECTOR, edge("e1", "192.0.2.1", annotations={"fabmesh.io/pod-cidr": "10.233.0.0/24"}),
+                    edge("e2", "192.0.2.2", annotations={"fabmesh.io/pod-cidr": "10.233.0.0/24"}),
+                    recorded=recorded)
+    assert result.cidrs == recorded
+    assert [(e.node, e.field) for e in result.errors] == [("e2", "metadata.annotations[fabmesh.io/pod-cidr]")]
+    assert result.node_patches["e2"].annotations["fabmesh.io/pod-cidr"] == "10.233.1.0/24"
+
+
+def test_an_invalid_claim_never_blocks_valid_ones() -> None:
+    result, _ = run(CONNECTOR, edge("bad", "192.0.2.9", annotations={"fabmesh.io/pod-cidr": "10.233.0.0/16"},
+                                    created="1"),
+                    edge("e1", "192.0.2.1", created="2"), edge("e2", "192.0.2.2", created="3"))
+    assert result.cidrs == {"e1": "10.233.0.0/24", "e2": "10.233.1.0/24"}
+    assert [(e.node, e.field) for e in result.errors] == [("bad", "metadata.annotations[fabmesh.io/pod-cidr]")]
+
+
+def test_an_edge_that_turns_invalid_stays_in_its_peers_configs_with_its_last_good_values_until_deleted() -> None:
+    nodes = [CONNECTOR, edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a", external="203.0.113.2")]
+    before, _ = run(*nodes)
+    last_good = {n: m.to_yaml() for n, m in before.edges.items()}
+    broken = edge("e2", "192.0.2.2", "a", "Bad", external="203.0.113.2")
+    infos = [i for i in (read_node(n, SETTINGS) for n in (*nodes[:2], broken)) if isinstance(i, NodeInfo)]
+    after = plan(infos, SETTINGS, "CA", before.ipam_record, last_good)
+    assert "e2" not in after.edges and after.held == ("e2",)
+    assert after.edges["e1"].peers == before.edges["e1"].peers
+    assert after.connector_shards == before.connector_shards
+    assert after.ipam_record == before.ipam_record
+    # Its CIDR stays taken: a newcomer gets another one.
+    newcomer = read_node(edge("e3", "192.0.2.3"), SETTINGS)
+    assert plan([*infos, newcomer], SETTINGS, "CA", before.ipam_record,  # type: ignore[list-item]
+                last_good).cidrs["e3"] not in before.ipam_record.values()
+    gone = plan(infos[:2], SETTINGS, "CA", after.ipam_record, {"e1": last_good["e1"]})
+    assert {p.name for p in gone.edges["e1"].peers} == {"conn"} and "e2" not in gone.ipam_record
+
+
+def test_dual_stack_edges_announce_their_address_of_the_mesh_family_and_ipv6_only_is_an_error() -> None:
+    dual = edge("dual", "2001:db8::5", "a")
+    dual["status"]["addresses"].append({"type": "InternalIP", "address": "192.0.2.5"})
+    result, invalid = run(CONNECTOR, edge("e1", "192.0.2.1", "a"), dual, edge("v6", "2001:db8::6", "a"))
+    assert result.edges["dual"].local_subnets == (result.cidrs["dual"], "192.0.2.5/32")
+    assert next(p for p in result.edges["e1"].peers if p.name == "dual").endpoint == "192.0.2.5"
+    assert [(e.node, e.field) for e in invalid] == [("v6", "status.addresses")]
+    every = {s for m in result.edges.values() for p in m.peers for s in p.subnets}
+    every |= {s for p in result.connector_mesh().peers for s in p.subnets}  # type: ignore[union-attr]
+    assert not any(":" in s for s in every)
+
+
+def test_settings_refuse_ranges_of_another_family_than_the_pool() -> None:
+    with pytest.raises(ValueError, match="cloud_pod_cidrs fd00::/48 is not IPv4"):
+        OperatorSettings(cloud_pod_cidrs=("10.244.0.0/16", "fd00::/48"))
+
+
+def test_every_connector_active_or_standby_gets_a_certificate_only_the_active_one_a_mesh() -> None:
+    standby = raw("conn-0", "198.51.100.2", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-06-01T00:00:00Z")
+    active = raw("conn-9", "198.51.100.9", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-01-01T00:00:00Z")
+    result, _ = run(standby, active, edge("e1", "192.0.2.1"))
+    assert result.connectors == ("conn-0", "conn-9")
+    assert result.cert_addresses["conn-0"] == ("198.51.100.2",)
+    assert result.cert_addresses["conn-9"] == ("198.51.100.9",)
+    assert result.connector is not None and result.connector.node.name == "conn-9"  # the oldest, not by name
