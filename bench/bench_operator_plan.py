@@ -44,9 +44,9 @@ from fabmesh.mesh import model as mesh_model
 from fabmesh.mesh.model import PeerShard, Role, dump_yaml
 from fabmesh.operator import objects as o
 from fabmesh.operator.inventory import FLANNEL_PREFIX, InvalidNode, NodeInfo, read_node
-from fabmesh.operator.plan import MeshPlan, pin_certificates, plan, shard_of
+from fabmesh.operator.plan import MeshPlan, pin_keys, plan, shard_of
 from fabmesh.operator.settings import OperatorSettings
-from fabmesh.pki.authority import issue_leaf, new_ca
+from fabmesh.pki.authority import issue_leaf, new_ca, public_key_b64
 
 T = TypeVar("T")
 
@@ -288,14 +288,13 @@ _LEAF: dict[str, str] = {}
 
 def planned(infos: Sequence[NodeInfo], settings: OperatorSettings, ca: str,
             recorded: dict[str, str] | None = None) -> MeshPlan:
-    """What the operator writes: plan() with every peer pinned to its node's leaf.
+    """What the operator writes: plan() with every peer pinned to its node's public key.
 
-    One real leaf (a typical name, two address SANs) stands for every node's: the sizes are what
-    matters here, and issuing 10,000 keys would measure the key generator, not the planner.
+    One real P-256 key stands for every node's: the sizes are what matters here, and issuing
+    10,000 keys would measure the key generator, not the planner.
     """
     mesh = plan(infos, settings, ca, recorded)
-    leaf = _LEAF["pem"]
-    return pin_certificates(mesh, dict.fromkeys(mesh.cert_addresses, leaf))
+    return pin_keys(mesh, dict.fromkeys(mesh.cert_addresses, _LEAF["key"]))
 
 
 def join(scenario: str, steady_infos: list[NodeInfo], steady: MeshPlan, steady_payloads: dict[str, str],
@@ -477,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     authority = new_ca(now=datetime.datetime.now(datetime.UTC))
     ca = authority.cert_pem
-    _LEAF["pem"] = issue_leaf(authority, name="edge-01234", addresses=["100.96.19.74", "203.0.113.74"],
-                              now=datetime.datetime.now(datetime.UTC)).cert_pem
+    _LEAF["key"] = public_key_b64(issue_leaf(authority, name="edge-01234", addresses=["100.96.19.74", "203.0.113.74"],
+                                             now=datetime.datetime.now(datetime.UTC)).cert_pem)
     variants = {
         "cloud-16s": OperatorSettings(**BASE_SETTINGS, cloud_node_cidrs=CLOUD_NODE_CIDRS),
         "default": OperatorSettings(**BASE_SETTINGS),

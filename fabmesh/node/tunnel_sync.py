@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from fabmesh.mesh.model import split_pems
-from fabmesh.pki.authority import PKIError, public_key_sha256
 from fabmesh.strongswan.driver import Charon
 
 
@@ -40,22 +39,13 @@ def digest(value: Any) -> str:
 
 
 def session_digest(conn: Mapping[str, Any]) -> str:
-    """The digest of what an established IKE_SA depends on: all but credentials, with a pinned peer
-    certificate reduced to its public key (a renewal keeps the key; a revocation replaces it)."""
+    """The digest of what an established IKE_SA depends on: all but credentials (this node's own
+    certificate, the CA bundle). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal
+    keeps it, a revocation replaces it."""
     view = json.loads(json.dumps(conn))
     view.get("local", {}).pop("certs", None)
-    remote = view.get("remote", {})
-    remote.pop("cacerts", None)
-    if "certs" in remote:
-        remote["certs"] = [_key_of(pem) for pem in remote["certs"]]
+    view.get("remote", {}).pop("cacerts", None)
     return digest(view)
-
-
-def _key_of(cert_pem: str) -> str:
-    try:
-        return public_key_sha256(cert_pem)
-    except PKIError:
-        return digest(cert_pem)  # unreadable: any change of it counts as a new key
 
 
 @dataclass(frozen=True)
@@ -130,12 +120,14 @@ class TunnelSync:
                 want, session = digest(conn), session_digest(conn)
                 if name in loaded and recorded.get(name) == want:
                     continue
+                # Load first, then end the old IKE_SA: a peer that reconnects at once (close_action
+                # restart) must meet the new config, not the one that still accepts its old key.
+                charon.load_conn(name, conn)
+                self.writes += 1
                 if name in loaded and sessions.get(name) != session:
                     charon.terminate_ike(name)
                     self.writes += 1
                     changes.terminated.append(name)
-                charon.load_conn(name, conn)
-                self.writes += 1
                 recorded[name] = want
                 sessions[name] = session
                 changes.loaded.append(name)

@@ -17,11 +17,13 @@ Choices, and why:
   policy never starts the tunnel.
 * The remote identity must equal the peer's node name, chain to the cluster
   CA bundle (``cacerts``, one entry per CA: two during a CA roll, and one match
-  is enough) *and*, when the operator pinned it, be exactly the peer's current
-  leaf (``certs``: charon's subject-certificate constraint, "peer not
+  is enough) *and*, when the operator pinned it, carry the peer's current
+  public key (``pubkeys``: charon makes it a trusted-pubkey certificate and a
+  subject-certificate constraint whose comparison is by public key, so any
+  X.509 leaf with that key complies and any other is refused, "peer not
   authenticated with peer cert"). A certificate from elsewhere, a replaced key
   of a reissued node, or a node that has left the mesh (its connection is gone)
-  gets no tunnel.
+  gets no tunnel; a renewed leaf with the same key needs no change here.
 * With kernel ESP, ``policies_fwd_out = yes``: fabmesh puts ``block`` xfrm policies under each
   tunnel (fail closed), and forwarded pod traffic meets the fwd one unless charon installs its
   outbound fwd policy, which strongSwan does only when asked.
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabmesh.mesh.model import Backend, NodeMesh, Peer
+from fabmesh.mesh.model import Backend, NodeMesh, Peer, public_key_pem
 
 
 def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
@@ -82,10 +84,16 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
 
 
 def _remote_auth(mesh: NodeMesh, peer: Peer) -> dict[str, Any]:
-    remote: dict[str, Any] = {"auth": "pubkey", "id": peer.id, "cacerts": list(mesh.ca_certs())}
-    if peer.cert:
-        remote["certs"] = [peer.cert]
-    return remote
+    """The pinned key alone when there is one, else the CA bundle: charon cannot require both.
+
+    strongSwan 5.9 makes a ``pubkeys`` entry a trusted certificate for the peer's identity and
+    authenticates the peer with it directly ("using trusted certificate"), so its authentication
+    names no CA and a ``cacerts`` next to it refuses every peer ("peer not authenticated by CA").
+    The pin is the stricter rule anyway: the operator pins only keys its CA certified.
+    """
+    if peer.pubkey:
+        return {"auth": "pubkey", "id": peer.id, "pubkeys": [public_key_pem(peer.pubkey)]}
+    return {"auth": "pubkey", "id": peer.id, "cacerts": list(mesh.ca_certs())}
 
 
 def desired_connections(mesh: NodeMesh, cert_pem: str) -> dict[str, dict[str, Any]]:

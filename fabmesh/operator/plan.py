@@ -92,21 +92,21 @@ def _peer(**values: object) -> Peer:
     return Peer.model_construct(_fields_set=_FIELDS_SET[Peer], **values)
 
 
-def pin_certificates(mesh: MeshPlan, leaves: Mapping[str, str]) -> MeshPlan:
-    """The plan with every peer pinned to its node's current leaf (``Peer.cert``).
+def pin_keys(mesh: MeshPlan, keys: Mapping[str, str]) -> MeshPlan:
+    """The plan with every peer pinned to its node's public key (``Peer.pubkey``).
 
-    Separate from :func:`plan` because the leaves are known only once the certificates
+    Separate from :func:`plan` because the keys are known only once the certificates
     planned from ``plan().cert_addresses`` are issued. A peer whose node has no leaf is
     left out (fail closed: nothing could authenticate as it, and an unpinned peer would
-    accept any key the CA ever signed for that name). Shared ``Peer`` objects stay
-    shared: one pinned copy is made per planned object.
+    accept any key the CA ever signed for that name). A renewal keeps the key, so it
+    changes no pin. Shared ``Peer`` objects stay shared: one pinned copy per planned object.
     """
     pinned: dict[int, Peer | None] = {}
     for peers in (*(m.peers for m in mesh.edges.values()), *mesh.connector_shards.values()):
         for peer in peers:
             if id(peer) not in pinned:
-                cert = leaves.get(peer.name)
-                pinned[id(peer)] = peer.model_copy(update={"cert": cert}) if cert else None
+                key = keys.get(peer.name)
+                pinned[id(peer)] = peer.model_copy(update={"pubkey": key}) if key else None
 
     def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
         out = tuple(map(pinned.__getitem__, map(id, peers)))

@@ -43,12 +43,20 @@ from fabmesh.mesh.names import (
 )
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
-from fabmesh.operator.certs import ca_from_secret, current_leaves, issue, plan_certificates
+from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
-from fabmesh.operator.plan import MeshPlan, NodePatch, pin_certificates, plan
+from fabmesh.operator.plan import MeshPlan, NodePatch, pin_keys, plan
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.operator.status import node_writes
-from fabmesh.pki.authority import KeyPair, PKIError, ca_needs_rotation, describe, issued_by, new_ca
+from fabmesh.pki.authority import (
+    KeyPair,
+    PKIError,
+    ca_needs_rotation,
+    describe,
+    issued_by,
+    new_ca,
+    public_key_b64,
+)
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -155,7 +163,7 @@ class Reconciler:
         by_name = {n.name: n for n in seen.nodes}
         expiry = dict(certs.expiry)
         # Held (invalid) edges stay peers with their last good values, so their keys stay pinned too.
-        leaves = current_leaves(seen.secrets, [*mesh.cert_addresses, *mesh.held], {*mesh.edges, *mesh.held})
+        keys = current_keys(seen.secrets, [*mesh.cert_addresses, *mesh.held], {*mesh.edges, *mesh.held})
         lifetime = datetime.timedelta(days=self.settings.cert_lifetime_days)
         for action in certs.actions:
             try:
@@ -172,9 +180,10 @@ class Reconciler:
                          action.node, action.secret_name, action.log_reason, info.serial,
                          info.not_after.isoformat(), "kept" if action.keep is not None else "new")
                 expiry[action.node] = info.not_after.isoformat()
-                leaves[action.node] = leaf.cert_pem
-        # Peers pin the leaf the node's Secret holds now: a replaced key is refused at their next resync.
-        mesh = pin_certificates(mesh, leaves)
+                keys[action.node] = public_key_b64(leaf.cert_pem)
+        # Peers pin the key of the leaf the node's Secret holds now: a replaced key is refused at their
+        # next resync; a renewal keeps the key and so changes no peer's config.
+        mesh = pin_keys(mesh, keys)
         result.plan = mesh
 
         for name, node_mesh in sorted(mesh.edges.items()):

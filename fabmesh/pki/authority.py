@@ -10,6 +10,7 @@ renewal be tested directly. Only the ``cryptography`` package is used; nothing s
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "issued_by",
     "key_matches_cert",
     "new_ca",
+    "public_key_b64",
     "public_key_sha256",
     "renewal_reason",
     "verify_leaf",
@@ -214,6 +216,11 @@ def issued_by(ca_cert_pem: Pem, leaf_cert_pem: Pem) -> bool:
         return _issued_by(_load_cert(ca_cert_pem, "ca.crt"), _load_cert(leaf_cert_pem, "tls.crt"))
     except PKIError:
         return False
+
+
+def public_key_b64(cert_pem: Pem) -> str:
+    """The certificate's SubjectPublicKeyInfo, DER in base64 on one line: what peers pin (``Peer.pubkey``)."""
+    return base64.b64encode(_public_der(_load_cert(cert_pem, "tls.crt").public_key())).decode()
 
 
 def public_key_sha256(cert_pem: Pem) -> str:

@@ -15,9 +15,9 @@ from fabmesh.kube.client import Kube
 from fabmesh.mesh.model import NodeMesh, parse_node_mesh, parse_peer_shard
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
-from fabmesh.operator.certs import current_leaves
+from fabmesh.operator.certs import current_keys
 from fabmesh.operator.inventory import read_node
-from fabmesh.operator.plan import pin_certificates, plan
+from fabmesh.operator.plan import pin_keys, plan
 from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv
 
@@ -118,8 +118,10 @@ def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
     recorded = json.loads(cms[o.IPAM_CONFIGMAP]["data"]["allocations.json"])
     stored = secrets(env)
     ca = ca_roll.state_from_secret(stored[o.CA_SECRET]).bundle()
-    mesh = plan(infos, env.settings, ca, recorded)  # type: ignore[arg-type]
-    mesh = pin_certificates(mesh, current_leaves(stored, mesh.cert_addresses, mesh.edges))
+    last_good = {n: cm["data"]["mesh.yaml"] for n in nodes(env)
+                 if "mesh.yaml" in (cm := cms.get(o.agent_configmap_name(n)) or {}).get("data", {})}
+    mesh = plan(infos, env.settings, ca, recorded, last_good)  # type: ignore[arg-type]
+    mesh = pin_keys(mesh, current_keys(stored, [*mesh.cert_addresses, *mesh.held], {*mesh.edges, *mesh.held}))
     return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
 
 

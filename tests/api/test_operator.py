@@ -23,7 +23,14 @@ from fabmesh.node.desired import desired_state
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
-from fabmesh.pki.authority import describe, issued_by, key_matches_cert, public_key_sha256, verify_leaf
+from fabmesh.pki.authority import (
+    describe,
+    issued_by,
+    key_matches_cert,
+    public_key_b64,
+    public_key_sha256,
+    verify_leaf,
+)
 from fabmesh.testenv.controlplane import free_port
 from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv, write_settings
@@ -417,14 +424,14 @@ CONNECTOR_NODE = "connector-1"
 
 
 def _pins(env: OperatorEnv) -> dict[tuple[str, str], str]:
-    """(holder, peer) -> the pinned leaf, over every agent config and every connector shard."""
+    """(holder, peer) -> the pinned public key, over every agent config and every connector shard."""
     pins = {}
     for name, cm in configmaps(env).items():
         if name.startswith("fabmesh-agent-"):
             mesh = mesh_of(cm)
-            pins |= {(mesh.node.name, p.name): p.cert for p in mesh.peers}
+            pins |= {(mesh.node.name, p.name): p.pubkey for p in mesh.peers}
         elif name.startswith("fabmesh-connector-peers-"):
-            pins |= {(CONNECTOR_NODE, p.name): p.cert for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
+            pins |= {(CONNECTOR_NODE, p.name): p.pubkey for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
     return pins
 
 
@@ -442,14 +449,14 @@ def test_every_peer_pins_the_current_leaf_and_a_revoked_key_is_unpinned_everywhe
     pins = _pins(env)
     assert set(pins) == {("e1", CONNECTOR_NODE), ("e1", "e2"), ("e2", CONNECTOR_NODE), ("e2", "e1"),
                          (CONNECTOR_NODE, "e1"), (CONNECTOR_NODE, "e2")}
-    assert all(cert == _leaf(env, peer) for (_, peer), cert in pins.items())
+    assert all(key == public_key_b64(_leaf(env, peer)) for (_, peer), key in pins.items())
     old = _leaf(env, "e1")
 
     # Revocation: a person deletes e1's Secret (its key leaked). One pass: a new key, pinned by every peer.
     env.kube.delete("secrets", o.tls_secret_name("e1"), env.settings.namespace)
     reconciler.run_once()
-    new = _leaf(env, "e1")
-    assert public_key_sha256(new) != public_key_sha256(old)
+    new = public_key_b64(_leaf(env, "e1"))
+    assert new != public_key_b64(old)
     assert {k: v for k, v in _pins(env).items() if k[1] == "e1"} == {("e2", "e1"): new, (CONNECTOR_NODE, "e1"): new}
 
     # A Node deleted and made again under the same name before the operator saw it go: a new key too.
@@ -461,7 +468,7 @@ def test_every_peer_pins_the_current_leaf_and_a_revoked_key_is_unpinned_everywhe
     assert nodes(env)["e2"]["metadata"]["uid"] != uid
     reconciler.run_once()
     assert public_key_sha256(_leaf(env, "e2")) != public_key_sha256(old)
-    assert _pins(env)[("e1", "e2")] == _leaf(env, "e2")
+    assert _pins(env)[("e1", "e2")] == public_key_b64(_leaf(env, "e2"))
 
 
 def test_ca_roll_trusts_the_new_ca_then_reissues_every_leaf_with_its_key_then_drops_the_old_ca(
@@ -471,6 +478,7 @@ def test_ca_roll_trusts_the_new_ca_then_reissues_every_leaf_with_its_key_then_dr
     Reconciler(env.kube, env.settings).run_once()
     old_ca = secret_text(secrets(env)[o.CA_SECRET], "tls.crt")
     keys = {n: public_key_sha256(_leaf(env, n)) for n in ("e1", "e2", CONNECTOR_NODE)}
+    pins_before = _pins(env)
     env.kube.merge_patch("secrets", o.CA_SECRET, {"metadata": {"annotations": {ca_roll.ROTATE_ANNOTATION: "yes"}}},
                          env.settings.namespace)
     settle = datetime.timedelta(seconds=env.settings.ca_roll_settle_s)
@@ -496,7 +504,7 @@ def test_ca_roll_trusts_the_new_ca_then_reissues_every_leaf_with_its_key_then_dr
     assert bundles() == {old_ca + new_ca_pem}
     assert all(issued_by(new_ca_pem, _leaf(env, n)) for n in keys)
     assert {n: public_key_sha256(_leaf(env, n)) for n in keys} == keys, "a roll must keep every node's key"
-    assert all(cert == _leaf(env, peer) for (_, peer), cert in _pins(env).items())
+    assert _pins(env) == pins_before, "a roll keeps every key, so it changes no pin"
 
     assert at(settle * 1.5).phase is ca_roll.Phase.SIGN_NEXT
     done = at(settle * 2)

@@ -2,7 +2,7 @@
 
 A connector and edges, each a namespace with its own charon (libipsec, routes installed by charon) and a
 pod. Each node's connections are what the agent and the connector load: ``desired_connections`` of its
-``NodeMesh``, applied by ``TunnelSync`` over VICI, with every peer pinned to its current leaf as the
+``NodeMesh``, applied by ``TunnelSync`` over VICI, with every peer pinned to its public key as the
 operator writes it. What the tests observe is charon's own view (IKE_SA ids over VICI) and pings
 between pods, counted.
 """
@@ -20,7 +20,7 @@ import pytest
 from fabmesh.mesh.model import Backend, LocalNode, NodeMesh, Peer, Role, TunnelSettings
 from fabmesh.node.tunnel_sync import Credentials, TunnelChanges, TunnelSync
 from fabmesh.node.tunnels import desired_connections
-from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
+from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca, public_key_b64
 from fabmesh.strongswan.driver import Charon, ViciError
 from fabmesh.testenv.hosts import Host, Network, Pod, stop_pid, wait_for
 
@@ -39,7 +39,7 @@ class Node:
     subnet: str
     leaf: KeyPair
     sync: TunnelSync
-    pins: dict[str, str] = field(default_factory=dict)  # peer -> the leaf this node pins for it
+    pins: dict[str, str] = field(default_factory=dict)  # peer -> the public key this node pins for it
 
     @property
     def name(self) -> str:
@@ -62,12 +62,12 @@ class Mesh:
 
     def node_mesh(self, node: Node) -> NodeMesh:
         if node is self.connector:
-            peers = [Peer(name=e.name, role=Role.EDGE, subnets=(e.subnet,), cert=node.pins.get(e.name, ""))
+            peers = [Peer(name=e.name, role=Role.EDGE, subnets=(e.subnet,), pubkey=node.pins.get(e.name, ""))
                      for e in self.edges if e.name in node.pins]
             role, local = Role.CONNECTOR, CLOUD_CIDR
         else:
             peers = [Peer(name=CONNECTOR, role=Role.CONNECTOR, endpoint=self.connector.host.wan_ip,
-                          subnets=(CLOUD_CIDR,), initiate=True, cert=node.pins.get(CONNECTOR, ""))]
+                          subnets=(CLOUD_CIDR,), initiate=True, pubkey=node.pins.get(CONNECTOR, ""))]
             role, local = Role.EDGE, node.subnet
         return NodeMesh(node=LocalNode(name=node.name, role=role, address=node.host.wan_ip,
                                        endpoint=node.host.wan_ip),
@@ -81,10 +81,10 @@ class Mesh:
                                Credentials(key_pem=node.leaf.key_pem, ca_pem=self.ca.cert_pem), initiators)
 
     def pin_all(self) -> None:
-        """What the operator writes: every node pins every peer's current leaf."""
-        self.connector.pins = {e.name: e.leaf.cert_pem for e in self.edges}
+        """What the operator writes: every node pins every peer's public key (a renewal keeps it)."""
+        self.connector.pins = {e.name: public_key_b64(e.leaf.cert_pem) for e in self.edges}
         for e in self.edges:
-            e.pins = {CONNECTOR: self.connector.leaf.cert_pem}
+            e.pins = {CONNECTOR: public_key_b64(self.connector.leaf.cert_pem)}
 
 
 def _node(wan: Network, tmp_path: Path, ca: KeyPair, name: str, subnet: str) -> Node:
@@ -146,15 +146,18 @@ def test_connector_renewal_under_ping_from_three_edges_keeps_every_ike_sa_and_lo
 
     pings = {e.name: _ping(e.pod, connector.pod.ip, seconds=12) for e in mesh.edges}
     try:
-        # The operator's renewal: a new leaf for the connector's key, pinned by every edge.
+        # The operator's renewal: a new leaf for the connector's key. Edges pin the key, so their
+        # configs stay exactly as they were; only the connector loads its connections with the new leaf.
+        edge_configs = {e.name: desired_connections(mesh.node_mesh(e), e.leaf.cert_pem) for e in mesh.edges}
         connector.leaf = issue_leaf(mesh.ca, name=CONNECTOR, addresses=[connector.host.wan_ip],
                                     now=NOW + datetime.timedelta(minutes=1), key_pem=connector.leaf.key_pem)
         mesh.pin_all()
+        assert {e.name: desired_connections(mesh.node_mesh(e), e.leaf.cert_pem) for e in mesh.edges} == edge_configs
         changes = mesh.apply(connector)
         assert sorted(changes.loaded) == ["edge-1", "edge-2", "edge-3"] and changes.terminated == [], changes
         for edge in mesh.edges:
             edge_changes = mesh.apply(edge)
-            assert edge_changes.loaded == [CONNECTOR] and edge_changes.terminated == [], edge_changes
+            assert not edge_changes.loaded and not edge_changes.terminated, edge_changes
     finally:
         lost = {name: _lost(p) for name, p in pings.items()}
 
@@ -162,7 +165,7 @@ def test_connector_renewal_under_ping_from_three_edges_keeps_every_ike_sa_and_lo
     assert {e.name: e.ike_ids().get(CONNECTOR) for e in mesh.edges} == edge_side
     assert all(n <= 1 for n in lost.values()), f"pings lost per edge: {lost}"
 
-    # A new IKE_SA is made with the new leaf: the edge's new pin accepts it, the connector presents it.
+    # A new IKE_SA is made with the new leaf: the connector presents it, the edge's unchanged key pin accepts it.
     edge = mesh.edges[0]
     with edge.charon() as charon:
         charon.terminate_ike(CONNECTOR, timeout_ms=5000)
@@ -189,7 +192,7 @@ def test_a_reissued_edges_old_key_is_refused_and_its_old_ike_sa_ends(wan: Networ
                  sync=TunnelSync(lambda: Charon(thief.host.charon.vici_socket),  # type: ignore[union-attr]
                                  tmp_path / "thief" / "tunnels.json"))
     thief.host.start_charon()
-    thief.pins = {CONNECTOR: connector.leaf.cert_pem}
+    thief.pins = {CONNECTOR: public_key_b64(connector.leaf.cert_pem)}
     thief_mesh = mesh.node_mesh(edge).model_copy(update={"node": mesh.node_mesh(edge).node.model_copy(
         update={"address": thief.host.wan_ip, "endpoint": thief.host.wan_ip})})
     thief.sync.apply(desired_connections(thief_mesh, stolen.cert_pem),

@@ -12,9 +12,9 @@ from fabmesh.node.tunnel_sync import session_digest
 from fabmesh.node.tunnels import desired_connections
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
-from fabmesh.operator.certs import CertChange, current_leaves, issue, plan_certificates
-from fabmesh.operator.plan import MeshPlan, pin_certificates
-from fabmesh.pki.authority import RenewReason, issue_leaf, issued_by, new_ca, public_key_sha256
+from fabmesh.operator.certs import CertChange, current_keys, issue, plan_certificates
+from fabmesh.operator.plan import MeshPlan, pin_keys
+from fabmesh.pki.authority import RenewReason, issue_leaf, issued_by, new_ca, public_key_b64, public_key_sha256
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +25,7 @@ ADDRESSES = ("192.0.2.1",)
 LEAF = issue_leaf(CA, name="e1", addresses=ADDRESSES, now=NOW - timedelta(days=1))
 REISSUED = issue_leaf(CA, name="e1", addresses=ADDRESSES, now=NOW)  # a new key
 RENEWED = issue_leaf(CA, name="e1", addresses=ADDRESSES, now=NOW, key_pem=LEAF.key_pem)  # the same key
+KEY = public_key_b64(LEAF.cert_pem)
 
 
 def _secret(uid: str = "uid-1") -> dict[str, Any]:
@@ -70,35 +71,47 @@ def test_pins_go_into_every_peer_and_a_peer_without_a_leaf_is_left_out() -> None
     e1 = Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24",))
     e2 = Peer(name="e2", role=Role.EDGE, subnets=("10.233.2.0/24",))
     plan = MeshPlan(edges={"x": _mesh(e1, e2)}, connector_shards={0: (e1,), 1: (e2,)})
-    pinned = pin_certificates(plan, {"e1": LEAF.cert_pem})
-    assert [(p.name, p.cert) for p in pinned.edges["x"].peers] == [("e1", LEAF.cert_pem)]
-    assert pinned.connector_shards == {0: (e1.model_copy(update={"cert": LEAF.cert_pem}),), 1: ()}
+    pinned = pin_keys(plan, {"e1": KEY})
+    assert [(p.name, p.pubkey) for p in pinned.edges["x"].peers] == [("e1", KEY)]
+    assert pinned.connector_shards == {0: (e1.model_copy(update={"pubkey": KEY}),), 1: ()}
     assert pinned.edges["x"].peers[0] is pinned.connector_shards[0][0], "one pinned copy per planned Peer"
     secrets = {o.tls_secret_name("e1"): _secret()}
-    assert current_leaves(secrets, ["e1", "e2"], {"e1", "e2"}) == {"e1": LEAF.cert_pem}
+    assert current_keys(secrets, ["e1", "e2"], {"e1", "e2"}) == {"e1": KEY}
 
 
-def test_the_connection_pins_the_peer_and_trusts_each_ca_of_the_bundle() -> None:
-    conn = desired_connections(_mesh(Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24",),
-                                          cert=LEAF.cert_pem)), "OWN")["e1"]
-    assert conn["remote"] == {"auth": "pubkey", "id": "e1", "certs": [LEAF.cert_pem],
-                              "cacerts": [CA.cert_pem, NEXT_CA.cert_pem]}
+def test_a_renewed_or_re_signed_leaf_has_the_same_pin_and_a_reissued_one_does_not() -> None:
+    rolled = issue_leaf(NEXT_CA, name="e1", addresses=ADDRESSES, now=NOW, key_pem=LEAF.key_pem)
+    assert public_key_b64(RENEWED.cert_pem) == public_key_b64(rolled.cert_pem) == KEY
+    assert public_key_b64(REISSUED.cert_pem) != KEY
+    assert len(KEY) == 124, "a P-256 SubjectPublicKeyInfo: 91 bytes, 124 base64 characters"
+
+
+def test_a_pinned_connection_names_the_key_alone_and_an_unpinned_one_the_ca_bundle() -> None:
+    pinned = desired_connections(_mesh(Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24",),
+                                            pubkey=KEY)), "OWN")["e1"]
+    [pem] = pinned["remote"].pop("pubkeys")
+    assert pinned["remote"] == {"auth": "pubkey", "id": "e1"}
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----\n") and "".join(pem.splitlines()[1:-1]) == KEY
+    assert all(len(line) <= 64 for line in pem.splitlines())
+    unpinned = desired_connections(_mesh(Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24",))), "OWN")["e1"]
+    assert unpinned["remote"] == {"auth": "pubkey", "id": "e1", "cacerts": [CA.cert_pem, NEXT_CA.cert_pem]}
 
 
 def _conn(pin: str, own: str = "OWN", ts: str = "10.233.1.0/24") -> dict[str, Any]:
-    mesh = _mesh(Peer(name="e1", role=Role.EDGE, subnets=(ts,), cert=pin))
+    mesh = _mesh(Peer(name="e1", role=Role.EDGE, subnets=(ts,), pubkey=public_key_b64(pin)))
     return desired_connections(mesh, own)["e1"]
 
 
 SESSION_CASES = {
     # name: changed connection -> whether its established IKE_SA must end
     "own-certificate-renewed": (_conn(LEAF.cert_pem, own="OWN-2"), False),
-    "peer-renewed-with-the-same-key": (_conn(RENEWED.cert_pem), False),
-    "ca-bundle-changed": ({**_conn(LEAF.cert_pem), "remote": {**_conn(LEAF.cert_pem)["remote"],
-                                                              "cacerts": [NEXT_CA.cert_pem]}}, False),
     "peer-key-replaced": (_conn(REISSUED.cert_pem), True),
     "traffic-selectors-changed": (_conn(LEAF.cert_pem, ts="10.233.9.0/24"), True),
 }
+
+
+def test_a_peer_renewed_with_the_same_key_leaves_the_connection_as_it_was() -> None:
+    assert _conn(RENEWED.cert_pem) == _conn(LEAF.cert_pem)
 
 
 @pytest.mark.parametrize(("changed", "ends"), SESSION_CASES.values(), ids=SESSION_CASES.keys())
