@@ -108,9 +108,14 @@ def pin_keys(mesh: MeshPlan, keys: Mapping[str, str]) -> MeshPlan:
                 key = keys.get(peer.name)
                 pinned[id(peer)] = peer.model_copy(update={"pubkey": key}) if key else None
 
+    # Test membership by id, never "None in out": that compares ~1 M pydantic models by value.
+    dropped = {key for key, peer in pinned.items() if peer is None}
+
     def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
         out = tuple(map(pinned.__getitem__, map(id, peers)))
-        return out if None not in out else tuple(p for p in out if p is not None)
+        if dropped and not dropped.isdisjoint(map(id, peers)):
+            return tuple(p for p in out if p is not None)
+        return out  # type: ignore[return-value]
 
     edges = {name: m.model_copy(update={"peers": pin(m.peers)}) for name, m in mesh.edges.items()}
     shards = {i: pin(peers) for i, peers in mesh.connector_shards.items()}
