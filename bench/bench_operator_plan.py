@@ -44,7 +44,7 @@ from fabmesh.mesh import model as mesh_model
 from fabmesh.mesh.model import PeerShard, Role, dump_yaml
 from fabmesh.operator import objects as o
 from fabmesh.operator.inventory import FLANNEL_PREFIX, InvalidNode, NodeInfo, read_node
-from fabmesh.operator.plan import MeshPlan, pin_keys, plan, shard_of
+from fabmesh.operator.plan import MeshPlan, plan, shard_of
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import issue_leaf, new_ca, public_key_b64
 
@@ -293,8 +293,7 @@ def planned(infos: Sequence[NodeInfo], settings: OperatorSettings, ca: str,
     One real P-256 key stands for every node's: the sizes are what matters here, and issuing
     10,000 keys would measure the key generator, not the planner.
     """
-    mesh = plan(infos, settings, ca, recorded)
-    return pin_keys(mesh, dict.fromkeys(mesh.cert_addresses, _LEAF["key"]))
+    return plan(infos, settings, ca, recorded, keys=dict.fromkeys((n.name for n in infos), _LEAF["key"]))
 
 
 def join(scenario: str, steady_infos: list[NodeInfo], steady: MeshPlan, steady_payloads: dict[str, str],

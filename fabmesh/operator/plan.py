@@ -36,7 +36,7 @@ import bisect
 import ipaddress
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
@@ -92,38 +92,9 @@ def _peer(**values: object) -> Peer:
     return Peer.model_construct(_fields_set=_FIELDS_SET[Peer], **values)
 
 
-def pin_keys(mesh: MeshPlan, keys: Mapping[str, str]) -> MeshPlan:
-    """The plan with every peer pinned to its node's public key (``Peer.pubkey``).
-
-    Separate from :func:`plan` because the keys are known only once the certificates
-    planned from ``plan().cert_addresses`` are issued. A peer whose node has no leaf is
-    left out (fail closed: nothing could authenticate as it, and an unpinned peer would
-    accept any key the CA ever signed for that name). A renewal keeps the key, so it
-    changes no pin. Shared ``Peer`` objects stay shared: one pinned copy per planned object.
-    """
-    pinned: dict[int, Peer | None] = {}
-    for peers in (*(m.peers for m in mesh.edges.values()), *mesh.connector_shards.values()):
-        for peer in peers:
-            if id(peer) not in pinned:
-                key = keys.get(peer.name)
-                pinned[id(peer)] = peer.model_copy(update={"pubkey": key}) if key else None
-
-    # Test membership by id, never "None in out": that compares ~1 M pydantic models by value.
-    dropped = {key for key, peer in pinned.items() if peer is None}
-
-    def pin(peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
-        out = tuple(map(pinned.__getitem__, map(id, peers)))
-        if dropped and not dropped.isdisjoint(map(id, peers)):
-            return tuple(p for p in out if p is not None)
-        return out  # type: ignore[return-value]
-
-    edges = {name: m.model_copy(update={"peers": pin(m.peers)}) for name, m in mesh.edges.items()}
-    shards = {i: pin(peers) for i, peers in mesh.connector_shards.items()}
-    return replace(mesh, edges=edges, connector_shards=shards)
-
-
 def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
-         recorded: Mapping[str, str] | None = None, last_good: Mapping[str, str] | None = None) -> MeshPlan:
+         recorded: Mapping[str, str] | None = None, last_good: Mapping[str, str] | None = None,
+         keys: Mapping[str, str] | None = None) -> MeshPlan:
     """Everything the operator should write, given the cluster as it is.
 
     ``recorded`` is the IPAM record (node -> CIDR) kept in the operator's own
@@ -131,6 +102,11 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     ``last_good`` is, for every Node that carries the edge label (valid or not),
     the ``mesh.yaml`` of its existing agent ConfigMap: only those of edges that
     cannot be planned now are parsed.
+    ``keys`` maps each node to the public key of the leaf its Secret holds (``Peer.pubkey``):
+    every peer is pinned to it, and a peer whose node has none yet is left out (fail closed:
+    nothing could authenticate as it, and an unpinned peer would accept any key the CA ever
+    signed for that name). A renewal keeps the key, so it changes no pin. ``None``: no pins
+    (for callers that plan topology only).
 
     Cost at 10,000 nodes is dominated by the objects that outlive the call: every one of them
     is a container the cyclic garbage collector rescans in each full collection. So each edge
@@ -209,12 +185,16 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     # canonical (from read_node and IPAM).
     pod_cidrs = {**{n.name: result.cidrs[n.name] for n in ready}, **{h: m.node.pod_cidr for h, m in held.items()}}
     own = {name: tuple(sorted({cidr, vetted[name].announced} - {None})) for name, cidr in pod_cidrs.items()}
+    pins = dict.fromkeys(own, "") if keys is None else {name: keys[name] for name in own if keys.get(name)}
     initiator = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
-                             initiate=True) for name in own}
+                             initiate=True, pubkey=pin) for name, pin in pins.items()}
     responder = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
-                             initiate=False) for name in own}
-    to_connector_peer = None if connector is None else _peer(
-        name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
+                             initiate=False, pubkey=pin) for name, pin in pins.items()}
+    unpinned = len(pins) < len(own)  # some edge has no key yet: it is left out of every peer list
+    connector_pin = "" if keys is None or connector is None else keys.get(connector.name, "")
+    to_connector_peer = None if connector is None or (keys is not None and not connector_pin) else _peer(
+        name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True,
+        pubkey=connector_pin)
     for node in ready:
         cidr = result.cidrs[node.name]
         before, after = community_peers_of(node.name, communities[node.name], members)
@@ -223,6 +203,8 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             me = bisect.bisect_left(ordered, node.name)
             before, after = ordered[:me], ordered[me:]
         # Peers sorting before the node initiate to it (it responds); it initiates to those after.
+        if unpinned:
+            before, after = [n for n in before if n in pins], [n for n in after if n in pins]
         peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
         if to_connector_peer is not None:
             name = to_connector_peer.name  # peers are listed by name: the connector takes its place
@@ -254,10 +236,10 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             local_subnets=to_connector, mesh_cidrs=mesh_cidrs, peers=(),
             caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}
-        for name in sorted(own):
+        for name in sorted(pins):
             # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
             shards[shard_of(name, settings.connector_shards)].append(
-                _peer(name=name, role=Role.EDGE, subnets=own[name]))
+                _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     return result
 

@@ -45,7 +45,7 @@ from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
-from fabmesh.operator.plan import MeshPlan, NodePatch, pin_keys, plan
+from fabmesh.operator.plan import MeshPlan, NodePatch, plan
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.operator.status import node_writes
 from fabmesh.pki.authority import (
@@ -148,7 +148,10 @@ class Reconciler:
         kept = {name: (seen.configmaps.get(o.agent_configmap_name(name)) or {}).get("data") or {}
                 for name in seen.edge_names}
         last_good = {name: data["mesh.yaml"] for name, data in kept.items() if "mesh.yaml" in data}
-        mesh = plan(seen.nodes, self.settings, bundle, recorded, last_good)
+        # Peers pin the key of the leaf each node's Secret holds now: a replaced key is refused at their
+        # next resync; a renewal keeps the key and so changes no peer's config.
+        keys = current_keys(seen.secrets, [*(n.name for n in seen.nodes), *last_good], seen.edge_names)
+        mesh = plan(seen.nodes, self.settings, bundle, recorded, last_good, keys)
         certs = plan_certificates(seen.secrets, mesh.cert_addresses, mesh.edges, ca, now,
                                   uids={n.name: n.uid for n in seen.nodes}, bundle=bundle)
         result = PassResult(plan=mesh, errors=[*seen.invalid, *mesh.errors, *certs.errors])
@@ -162,8 +165,7 @@ class Reconciler:
 
         by_name = {n.name: n for n in seen.nodes}
         expiry = dict(certs.expiry)
-        # Held (invalid) edges stay peers with their last good values, so their keys stay pinned too.
-        keys = current_keys(seen.secrets, [*mesh.cert_addresses, *mesh.held], {*mesh.edges, *mesh.held})
+        issued: dict[str, str] = {}
         lifetime = datetime.timedelta(days=self.settings.cert_lifetime_days)
         for action in certs.actions:
             try:
@@ -180,11 +182,11 @@ class Reconciler:
                          action.node, action.secret_name, action.log_reason, info.serial,
                          info.not_after.isoformat(), "kept" if action.keep is not None else "new")
                 expiry[action.node] = info.not_after.isoformat()
-                keys[action.node] = public_key_b64(leaf.cert_pem)
-        # Peers pin the key of the leaf the node's Secret holds now: a replaced key is refused at their
-        # next resync; a renewal keeps the key and so changes no peer's config.
-        mesh = pin_keys(mesh, keys)
-        result.plan = mesh
+                issued[action.node] = public_key_b64(leaf.cert_pem)
+        if any(keys.get(node) != key for node, key in issued.items()):
+            # New nodes and revoked keys: pin what was just issued (a renewal keeps the key: no replan).
+            mesh = plan(seen.nodes, self.settings, bundle, mesh.ipam_record, last_good, {**keys, **issued})
+            result.plan = mesh
 
         for name, node_mesh in sorted(mesh.edges.items()):
             if name not in expiry:

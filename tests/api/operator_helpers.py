@@ -17,7 +17,7 @@ from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import current_keys
 from fabmesh.operator.inventory import read_node
-from fabmesh.operator.plan import pin_keys, plan
+from fabmesh.operator.plan import plan
 from fabmesh.testenv.hosts import wait_for
 from tests.api.conftest import OperatorEnv
 
@@ -120,8 +120,10 @@ def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
     ca = ca_roll.state_from_secret(stored[o.CA_SECRET]).bundle()
     last_good = {n: cm["data"]["mesh.yaml"] for n in nodes(env)
                  if "mesh.yaml" in (cm := cms.get(o.agent_configmap_name(n)) or {}).get("data", {})}
-    mesh = plan(infos, env.settings, ca, recorded, last_good)  # type: ignore[arg-type]
-    mesh = pin_keys(mesh, current_keys(stored, [*mesh.cert_addresses, *mesh.held], {*mesh.edges, *mesh.held}))
+    edge_names = {n for n, obj in nodes(env).items()
+                  if env.settings.edge_label in (obj["metadata"].get("labels") or {})}
+    keys = current_keys(stored, [*(i.name for i in infos), *last_good], edge_names)  # type: ignore[attr-defined]
+    mesh = plan(infos, env.settings, ca, recorded, last_good, keys)  # type: ignore[arg-type]
     return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
 
 

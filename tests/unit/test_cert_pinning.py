@@ -13,7 +13,8 @@ from fabmesh.node.tunnels import desired_connections
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import CertChange, current_keys, issue, plan_certificates
-from fabmesh.operator.plan import MeshPlan, pin_keys
+from fabmesh.operator.inventory import read_node
+from fabmesh.operator.plan import plan
 from fabmesh.pki.authority import RenewReason, issue_leaf, issued_by, new_ca, public_key_b64, public_key_sha256
 
 pytestmark = pytest.mark.unit
@@ -68,13 +69,18 @@ def _mesh(*peers: Peer) -> NodeMesh:
 
 
 def test_pins_go_into_every_peer_and_a_peer_without_a_leaf_is_left_out() -> None:
-    e1 = Peer(name="e1", role=Role.EDGE, subnets=("10.233.1.0/24",))
-    e2 = Peer(name="e2", role=Role.EDGE, subnets=("10.233.2.0/24",))
-    plan = MeshPlan(edges={"x": _mesh(e1, e2)}, connector_shards={0: (e1,), 1: (e2,)})
-    pinned = pin_keys(plan, {"e1": KEY})
-    assert [(p.name, p.pubkey) for p in pinned.edges["x"].peers] == [("e1", KEY)]
-    assert pinned.connector_shards == {0: (e1.model_copy(update={"pubkey": KEY}),), 1: ()}
-    assert pinned.edges["x"].peers[0] is pinned.connector_shards[0][0], "one pinned copy per planned Peer"
+    from tests.unit.test_plan import CONNECTOR, SETTINGS, edge
+
+    infos = [read_node(n, SETTINGS) for n in (CONNECTOR, edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a"),
+                                               edge("e3", "192.0.2.3", "a"))]
+    keys = {"conn": KEY, "e1": KEY, "e2": KEY}  # e3 has no leaf yet
+    pinned = plan(infos, SETTINGS, "CA", keys=keys)  # type: ignore[arg-type]
+    assert [(p.name, p.pubkey) for p in pinned.edges["e1"].peers] == [("conn", KEY), ("e2", KEY)]
+    assert [p.name for p in pinned.edges["e3"].peers] == ["conn", "e1", "e2"]  # e3's own config still pins them
+    assert sorted(p.name for shard in pinned.connector_shards.values() for p in shard) == ["e1", "e2"]
+    assert pinned.edges["e2"].peers[0] is pinned.edges["e3"].peers[0], "one pinned Peer object per node and flag"
+    unpinned = plan(infos, SETTINGS, "CA")  # type: ignore[arg-type]
+    assert all(p.pubkey == "" for p in unpinned.edges["e1"].peers) and len(unpinned.edges["e1"].peers) == 3
     secrets = {o.tls_secret_name("e1"): _secret()}
     assert current_keys(secrets, ["e1", "e2"], {"e1", "e2"}) == {"e1": KEY}
 
