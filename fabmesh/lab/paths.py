@@ -21,19 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
+
+from fabmesh.mesh.topology import Path
 
 # (tunnel host, peer connection name, child SA key) -> (packets in, packets out)
 Counters = dict[tuple[str, str, str], tuple[int, int]]
 
 
-class Observed(StrEnum):
-    DIRECT = "direct"
-    RELAYED = "relayed"
-    CLOUD = "cloud"
-    LOCAL = "local"
-    NONE = "none"
+Observed = Path  # the same vocabulary as the rules' intended path, so the two compare directly
 
 
 @dataclass(frozen=True, order=True)
