@@ -153,6 +153,13 @@ class Peer(_Model):
     subnets: tuple[Cidr, ...]  # what lives behind the peer, routed into this tunnel (remote TS)
     local_subnets: tuple[Cidr, ...] = ()  # local TS of this tunnel; () = the node's local_subnets
     initiate: bool = False  # exactly one side of a pair initiates; the other only responds
+    # The peer's public key, pinned: its SubjectPublicKeyInfo, DER in base64 on one line (124 characters
+    # for P-256, where a whole leaf is ~0.8 KB). charon accepts for this peer only a certificate that
+    # carries this key (and still its name and a chain to the CA bundle), so a key the operator has
+    # replaced (reissued, node deleted or re-created) is refused at the next resync, while a renewal,
+    # which keeps the key, changes no peer's config. "" = no pin, the CA alone decides (hand-written
+    # configs); the operator always pins.
+    pubkey: str = Field(default="", pattern=r"^[A-Za-z0-9+/]*={0,2}$")
 
     @property
     def id(self) -> str:
@@ -179,6 +186,8 @@ class NodeMesh(_Model):
     local_subnets: tuple[Cidr, ...]  # what this node announces into its tunnels
     mesh_cidrs: tuple[Cidr, ...]  # every CIDR inside the mesh: never SNAT between these
     peers: tuple[Peer, ...] = ()
+    # The CA bundle: one or more PEM certificates, concatenated. Two during a CA roll (the outgoing and
+    # the incoming CA), so leaves from either are accepted while they are reissued.
     ca_cert: str = Field(alias="caCert")
     tunnel: TunnelSettings = TunnelSettings()
     settings: NodeSettings = NodeSettings()
@@ -186,8 +195,28 @@ class NodeMesh(_Model):
     def to_yaml(self) -> str:
         return dump_yaml(self)
 
+    def ca_certs(self) -> tuple[str, ...]:
+        """The bundle as single PEM certificates (VICI takes one certificate per list entry)."""
+        return split_pems(self.ca_cert)
+
     def local_ts(self, peer: Peer) -> tuple[str, ...]:
         return peer.local_subnets or self.local_subnets
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
+
+
+def split_pems(bundle: str) -> tuple[str, ...]:
+    """The PEM certificates in ``bundle``, in order, each ending in a newline; text that is no PEM
+    block yields itself (charon then refuses it, naming the connection)."""
+    blocks = tuple(b if b.endswith("\n") else b + "\n" for b in _PEM_BLOCK.findall(bundle))
+    return blocks or ((bundle,) if bundle.strip() else ())
+
+
+def public_key_pem(pubkey: str) -> str:
+    """A ``Peer.pubkey`` as the PEM block charon's ``pubkeys`` takes (64 characters a line)."""
+    body = "\n".join(pubkey[i:i + 64] for i in range(0, len(pubkey), 64))
+    return f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n"
 
 
 def dump_yaml(model: BaseModel) -> str:

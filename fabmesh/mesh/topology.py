@@ -35,10 +35,13 @@ _COMMUNITY = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class Path(StrEnum):
+    """The way a pair's packets go: what the rules intend, and what a probe observes."""
+
     DIRECT = "direct"
     RELAYED = "relayed"
     CLOUD = "cloud"
     LOCAL = "local"
+    NONE = "none"  # observed only: no tunnel on the way counted the probe
 
 
 @dataclass(frozen=True)

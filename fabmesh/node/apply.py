@@ -141,7 +141,8 @@ class NodeApplier:
 
     def _tunnels(self, state: NodeState, creds: Credentials) -> list[str]:
         changes = self.tunnels.apply(state.connections, creds, set(state.initiators))
-        return ([*(f"action=load-conn peer={n}" for n in changes.loaded),
+        return ([*(f"action=load-conn peer={n}{' terminated=yes' if n in changes.terminated else ''}"
+                   for n in changes.loaded),
                  *(f"action=unload-conn peer={n}" for n in changes.unloaded),
                  *(f"action=initiate peer={n}" for n in changes.initiated)]
                 + (["action=load-credentials"] if changes.credentials else []))

@@ -11,8 +11,14 @@ everything: reload all. A lost state file costs one
 harmless reload. A connection whose digest is unchanged is never reloaded, so
 a healthy tunnel is never disturbed.
 
-A changed connection is terminated before it is reloaded: charon does not
-re-narrow an established CHILD_SA's traffic selectors on ``load-conn``.
+A changed connection is terminated before it is reloaded only when the change
+touches the session: charon does not re-narrow an established CHILD_SA's traffic
+selectors on ``load-conn``, and a peer whose pinned key changed is a revocation,
+so its old IKE_SA must end. Credentials alone (this node's own certificate, the
+CA bundle, a peer's renewed certificate with the same key) are replaced in
+place: ``load-conn`` under the same name swaps charon's peer config while the
+established IKE_SAs keep running on the one they were made with, and the next
+IKE_SA uses the new credentials. So a renewal or a CA roll drops no tunnel.
 """
 
 from __future__ import annotations
@@ -24,11 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fabmesh.mesh.model import split_pems
 from fabmesh.strongswan.driver import Charon
 
 
 def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def session_digest(conn: Mapping[str, Any]) -> str:
+    """The digest of what an established IKE_SA depends on: all but credentials (this node's own
+    certificate, the CA bundle). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal
+    keeps it, a revocation replaces it."""
+    view = json.loads(json.dumps(conn))
+    view.get("local", {}).pop("certs", None)
+    view.get("remote", {}).pop("cacerts", None)
+    return digest(view)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class TunnelChanges:
     loaded: list[str] = field(default_factory=list)
     unloaded: list[str] = field(default_factory=list)
     initiated: list[str] = field(default_factory=list)
+    terminated: list[str] = field(default_factory=list)  # reloaded with their IKE_SA ended (a subset of loaded)
     credentials: bool = False
 
     def __bool__(self) -> bool:
@@ -82,28 +100,36 @@ class TunnelSync:
                 state = {"charon_run": run, "conns": {}, "creds": ""}
             if state.get("creds") != creds.digest():
                 charon.load_key(creds.key_pem)
-                charon.load_cert(creds.ca_pem, ca=True)
-                self.writes += 2
+                self.writes += 1
+                for ca_pem in split_pems(creds.ca_pem):  # one load-cert per CA of the bundle
+                    charon.load_cert(ca_pem, ca=True)
+                    self.writes += 1
                 state["creds"] = creds.digest()
                 changes.credentials = True
             loaded = set(charon.conns())
             recorded: dict[str, str] = state.setdefault("conns", {})
+            sessions: dict[str, str] = state.setdefault("sessions", {})
             for name in sorted(loaded - set(desired)):
                 charon.unload_conn(name)
                 charon.terminate_ike(name)
                 self.writes += 2
                 recorded.pop(name, None)
+                sessions.pop(name, None)
                 changes.unloaded.append(name)
             for name, conn in sorted(desired.items()):
-                want = digest(conn)
+                want, session = digest(conn), session_digest(conn)
                 if name in loaded and recorded.get(name) == want:
                     continue
-                if name in loaded:
-                    charon.terminate_ike(name)
-                    self.writes += 1
+                # Load first, then end the old IKE_SA: a peer that reconnects at once (close_action
+                # restart) must meet the new config, not the one that still accepts its old key.
                 charon.load_conn(name, conn)
                 self.writes += 1
+                if name in loaded and sessions.get(name) != session:
+                    charon.terminate_ike(name)
+                    self.writes += 1
+                    changes.terminated.append(name)
                 recorded[name] = want
+                sessions[name] = session
                 changes.loaded.append(name)
             if json.dumps(state, sort_keys=True) != before:
                 self._write_state(state)

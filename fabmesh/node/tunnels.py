@@ -15,14 +15,21 @@ Choices, and why:
   restarts on DPD timeout and on close; the responder only answers, so a pair
   never builds two IKE_SAs. ``trap`` is avoided: with kernel-libipsec a trap
   policy never starts the tunnel.
-* The remote identity must equal the peer's node name *and* chain to the
-  cluster CA (``cacerts``): a certificate from elsewhere, or for a node that
-  has left the mesh (its connection is gone), gets no tunnel.
+* The remote identity must equal the peer's node name, chain to the cluster
+  CA bundle (``cacerts``, one entry per CA: two during a CA roll, and one match
+  is enough) *and*, when the operator pinned it, carry the peer's current
+  public key (``pubkeys``: charon makes it a trusted-pubkey certificate and a
+  subject-certificate constraint whose comparison is by public key, so any
+  X.509 leaf with that key complies and any other is refused, "peer not
+  authenticated with peer cert"). A certificate from elsewhere, a replaced key
+  of a reissued node, or a node that has left the mesh (its connection is gone)
+  gets no tunnel; a renewed leaf with the same key needs no change here.
 * With kernel ESP, ``policies_fwd_out = yes``: fabmesh puts ``block`` xfrm policies under each
   tunnel (fail closed), and forwarded pod traffic meets the fwd one unless charon installs its
   outbound fwd policy, which strongSwan does only when asked.
 * ``unique = replace``: an edge that reboots and reconnects replaces its stale
-  IKE_SA on the connector instead of stacking a second one.
+  IKE_SA on the connector instead of stacking a second one. The pin is what
+  keeps a stolen old key from using this to evict the real edge.
 * ``local_addrs = %any``, never the node's ``endpoint``: the endpoint is what
   peers dial, the ExternalIP where a Node has one, and on the major clouds that
   address lives in the provider's 1:1 NAT, on no interface of the VM. charon
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabmesh.mesh.model import Backend, NodeMesh, Peer
+from fabmesh.mesh.model import Backend, NodeMesh, Peer, public_key_pem
 
 
 def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
@@ -71,9 +78,22 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         # too (keyingtries=0) races the agent and builds duplicate IKE_SAs that replace each other.
         "keyingtries": "1",
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
-        "remote": {"auth": "pubkey", "id": peer.id, "cacerts": [mesh.ca_cert]},
+        "remote": _remote_auth(mesh, peer),
         "children": {peer.name: child},
     }
+
+
+def _remote_auth(mesh: NodeMesh, peer: Peer) -> dict[str, Any]:
+    """The pinned key alone when there is one, else the CA bundle: charon cannot require both.
+
+    strongSwan 5.9 makes a ``pubkeys`` entry a trusted certificate for the peer's identity and
+    authenticates the peer with it directly ("using trusted certificate"), so its authentication
+    names no CA and a ``cacerts`` next to it refuses every peer ("peer not authenticated by CA").
+    The pin is the stricter rule anyway: the operator pins only keys its CA certified.
+    """
+    if peer.pubkey:
+        return {"auth": "pubkey", "id": peer.id, "pubkeys": [public_key_pem(peer.pubkey)]}
+    return {"auth": "pubkey", "id": peer.id, "cacerts": list(mesh.ca_certs())}
 
 
 def desired_connections(mesh: NodeMesh, cert_pem: str) -> dict[str, dict[str, Any]]:

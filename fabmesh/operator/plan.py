@@ -93,7 +93,8 @@ def _peer(**values: object) -> Peer:
 
 
 def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
-         recorded: Mapping[str, str] | None = None, last_good: Mapping[str, str] | None = None) -> MeshPlan:
+         recorded: Mapping[str, str] | None = None, last_good: Mapping[str, str] | None = None,
+         keys: Mapping[str, str] | None = None) -> MeshPlan:
     """Everything the operator should write, given the cluster as it is.
 
     ``recorded`` is the IPAM record (node -> CIDR) kept in the operator's own
@@ -101,6 +102,11 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     ``last_good`` is, for every Node that carries the edge label (valid or not),
     the ``mesh.yaml`` of its existing agent ConfigMap: only those of edges that
     cannot be planned now are parsed.
+    ``keys`` maps each node to the public key of the leaf its Secret holds (``Peer.pubkey``):
+    every peer is pinned to it, and a peer whose node has none yet is left out (fail closed:
+    nothing could authenticate as it, and an unpinned peer would accept any key the CA ever
+    signed for that name). A renewal keeps the key, so it changes no pin. ``None``: no pins
+    (for callers that plan topology only).
 
     Cost at 10,000 nodes is dominated by the objects that outlive the call: every one of them
     is a container the cyclic garbage collector rescans in each full collection. So each edge
@@ -179,12 +185,16 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     # canonical (from read_node and IPAM).
     pod_cidrs = {**{n.name: result.cidrs[n.name] for n in ready}, **{h: m.node.pod_cidr for h, m in held.items()}}
     own = {name: tuple(sorted({cidr, vetted[name].announced} - {None})) for name, cidr in pod_cidrs.items()}
+    pins = dict.fromkeys(own, "") if keys is None else {name: keys[name] for name in own if keys.get(name)}
     initiator = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
-                             initiate=True) for name in own}
+                             initiate=True, pubkey=pin) for name, pin in pins.items()}
     responder = {name: _peer(name=name, role=Role.EDGE, endpoint=vetted[name].endpoint, subnets=own[name],
-                             initiate=False) for name in own}
-    to_connector_peer = None if connector is None else _peer(
-        name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True)
+                             initiate=False, pubkey=pin) for name, pin in pins.items()}
+    unpinned = len(pins) < len(own)  # some edge has no key yet: it is left out of every peer list
+    connector_pin = "" if keys is None or connector is None else keys.get(connector.name, "")
+    to_connector_peer = None if connector is None or (keys is not None and not connector_pin) else _peer(
+        name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True,
+        pubkey=connector_pin)
     for node in ready:
         cidr = result.cidrs[node.name]
         before, after = community_peers_of(node.name, communities[node.name], members)
@@ -193,6 +203,8 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             me = bisect.bisect_left(ordered, node.name)
             before, after = ordered[:me], ordered[me:]
         # Peers sorting before the node initiate to it (it responds); it initiates to those after.
+        if unpinned:
+            before, after = [n for n in before if n in pins], [n for n in after if n in pins]
         peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
         if to_connector_peer is not None:
             name = to_connector_peer.name  # peers are listed by name: the connector takes its place
@@ -224,10 +236,10 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             local_subnets=to_connector, mesh_cidrs=mesh_cidrs, peers=(),
             caCert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         shards: dict[int, list[Peer]] = {i: [] for i in range(settings.connector_shards)}
-        for name in sorted(own):
+        for name in sorted(pins):
             # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
             shards[shard_of(name, settings.connector_shards)].append(
-                _peer(name=name, role=Role.EDGE, subnets=own[name]))
+                _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     return result
 

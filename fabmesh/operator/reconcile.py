@@ -41,13 +41,22 @@ from fabmesh.mesh.names import (
     INVALID_NODE_REASON,
     MANAGED_SELECTOR,
 )
+from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
-from fabmesh.operator.certs import ca_from_secret, issue, plan_certificates
+from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, NodePatch, plan
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.operator.status import node_writes
-from fabmesh.pki.authority import KeyPair, PKIError, describe, new_ca
+from fabmesh.pki.authority import (
+    KeyPair,
+    PKIError,
+    ca_needs_rotation,
+    describe,
+    issued_by,
+    new_ca,
+    public_key_b64,
+)
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime.datetime]
@@ -126,14 +135,25 @@ class Reconciler:
     def run_once(self) -> PassResult:
         now = self.clock()
         seen = self._observe()
-        ca = ca_from_secret(seen.ca_secret) or self._create_ca(now)
+        if seen.ca_secret is None:
+            self._create_ca(now)
+            seen.ca_secret = self.kube.get("secrets", o.CA_SECRET, self.ns)
+        assert seen.ca_secret is not None
+        authority = self._roll_ca(seen.ca_secret, seen.secrets, now)
+        if authority is None:
+            return PassResult(plan=MeshPlan(), retry=True)  # the CA Secret changed under us: start again
+        ca, bundle = authority.signer, authority.bundle()
         recorded = json.loads((seen.ipam_cm or {}).get("data", {}).get("allocations.json", "{}"))
         # An edge that turns invalid stays in its peers' configs as its own ConfigMap last described it.
         kept = {name: (seen.configmaps.get(o.agent_configmap_name(name)) or {}).get("data") or {}
                 for name in seen.edge_names}
         last_good = {name: data["mesh.yaml"] for name, data in kept.items() if "mesh.yaml" in data}
-        mesh = plan(seen.nodes, self.settings, ca.cert_pem, recorded, last_good)
-        certs = plan_certificates(seen.secrets, mesh.cert_addresses, mesh.edges, ca, now)
+        # Peers pin the key of the leaf each node's Secret holds now: a replaced key is refused at their
+        # next resync; a renewal keeps the key and so changes no peer's config.
+        keys = current_keys(seen.secrets, [*(n.name for n in seen.nodes), *last_good], seen.edge_names)
+        mesh = plan(seen.nodes, self.settings, bundle, recorded, last_good, keys)
+        certs = plan_certificates(seen.secrets, mesh.cert_addresses, mesh.edges, ca, now,
+                                  uids={n.name: n.uid for n in seen.nodes}, bundle=bundle)
         result = PassResult(plan=mesh, errors=[*seen.invalid, *mesh.errors, *certs.errors])
         if mesh.ipam_record != recorded and not self._write_ipam(seen.ipam_cm, mesh.ipam_record):
             result.retry = True
@@ -145,6 +165,7 @@ class Reconciler:
 
         by_name = {n.name: n for n in seen.nodes}
         expiry = dict(certs.expiry)
+        issued: dict[str, str] = {}
         lifetime = datetime.timedelta(days=self.settings.cert_lifetime_days)
         for action in certs.actions:
             try:
@@ -154,13 +175,18 @@ class Reconciler:
                 continue
             node = by_name[action.node]
             if self._guarded(result, action.node, "secrets", action.secret_name,
-                             lambda a=action, k=leaf, n=node: self._write_secret(a.secret_name, n, k, ca,
+                             lambda a=action, k=leaf, n=node: self._write_secret(a.secret_name, n, k, bundle,
                                                                                  seen.secrets.get(a.secret_name))):
                 info = describe(leaf.cert_pem)
-                log.info("node=%s action=issue-certificate secret=%s reason=%s serial=%x not-after=%s",
+                log.info("node=%s action=issue-certificate secret=%s reason=%s serial=%x not-after=%s key=%s",
                          action.node, action.secret_name, action.log_reason, info.serial,
-                         info.not_after.isoformat())
+                         info.not_after.isoformat(), "kept" if action.keep is not None else "new")
                 expiry[action.node] = info.not_after.isoformat()
+                issued[action.node] = public_key_b64(leaf.cert_pem)
+        if any(keys.get(node) != key for node, key in issued.items()):
+            # New nodes and revoked keys: pin what was just issued (a renewal keeps the key: no replan).
+            mesh = plan(seen.nodes, self.settings, bundle, mesh.ipam_record, last_good, {**keys, **issued})
+            result.plan = mesh
 
         for name, node_mesh in sorted(mesh.edges.items()):
             if name not in expiry:
@@ -195,6 +221,43 @@ class Reconciler:
         return result
 
     # -- writers ---------------------------------------------------------------------------------
+
+    def _roll_ca(self, secret: dict[str, Any], secrets: dict[str, dict[str, Any]],
+                 now: datetime.datetime) -> ca_roll.CAState | None:
+        """The CA state for this pass, after taking the roll's next step if one is due.
+
+        None: the write lost a race with another writer (the caller replans from fresh state).
+        """
+        state = ca_roll.state_from_secret(secret)
+        lifetime = datetime.timedelta(days=self.settings.cert_lifetime_days)
+        old_left = state.phase is ca_roll.Phase.SIGN_NEXT and any(
+            o.unb64((s.get("data") or {}).get("tls.crt")) and
+            not issued_by(state.signer.cert_pem, o.unb64(s["data"]["tls.crt"]))
+            for name, s in secrets.items() if name != o.CA_SECRET)
+        step = ca_roll.decide(state, now, requested=ca_roll.requested(secret),
+                              due=ca_needs_rotation(state.signer, now=now, leaf_lifetime=lifetime),
+                              settle=datetime.timedelta(seconds=self.settings.ca_roll_settle_s),
+                              old_leaves_left=old_left)
+        if step is ca_roll.Step.NONE:
+            return state
+        next_ca = None
+        if step is ca_roll.Step.START:
+            next_ca = new_ca(now=now, lifetime=datetime.timedelta(days=self.settings.ca_lifetime_days))
+        after = ca_roll.advance(state, step, now, next_ca)
+        data, annotations = ca_roll.secret_data(after)
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {**secret["metadata"],
+                             "annotations": {k: v for k, v in {**(secret["metadata"].get("annotations") or {}),
+                                                               **annotations}.items() if v is not None}},
+                "data": data}
+        try:
+            self.kube.replace("secrets", body, self.ns)
+        except ApiError as exc:
+            if exc.conflict:
+                return None
+            raise
+        log.info("action=ca-roll step=%s phase=%s secret=%s/%s", step.value, after.phase.value, self.ns, o.CA_SECRET)
+        return after
 
     def _create_ca(self, now: datetime.datetime) -> KeyPair:
         ca = new_ca(now=now, lifetime=datetime.timedelta(days=self.settings.ca_lifetime_days))
@@ -249,9 +312,9 @@ class Reconciler:
             raise
         return True
 
-    def _write_secret(self, secret_name: str, node: NodeInfo, leaf: KeyPair, ca: KeyPair,
+    def _write_secret(self, secret_name: str, node: NodeInfo, leaf: KeyPair, bundle: str,
                       current: dict[str, Any] | None) -> None:
-        body = o.tls_secret(secret_name, self.ns, "tls", leaf.cert_pem, leaf.key_pem, ca.cert_pem,
+        body = o.tls_secret(secret_name, self.ns, "tls", leaf.cert_pem, leaf.key_pem, bundle,
                             node.name, node.uid)
         if current is None:
             self.kube.create("secrets", body, self.ns)

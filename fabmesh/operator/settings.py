@@ -115,6 +115,8 @@ class OperatorSettings(BaseModel):
     edge_node_cidrs: tuple[Cidr, ...] = ()
     cert_lifetime_days: int = Field(default=365, ge=1)
     ca_lifetime_days: int = Field(default=3650, ge=2)
+    # How long each step of a CA roll waits for every node to apply the one before (ca_roll.py).
+    ca_roll_settle_s: float = Field(default=600.0, ge=0)
     connector_shards: int = Field(default=16, ge=1, le=256)
     resync_period_s: float = Field(default=60.0, gt=0)
     tunnel: TunnelSettings = TunnelSettings()

@@ -10,6 +10,7 @@ renewal be tested directly. Only the ``cryptography`` package is used; nothing s
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -34,8 +35,11 @@ __all__ = [
     "ca_needs_rotation",
     "describe",
     "issue_leaf",
+    "issued_by",
     "key_matches_cert",
     "new_ca",
+    "public_key_b64",
+    "public_key_sha256",
     "renewal_reason",
     "verify_leaf",
 ]
@@ -108,6 +112,19 @@ class RenewReason(StrEnum):
     ADDRESSES_CHANGED = "addresses_changed"
     EXPIRING = "expiring"
     KEY_MISMATCH = "key_mismatch"
+    NODE_RECREATED = "node_recreated"  # the Secret belongs to an earlier Node of the same name
+
+    @property
+    def keeps_key(self) -> bool:
+        """Whether the new leaf may certify the key already in use.
+
+        A renewal (expiry, new addresses, a CA roll) is not a compromise: keeping the key lets every
+        peer, which pins the leaf, replace its credentials without ending the tunnel (it compares the
+        pinned key). A missing, unreadable or mismatched key, or a Node that was deleted and made
+        again, gets a new key: the old one is then refused by every peer within one resync.
+        """
+        return self in (RenewReason.WRONG_CA, RenewReason.NAME_CHANGED, RenewReason.ADDRESSES_CHANGED,
+                        RenewReason.EXPIRING)
 
 
 def new_ca(
@@ -142,9 +159,11 @@ def issue_leaf(
     addresses: Sequence[str],
     now: datetime,
     lifetime: timedelta = timedelta(days=365),
+    key_pem: str | None = None,
 ) -> KeyPair:
     """Issue a node's IKE certificate: CN and DNS SAN ``name``, an IP SAN per address.
 
+    ``key_pem`` renews: the leaf certifies that existing (ECDSA P-256) key instead of a new one.
     The leaf never outlives the CA: its end is cut to the CA's end when needed.
     """
     _check_name(name)
@@ -153,7 +172,7 @@ def issue_leaf(
     ca_cert, ca_key = _issuer(ca)
     start = _utc(now)
     _check_still_valid(ca_cert, start)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1()) if key_pem is None else _leaf_key(key_pem)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_subject(name))
@@ -189,6 +208,27 @@ def verify_leaf(ca_cert_pem: Pem, leaf_cert_pem: Pem, *, now: datetime) -> None:
     _check_within_validity(leaf, at)
     _check_issuer_name(ca_cert, leaf)
     _check_chain(ca_cert, leaf, at)
+
+
+def issued_by(ca_cert_pem: Pem, leaf_cert_pem: Pem) -> bool:
+    """Whether the leaf carries this CA's signature (validity is not checked); False if unreadable."""
+    try:
+        return _issued_by(_load_cert(ca_cert_pem, "ca.crt"), _load_cert(leaf_cert_pem, "tls.crt"))
+    except PKIError:
+        return False
+
+
+def public_key_b64(cert_pem: Pem) -> str:
+    """The certificate's SubjectPublicKeyInfo, DER in base64 on one line: what peers pin (``Peer.pubkey``)."""
+    return base64.b64encode(_public_der(_load_cert(cert_pem, "tls.crt").public_key())).decode()
+
+
+def public_key_sha256(cert_pem: Pem) -> str:
+    """Lowercase hex SHA-256 of the certificate's SubjectPublicKeyInfo (what a renewal keeps)."""
+    cert = _load_cert(cert_pem, "tls.crt")
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_public_der(cert.public_key()))
+    return digest.finalize().hex()
 
 
 def key_matches_cert(cert_pem: Pem, key_pem: Pem) -> bool:
@@ -379,6 +419,13 @@ def _issuer(ca: KeyPair) -> tuple[x509.Certificate, IssuerKey]:
     if _public_der(ca_cert.public_key()) != _public_der(ca_key.public_key()):
         raise PKIError("ca.key", "does not belong to ca.crt")
     return ca_cert, ca_key
+
+
+def _leaf_key(key_pem: str) -> ec.EllipticCurvePrivateKey:
+    key = _load_key(key_pem, "tls.key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PKIError("tls.key", f"unsupported key type {type(key).__name__} (want ECDSA)")
+    return key
 
 
 def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:

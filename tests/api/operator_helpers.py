@@ -13,7 +13,9 @@ from kubernetes import client, watch
 
 from fabmesh.kube.client import Kube
 from fabmesh.mesh.model import NodeMesh, parse_node_mesh, parse_peer_shard
+from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
+from fabmesh.operator.certs import current_keys
 from fabmesh.operator.inventory import read_node
 from fabmesh.operator.plan import plan
 from fabmesh.testenv.hosts import wait_for
@@ -114,8 +116,14 @@ def desired_from_cluster(env: OperatorEnv) -> dict[str, str]:
     infos = [i for i in (read_node(n, env.settings) for n in nodes(env).values()) if not hasattr(i, "reason")]
     cms = configmaps(env)
     recorded = json.loads(cms[o.IPAM_CONFIGMAP]["data"]["allocations.json"])
-    ca = secret_text(secrets(env)[o.CA_SECRET], "tls.crt")
-    mesh = plan(infos, env.settings, ca, recorded)  # type: ignore[arg-type]
+    stored = secrets(env)
+    ca = ca_roll.state_from_secret(stored[o.CA_SECRET]).bundle()
+    last_good = {n: cm["data"]["mesh.yaml"] for n in nodes(env)
+                 if "mesh.yaml" in (cm := cms.get(o.agent_configmap_name(n)) or {}).get("data", {})}
+    edge_names = {n for n, obj in nodes(env).items()
+                  if env.settings.edge_label in (obj["metadata"].get("labels") or {})}
+    keys = current_keys(stored, [*(i.name for i in infos), *last_good], edge_names)  # type: ignore[attr-defined]
+    mesh = plan(infos, env.settings, ca, recorded, last_good, keys)  # type: ignore[arg-type]
     return {o.agent_configmap_name(n): m.to_yaml() for n, m in mesh.edges.items()}
 
 

@@ -20,9 +20,17 @@ import yaml
 from fabmesh.kube.client import ApiError
 from fabmesh.mesh.model import Peer, Role, parse_peer_shard
 from fabmesh.node.desired import desired_state
+from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.reconcile import Reconciler
-from fabmesh.pki.authority import describe, key_matches_cert, verify_leaf
+from fabmesh.pki.authority import (
+    describe,
+    issued_by,
+    key_matches_cert,
+    public_key_b64,
+    public_key_sha256,
+    verify_leaf,
+)
 from fabmesh.testenv.controlplane import free_port
 from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv, write_settings
@@ -410,6 +418,99 @@ def test_a_write_the_api_refuses_for_one_node_spares_the_others_and_stale_object
     assert configmaps(env)[o.agent_configmap_name("a-blocked")]["data"] == {"mesh.yaml": "not the operator's"}
     assert all(p.poll() is None for p in env.processes)
     assert "node=a-blocked object=configmaps/" in env.logs() and "status=422" in env.logs()
+
+
+CONNECTOR_NODE = "connector-1"
+
+
+def _pins(env: OperatorEnv) -> dict[tuple[str, str], str]:
+    """(holder, peer) -> the pinned public key, over every agent config and every connector shard."""
+    pins = {}
+    for name, cm in configmaps(env).items():
+        if name.startswith("fabmesh-agent-"):
+            mesh = mesh_of(cm)
+            pins |= {(mesh.node.name, p.name): p.pubkey for p in mesh.peers}
+        elif name.startswith("fabmesh-connector-peers-"):
+            pins |= {(CONNECTOR_NODE, p.name): p.pubkey for p in parse_peer_shard(cm["data"]["peers.yaml"]).peers}
+    return pins
+
+
+def _leaf(env: OperatorEnv, node: str) -> str:
+    name = o.connector_secret_name(node) if node == CONNECTOR_NODE else o.tls_secret_name(node)
+    return secret_text(secrets(env)[name], "tls.crt")
+
+
+def test_every_peer_pins_the_current_leaf_and_a_revoked_key_is_unpinned_everywhere_in_one_pass(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a")])
+    reconciler = Reconciler(env.kube, env.settings)
+    reconciler.run_once()
+    pins = _pins(env)
+    assert set(pins) == {("e1", CONNECTOR_NODE), ("e1", "e2"), ("e2", CONNECTOR_NODE), ("e2", "e1"),
+                         (CONNECTOR_NODE, "e1"), (CONNECTOR_NODE, "e2")}
+    assert all(key == public_key_b64(_leaf(env, peer)) for (_, peer), key in pins.items())
+    old = _leaf(env, "e1")
+
+    # Revocation: a person deletes e1's Secret (its key leaked). One pass: a new key, pinned by every peer.
+    env.kube.delete("secrets", o.tls_secret_name("e1"), env.settings.namespace)
+    reconciler.run_once()
+    new = public_key_b64(_leaf(env, "e1"))
+    assert new != public_key_b64(old)
+    assert {k: v for k, v in _pins(env).items() if k[1] == "e1"} == {("e2", "e1"): new, (CONNECTOR_NODE, "e1"): new}
+
+    # A Node deleted and made again under the same name before the operator saw it go: a new key too.
+    uid = nodes(env)["e2"]["metadata"]["uid"]
+    old = _leaf(env, "e2")
+    env.kube.delete("nodes", "e2")
+    wait_for(lambda: "e2" not in nodes(env), timeout=10, what="e2 to go")
+    create_nodes(env.kube, [edge("e2", "192.0.2.2", "a")])
+    assert nodes(env)["e2"]["metadata"]["uid"] != uid
+    reconciler.run_once()
+    assert public_key_sha256(_leaf(env, "e2")) != public_key_sha256(old)
+    assert _pins(env)[("e1", "e2")] == public_key_b64(_leaf(env, "e2"))
+
+
+def test_ca_roll_trusts_the_new_ca_then_reissues_every_leaf_with_its_key_then_drops_the_old_ca(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1", "a"), edge("e2", "192.0.2.2", "a")])
+    Reconciler(env.kube, env.settings).run_once()
+    old_ca = secret_text(secrets(env)[o.CA_SECRET], "tls.crt")
+    keys = {n: public_key_sha256(_leaf(env, n)) for n in ("e1", "e2", CONNECTOR_NODE)}
+    pins_before = _pins(env)
+    env.kube.merge_patch("secrets", o.CA_SECRET, {"metadata": {"annotations": {ca_roll.ROTATE_ANNOTATION: "yes"}}},
+                         env.settings.namespace)
+    settle = datetime.timedelta(seconds=env.settings.ca_roll_settle_s)
+    start = datetime.datetime.now(datetime.UTC)
+
+    def at(offset: datetime.timedelta) -> ca_roll.CAState:
+        Reconciler(env.kube, env.settings, clock=lambda: start + offset).run_once()
+        return ca_roll.state_from_secret(secrets(env)[o.CA_SECRET])
+
+    def bundles() -> set[str]:
+        return {mesh_of(cm).ca_cert for n, cm in configmaps(env).items() if n.startswith("fabmesh-agent-")} | \
+            {secret_text(s, "ca.crt") for n, s in secrets(env).items() if n != o.CA_SECRET}
+
+    trusting = at(datetime.timedelta(0))
+    assert trusting.phase is ca_roll.Phase.TRUST_NEXT and trusting.signer.cert_pem == old_ca
+    new_ca_pem = trusting.other.cert_pem  # type: ignore[union-attr]
+    assert bundles() == {old_ca + new_ca_pem}
+    assert all(issued_by(old_ca, _leaf(env, n)) for n in keys)
+
+    assert at(settle / 2).phase is ca_roll.Phase.TRUST_NEXT  # waits for every node to trust the new CA
+    signing = at(settle)
+    assert signing.phase is ca_roll.Phase.SIGN_NEXT and signing.signer.cert_pem == new_ca_pem
+    assert bundles() == {old_ca + new_ca_pem}
+    assert all(issued_by(new_ca_pem, _leaf(env, n)) for n in keys)
+    assert {n: public_key_sha256(_leaf(env, n)) for n in keys} == keys, "a roll must keep every node's key"
+    assert _pins(env) == pins_before, "a roll keeps every key, so it changes no pin"
+
+    assert at(settle * 1.5).phase is ca_roll.Phase.SIGN_NEXT
+    done = at(settle * 2)
+    assert done.phase is ca_roll.Phase.STABLE and done.other is None
+    assert bundles() == {new_ca_pem}
+    assert o.unb64(secrets(env)[o.CA_SECRET]["data"]["tls.crt"]) == new_ca_pem
 
 
 def _lease_holder(env: OperatorEnv) -> str | None:
