@@ -15,7 +15,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 DEBS=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
       iproute2 iptables ipset containernetworking-plugins iperf3 iputils-ping socat procps python3-venv
-      containerd runc busybox-static)
+      containerd runc busybox-static curl)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
