@@ -1,7 +1,8 @@
 """Bring a whole hybrid cluster up in network namespaces: hosts, Nodes, the operator, node processes, pods.
 
 Real parts only: etcd + kube-apiserver, the real operator process with the
-chart's RBAC, one charon per tunnel host (userspace ESP), the real agent and
+chart's RBAC, one charon per tunnel host (userspace ESP by default, kernel ESP with
+``backend=kernel``), the real agent and
 connector processes inside their hosts' namespaces, pods added by the real CNI
 plugins with the conflist the agent wrote, flannel-style VXLAN between cloud
 hosts programmed from the Node annotations the operator writes
@@ -28,6 +29,7 @@ from fabmesh.lab.processes import spawn, start_charon, start_node_process
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.lab.topology import LabRole, Topology
 from fabmesh.mesh import names
+from fabmesh.mesh.model import Backend
 from fabmesh.mesh.names import FLANNEL_PREFIX
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
@@ -75,24 +77,29 @@ def _node_object(host: LabHost, topo_labels: dict[str, str], annotations: dict[s
     return body
 
 
-def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
+def operator_settings(topology: Topology, namespace: str, backend: Backend = Backend.LIBIPSEC) -> dict[str, Any]:
     return {
         "namespace": namespace,
         "edge_pod_pool": topology.edge_pod_pool,
         "cloud_pod_cidrs": [topology.cloud_pod_cidr],
         "service_cidr": topology.service_cidr,
         "resync_period_s": 10,
-        "tunnel": {"backend": "libipsec"},
+        "tunnel": {"backend": backend.value},
         "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
         # The lab runs agents as processes (no kubelet), so the operator's agent Pods are off.
         "agent_pods": {"enabled": False},
     }
 
 
-def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120) -> LabState:
-    """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails."""
+def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
+       backend: Backend = Backend.LIBIPSEC) -> LabState:
+    """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails.
+
+    ``backend`` is the operator's ``tunnel.backend`` and every charon's: libipsec (userspace ESP, works
+    on any kernel with TUN) by default; ``kernel`` needs ESP in the kernel (the kernel test tier's VM).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory))
+    state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
     state.save()
     progress("starting etcd and kube-apiserver")
     cp = _start_control_plane(state, directory / "controlplane")
@@ -104,7 +111,7 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     _register_nodes(admin, state, macs)
     progress("starting the operator")
     settings_file = directory / "operator.yaml"
-    settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace)))
+    settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace, backend)))
     state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
     state.save()
     progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")

@@ -67,7 +67,7 @@ def start_node_process(state: LabState, name: str) -> int:
 
 def start_charon(state: LabState, name: str) -> int:
     """Start one host's charon; record and return its PID."""
-    pid = host(state, name).start_charon().pid
+    pid = host(state, name).start_charon(backend=state.backend).pid
     state.pids[f"charon-{name}"] = pid
     state.save()
     return pid
