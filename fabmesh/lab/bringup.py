@@ -102,7 +102,7 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
     state.save()
     progress("starting etcd and kube-apiserver")
-    cp = _start_control_plane(state, directory / "controlplane")
+    cp = _start_control_plane(state, directory / "controlplane", timeout)
     admin = Kube(load_api_client(str(cp.kubeconfig)))
     progress("creating hosts (network namespaces)")
     macs = _create_hosts(state, topology, directory / "hosts")
@@ -127,8 +127,8 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     return state
 
 
-def _start_control_plane(state: LabState, directory: Path) -> ControlPlane:
-    cp = ControlPlane(directory=directory)
+def _start_control_plane(state: LabState, directory: Path, timeout: float) -> ControlPlane:
+    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout))
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start

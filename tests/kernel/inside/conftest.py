@@ -53,7 +53,7 @@ def kernel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         report = json.loads(up.stdout) if up.stdout.strip().startswith("{") else None
         if up.returncode != 0 or report is None:
             logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                             for p in sorted((directory / "logs").glob("*.log")))
+                             for p in sorted(directory.rglob("*.log")))
             pytest.fail(f"'fabmesh lab up --backend kernel' failed ({up.returncode}):\n{up.stdout[-4000:]}\n"
                         f"{up.stderr[-4000:]}\n{logs}")
         print(f"lab up --backend kernel: full matrix in {report['seconds_to_full_matrix']}s, "
@@ -62,5 +62,5 @@ def kernel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         assert state is not None and state.backend is Backend.KERNEL
         yield state
     finally:
-        down = _fabmesh("lab", "--dir", str(directory), "down", timeout=120)
+        down = _fabmesh("lab", "--dir", str(directory), "down", timeout=LAB_TIMEOUT_S)
         print(down.stdout[-2000:], down.stderr[-2000:])
