@@ -26,7 +26,7 @@ from fabmesh.pki.authority import describe
 
 Obj = dict[str, Any]
 
-SHARD_PREFIX = "fabmesh-connector-peers-"
+SHARD_PREFIX = o.CONNECTOR_SHARD_PREFIX
 
 
 def name_of(obj: Obj) -> str:
@@ -115,12 +115,13 @@ def connector_peer_count(configmaps: Mapping[str, Obj]) -> int | None:
         return None
 
 
-def cert_secret_name(node: Obj, settings: OperatorSettings, connector: Obj | None) -> str | None:
+def cert_secret_name(node: Obj, settings: OperatorSettings) -> str | None:
+    """The Secret holding the node's leaf: every edge and every connector (active or standby) has one."""
     role = role_of(node, settings)
     if role is Role.EDGE:
         return o.tls_secret_name(name_of(node))
-    if role is Role.CONNECTOR and connector is not None and name_of(node) == name_of(connector):
-        return o.CONNECTOR_SECRET
+    if role is Role.CONNECTOR:
+        return o.connector_secret_name(name_of(node))
     return None
 
 

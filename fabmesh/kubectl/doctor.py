@@ -100,11 +100,10 @@ def _expiry_check(what: str, not_after: datetime, now: datetime, hint: str) -> C
 
 def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now: datetime,
                        settings: OperatorSettings) -> list[Check]:
-    """Every edge's leaf, the connector's leaf and the CA: missing or expired FAIL, < 30 days WARN."""
+    """Every edge's and connector's leaf and the CA: missing or expired FAIL, < 30 days WARN."""
     renew = "the operator renews leaves at 2/3 of their lifetime: is it running (see operator-leader)?"
-    connector = cluster.active_connector(nodes, settings)
     targets = [(name_of(n), secret) for n in sorted(nodes, key=name_of)
-               if (secret := cluster.cert_secret_name(n, settings, connector))]
+               if (secret := cluster.cert_secret_name(n, settings))]
     problems: list[Check] = []
     checked = 0
     if secrets is None:
@@ -122,7 +121,7 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
                 problems.append(found)
         problems.append(Check(CheckName.CERTIFICATES, Status.WARN,
                               "cannot read Secrets: edge expiry taken from node annotations, "
-                              "the connector's and the CA's not checked",
+                              "the connectors' and the CA's not checked",
                               "run doctor with a user allowed to get secrets in the namespace"))
         return problems
     secs = cluster.by_name(secrets)

@@ -93,7 +93,7 @@ def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequen
         rows.append(StatusRow(
             name=name, role=role, pod_cidr=cidrs[0] if cidrs else None,
             communities=cluster.communities_of(node, settings),
-            cert_expires=_cert_expires(node, cluster.cert_secret_name(node, settings, connector), secs),
+            cert_expires=_cert_expires(node, cluster.cert_secret_name(node, settings), secs),
             agent=cluster.pod_phase(pod) if pod is not None and role is Role.EDGE else None,
             peers=peers, tunnels_up=(tunnels_up or {}).get(name)))
     return rows

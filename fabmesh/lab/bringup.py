@@ -26,8 +26,8 @@ import yaml
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab import probe
 from fabmesh.lab.processes import spawn, start_charon, start_node_process
-from fabmesh.lab.state import LabHost, LabPod, LabState
-from fabmesh.lab.topology import LabRole, Topology
+from fabmesh.lab.state import LabHost, LabNatRouter, LabPod, LabState
+from fabmesh.lab.topology import LabRole, NatType, Topology
 from fabmesh.mesh import names
 from fabmesh.mesh.model import Backend
 from fabmesh.mesh.names import FLANNEL_PREFIX
@@ -86,8 +86,9 @@ def operator_settings(topology: Topology, namespace: str, backend: Backend = Bac
         "resync_period_s": 10,
         "tunnel": {"backend": backend.value},
         "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
-        # The lab runs agents as processes (no kubelet), so the operator's agent Pods are off.
+        # The lab runs agents and the connector as processes (no kubelet), so the operator's Pods are off.
         "agent_pods": {"enabled": False},
+        "connector_pods": {"enabled": False},
     }
 
 
@@ -112,7 +113,9 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     progress("starting the operator")
     settings_file = directory / "operator.yaml"
     settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace, backend)))
-    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs").pid
+    # Supervised: it exits on losing its Lease (an API server outage) and, as under a kubelet, comes back.
+    state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs",
+                                            restart=True).pid
     state.save()
     progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
     spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
@@ -140,18 +143,40 @@ def _start_control_plane(state: LabState, directory: Path, timeout: float) -> Co
 
 
 def _create_hosts(state: LabState, topology: Topology, directory: Path) -> dict[str, str]:
-    """One namespace per node on the WAN bridge; returns each cloud host's flannel VtepMAC."""
+    """One namespace per node, on the WAN bridge or behind its NAT router; returns each cloud
+    host's flannel VtepMAC.
+
+    An edge behind a NAT has its LAN address as InternalIP and no ExternalIP: it does not know
+    the address the WAN sees (the router's), and nobody can dial it there anyway. An edge on the
+    WAN keeps an InternalIP on ``lo`` and its WAN address as ExternalIP.
+    """
     net = Network(prefix=state.prefix, directory=directory, wan_cidr=topology.wan_cidr).create()
+    state.wan_cidr = topology.wan_cidr
+    for i, nat in enumerate(topology.nats):
+        router = net.add_nat_router(nat.name, topology.nat_wan_ip(i), topology.lan_cidr(i),
+                                    symmetric=nat.type is NatType.SYMMETRIC)
+        state.nats.append(LabNatRouter(name=nat.name, netns=router.netns, wan_ip=router.wan_ip,
+                                       lan_cidr=router.lan_cidr, type=nat.type.value))
+    state.save()
+    lan_hosts = {nat.name: ipaddress.ip_network(topology.lan_cidr(i)).hosts() for i, nat in enumerate(topology.nats)}
+    for hosts in lan_hosts.values():
+        next(hosts)  # the router's own address
     macs: dict[str, str] = {}
     cloud_index = edge_index = 0
     for i, node in enumerate(topology.nodes):
-        host = net.add_host(node.name, topology.wan_ip(i))
+        if node.nat is not None:
+            host = net.add_host_behind_router(node.name, net.nats[node.nat], str(next(lan_hosts[node.nat])))
+        else:
+            host = net.add_host(node.name, topology.wan_ip(i))
         if node.role is LabRole.EDGE:
-            node_ip = topology.edge_ip(edge_index)
+            if node.nat is None:
+                node_ip = topology.edge_ip(edge_index)
+                host.run("ip", "addr", "add", f"{node_ip}/32", "dev", "lo")
+            else:
+                node_ip = host.wan_ip
             edge_index += 1
-            host.run("ip", "addr", "add", f"{node_ip}/32", "dev", "lo")
             state.hosts.append(LabHost(name=node.name, role="edge", netns=host.netns, wan_ip=host.wan_ip,
-                                       node_ip=node_ip, communities=list(node.communities)))
+                                       node_ip=node_ip, communities=list(node.communities), nat=node.nat))
         else:
             pod_cidr = topology.cloud_pod_subnet(cloud_index)
             cloud_index += 1
@@ -175,7 +200,8 @@ def _register_nodes(admin: Kube, state: LabState, macs: dict[str, str]) -> None:
                 labels[names.CONNECTOR_LABEL] = ""
             annotations = {FLANNEL_PREFIX + "backend-type": "vxlan", FLANNEL_PREFIX + "public-ip": h.wan_ip,
                            FLANNEL_PREFIX + "backend-data": json.dumps({"VNI": 1, "VtepMAC": macs[h.name]})}
-        admin.create("nodes", _node_object(h, labels, annotations, h.wan_ip if h.role == "edge" else None))
+        external = h.wan_ip if h.role == "edge" and h.nat is None else None
+        admin.create("nodes", _node_object(h, labels, annotations, external))
 
 
 def _add_pods(state: LabState, hosts_dir: Path, timeout: float) -> None:

@@ -1,9 +1,11 @@
-"""``fabmesh lab up|status|down``: a hybrid cluster's mesh on one Linux machine, in network namespaces.
+"""``fabmesh lab up|status|down|exec|cut|heal``: a hybrid cluster's mesh on one machine, in network namespaces.
 
 ``up`` builds what is missing, starts the real control plane, operator,
 charons, connector and agents (see :mod:`fabmesh.lab.bringup`), adds pods with the
 real CNI plugins, and prints a reachability matrix; it exits 0 only when every
-pod reaches every pod. The lab keeps running until ``lab down``.
+pod reaches every pod. The lab keeps running until ``lab down``. ``exec``
+runs a command in a pod's namespace; ``cut``/``heal`` take a host off the WAN
+(or block the path between two hosts) and restore it (:mod:`fabmesh.lab.faults`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     status.set_defaults(func=_status)
     down = verbs.add_parser("down", help="remove everything the lab created (safe to run twice)")
     down.set_defaults(func=_down)
+    run = verbs.add_parser("exec", help="run a command in a lab pod's network namespace (exit status passed on)",
+                           description="Run CMD in the network namespace of POD: a pod name (pod-edge-1), the "
+                           "node it runs on (edge-1), or host/NODE for the host itself. "
+                           "Example: fabmesh lab exec edge-1 -- ping -c 3 10.233.2.2")
+    run.add_argument("pod", metavar="POD")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    run.set_defaults(func=_exec)
+    cut = verbs.add_parser("cut", help="drop every packet on a host's WAN uplink, or only those to/from --from")
+    cut.add_argument("host", metavar="HOST")
+    cut.add_argument("--from", dest="other", metavar="HOST", help="block only the path between HOST and this host")
+    cut.set_defaults(func=_cut)
+    heal = verbs.add_parser("heal", help="undo every cut made on HOST")
+    heal.add_argument("host", metavar="HOST")
+    heal.set_defaults(func=_heal)
 
 
 def _progress(message: str) -> None:
@@ -89,7 +105,8 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     ips = {p["name"]: p["ip"] for p in report["pods"]}
     width = max(len(n) for n in names) + 2
     cell = 14
-    print("\nreachability: ping from row pod to column pod, and the path the node labels call for (not observed)")
+    print("\nreachability: ping from row pod to column pod, and the path the SA counters saw it take "
+          "('!' = not the path the labels call for; --json has the evidence)")
     print(" " * (width + 16) + "".join(n[:cell - 1].ljust(cell) for n in names))
     cells = {(p["src"], p["dst"]): p for p in report["pairs"]}
     for src in names:
@@ -97,24 +114,83 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         for dst in names:
             pair = cells.get((src, dst))
             row.append("-".ljust(cell) if pair is None else
-                       (("ok " if pair["ok"] else "FAIL ") + pair["path"]).ljust(cell))
+                       (("ok " if pair["ok"] else "FAIL ") + pair["path"] + ("!" if "intended" in pair else ""))
+                       .ljust(cell))
         print(src.ljust(width) + ips[src].ljust(16) + "".join(row))
     ok = all(p["ok"] for p in report["pairs"])
     print("\npaths: direct = edge-to-edge tunnel (shared community); relayed = through the connector; "
-          "cloud = via the connector and flannel")
+          "cloud = via the connector and flannel; none = no tunnel counted the probe")
+    for pair in report["pairs"]:
+        if "intended" in pair:
+            print(f"  {pair['src']} -> {pair['dst']}: went {pair['path']}, intended {pair['intended']}")
     print("every pod reaches every pod" if ok else "SOME PAIRS FAIL: see the logs in the lab directory")
 
 
 def _status(args: argparse.Namespace) -> int:
     from fabmesh.lab import probe
 
-    state = LabState.load(args.dir)
+    state = _loaded(args)
     if not state:
-        print(f"fabmesh lab: no lab in {args.dir}; run 'fabmesh lab up'", file=sys.stderr)
         return 1
     report = probe.check(state, wait=args.wait)
     _print(report, args.json)
     return 0 if all(p["ok"] for p in report["pairs"]) else 1
+
+
+def _loaded(args: argparse.Namespace) -> LabState | None:
+    state = LabState.load(args.dir)
+    if not state:
+        print(f"fabmesh lab: no lab in {args.dir}; run 'fabmesh lab up'", file=sys.stderr)
+    return state
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from fabmesh.lab import faults
+
+    state = _loaded(args)
+    if not state:
+        return 1
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("fabmesh lab exec: no command given (fabmesh lab exec POD -- CMD...)", file=sys.stderr)
+        return 2
+    try:
+        argv = faults.exec_argv(state, args.pod, command)
+    except (KeyError, StopIteration):
+        known = ", ".join(p.name for p in state.pods)
+        print(f"fabmesh lab exec: no pod or host {args.pod!r} (pods: {known}; hosts: host/NODE)", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+def _host_known(state: LabState, name: str) -> bool:
+    if any(h.name == name for h in state.hosts):
+        return True
+    print(f"fabmesh lab: no host {name!r} (hosts: {', '.join(h.name for h in state.hosts)})", file=sys.stderr)
+    return False
+
+
+def _cut(args: argparse.Namespace) -> int:
+    from fabmesh.lab import faults
+
+    state = _loaded(args)
+    if not state or not _host_known(state, args.host) or (args.other and not _host_known(state, args.other)):
+        return 1
+    rules = faults.cut(state, args.host, args.other)
+    what = f"between {args.host} and {args.other}" if args.other else f"on {args.host}'s uplink"
+    print(f"cut {what}: {len(rules)} drop rules in {faults.CHAIN}; undo with 'fabmesh lab heal {args.host}'")
+    return 0
+
+
+def _heal(args: argparse.Namespace) -> int:
+    from fabmesh.lab import faults
+
+    state = _loaded(args)
+    if not state or not _host_known(state, args.host):
+        return 1
+    print(f"healed {args.host}" if faults.heal(state, args.host) else f"{args.host} had no cut: nothing to do")
+    return 0
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -84,10 +84,11 @@ def project_all(kube: Kube, state: LabState) -> None:
             cm, secret = cms.get(o.agent_configmap_name(host.name)), secrets.get(o.tls_secret_name(host.name))
             mesh_files = dict((cm or {}).get("data") or {})
         elif host.role == "connector":
-            cm, secret = cms.get(o.CONNECTOR_CONFIGMAP), secrets.get(o.CONNECTOR_SECRET)
+            # Its own Secret only, as the operator's connector Pod mounts it.
+            cm, secret = cms.get(o.CONNECTOR_CONFIGMAP), secrets.get(o.connector_secret_name(host.name))
             mesh_files = dict((cm or {}).get("data") or {})
             for name, shard in cms.items():
-                if name.startswith("fabmesh-connector-peers-"):
+                if name.startswith(o.CONNECTOR_SHARD_PREFIX):
                     mesh_files[f"peers-{name.rsplit('-', 1)[1]}.yaml"] = shard["data"]["peers.yaml"]
         else:
             continue

@@ -2,7 +2,11 @@
 
 The rules for which tunnels should exist and which path a pair takes live in
 :mod:`fabmesh.mesh.topology`; this module only reads the placement (Node
-labels from the API, so a ``kubectl label`` shows up here) and observes.
+labels from the API, so a ``kubectl label`` shows up here) and observes. A
+pair's ``path`` is observed: every ping is bracketed by readings of every
+tunnel host's CHILD_SA counters and :mod:`fabmesh.lab.paths` names the path
+from the SAs that carried it (the ``evidence``); ``intended`` is added where
+the rules call for another path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab import paths
 from fabmesh.lab.state import LabState
 from fabmesh.mesh import topology
 from fabmesh.mesh.model import Role
@@ -64,25 +69,54 @@ def ping(netns: str, ip: str, timeout_s: int = 1) -> bool:
     return sh("ping", "-n", "-q", "-c", "1", "-W", str(timeout_s), ip, ns=netns, check=False).returncode == 0
 
 
+def read_counters(state: LabState) -> paths.Counters:
+    """Every tunnel host's CHILD_SA packet counters (a host whose charon does not answer adds none)."""
+    out: paths.Counters = {}
+    for h in state.hosts:
+        if h.role == "cloud":
+            continue
+        try:
+            with Charon(Path(state.directory) / "hosts" / h.name / "run" / "charon.vici", timeout=5) as charon:
+                out.update(paths.counters(h.name, charon.ike_sas()))
+        except ViciError:
+            continue
+    return out
+
+
 def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
-    """Ping every pod from every pod; with ``wait``, retry failing pairs until they pass or time runs out."""
+    """Ping every pod from every pod, observing the path; with ``wait``, retry failing pairs until they
+    pass or time runs out."""
+    roles, communities, connector = placement(state)
+    edges = {n for n, r in roles.items() if r is Role.EDGE}
+    node_of = {p.name: p.node for p in state.pods}
     deadline = time.monotonic() + wait
-    results: dict[tuple[str, str], bool] = {}
+    results: dict[tuple[str, str], tuple[bool, list[paths.Counted]]] = {}
     while True:
+        before = read_counters(state)
         for src in state.pods:
             for dst in state.pods:
-                if src is dst or results.get((src.name, dst.name)):
+                if src is dst or results.get((src.name, dst.name), (False,))[0]:
                     continue
-                results[(src.name, dst.name)] = ping(src.netns, dst.ip)
-        if all(results.values()) or time.monotonic() > deadline:
+                ok = ping(src.netns, dst.ip)
+                after = read_counters(state)
+                results[(src.name, dst.name)] = (ok, paths.counted(before, after))
+                before = after
+        if all(ok for ok, _ in results.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     pods = [{"name": p.name, "node": p.node, "ip": p.ip} for p in state.pods]
-    node_of = {p.name: p.node for p in state.pods}
-    roles, communities, _ = placement(state)
-    pairs = [{"src": s, "dst": d, "ok": ok,
-              "path": topology.intended_path(node_of[s], node_of[d], roles, communities).value}
-             for (s, d), ok in results.items()]
+    pairs = []
+    for (s, d), (ok, evidence) in results.items():
+        observed = paths.observed_path(node_of[s], node_of[d], edges, connector, evidence)
+        intended = topology.intended_path(node_of[s], node_of[d], roles, communities).value
+        pair: dict[str, Any] = {"src": s, "dst": d, "ok": ok, "path": observed.value,
+                                "evidence": [c.as_json() for c in evidence]}
+        if intended != observed.value:
+            pair["intended"] = intended
+        pairs.append(pair)
     return {"kubeconfig": state.kubeconfig, "prefix": state.prefix, "pods": pods, "pairs": pairs,
             "nodes": [{"name": h.name, "role": h.role, "communities": sorted(communities.get(h.name, ())),
-                       "wan_ip": h.wan_ip, "node_ip": h.node_ip} for h in state.hosts]}
+                       "wan_ip": h.wan_ip, "public_ip": h.public_ip(state), "nat": h.nat,
+                       "node_ip": h.node_ip} for h in state.hosts],
+            "nats": [{"name": n.name, "type": n.type, "wan_ip": n.wan_ip, "lan_cidr": n.lan_cidr}
+                     for n in state.nats]}

@@ -60,7 +60,8 @@ def start_node_process(state: LabState, name: str) -> int:
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
               "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]
     if h.role == "connector":
-        return spawn(state, f"node-{name}", fabmesh_argv("connector", *common), h.netns)
+        # As the operator's connector Pod does: it stands by while mesh.yaml names another connector.
+        return spawn(state, f"node-{name}", fabmesh_argv("connector", *common, "--node-name", name), h.netns)
     return spawn(state, f"node-{name}", fabmesh_argv("agent", *common, "--cni-conf-dir", str(base / "cni"),
                                                      "--ipam-data-dir", str(base / "ipam")), h.netns)
 

@@ -23,10 +23,25 @@ class LabHost(BaseModel):
     name: str
     role: str  # connector | cloud | edge
     netns: str
-    wan_ip: str
+    wan_ip: str  # the address on its uplink (wan0): private behind a NAT
     node_ip: str
     communities: list[str] = []
     pod_cidr: str | None = None
+    nat: str | None = None  # the NAT router it sits behind; None: on the WAN itself
+
+    def public_ip(self, state: LabState) -> str:
+        """The address the WAN sees this host's packets come from."""
+        return state.nat(self.nat).wan_ip if self.nat else self.wan_ip
+
+
+class LabNatRouter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    netns: str
+    wan_ip: str
+    lan_cidr: str
+    type: str  # masquerade | symmetric
 
 
 class LabPod(BaseModel):
@@ -48,6 +63,8 @@ class LabState(BaseModel):
     kubeconfig: str | None = None
     operator_namespace: str = "fabmesh-system"
     backend: Backend = Backend.LIBIPSEC  # the operator's tunnel.backend; every charon the lab starts uses it
+    wan_cidr: str = "198.51.100.0/24"
+    nats: list[LabNatRouter] = []
     hosts: list[LabHost] = []
     pods: list[LabPod] = []
 
@@ -70,3 +87,6 @@ class LabState(BaseModel):
 
     def host(self, name: str) -> LabHost:
         return next(h for h in self.hosts if h.name == name)
+
+    def nat(self, name: str) -> LabNatRouter:
+        return next(n for n in self.nats if n.name == name)

@@ -33,6 +33,7 @@ NODE_LABEL = "fabmesh.io/node"
 KIND_LABEL = "fabmesh.io/kind"
 SPEC_HASH_ANNOTATION = "fabmesh.io/spec-hash"
 AGENT_SELECTOR = f"{MANAGED_SELECTOR},{KIND_LABEL}=agent"
+CONNECTOR_SELECTOR = f"{MANAGED_SELECTOR},{KIND_LABEL}=connector"
 
 # Nodes are cluster-scoped; Events about them go to this namespace, as kubelet's do.
 EVENTS_NAMESPACE = "default"

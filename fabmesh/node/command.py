@@ -38,6 +38,10 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
     parser.add_argument("--metrics-address", default=None,
                         help="address /metrics binds to (default: the node's own address, mesh.yaml "
                         "node.address, i.e. its InternalIP; 0.0.0.0 or :: for every address)")
+    if not edge:
+        parser.add_argument("--node-name", default=None,
+                            help="the node this connector runs on: while mesh.yaml names another node (the "
+                            "active connector) it stands by and runs no tunnels (default: always active)")
     if edge:
         parser.add_argument("--cni-conf-dir", type=Path, default=None,
                             help="override mesh.yaml's settings.cni_conf_dir (where the conflist goes)")
@@ -50,7 +54,8 @@ def options(args: argparse.Namespace) -> NodeLoopOptions:
         config_dir=args.config_dir, tls_dir=args.tls_dir, vici_socket=args.vici_socket,
         state_dir=args.state_dir, cni_conf_dir=getattr(args, "cni_conf_dir", None),
         ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
-        metrics_address=args.metrics_address, metrics_port=args.metrics_port)
+        metrics_address=args.metrics_address, metrics_port=args.metrics_port,
+        node_name=getattr(args, "node_name", None))
 
 
 def run(args: argparse.Namespace) -> int:

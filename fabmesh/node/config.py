@@ -41,6 +41,15 @@ def fingerprint(*directories: Path) -> tuple[tuple[str, float, int], ...]:
     return tuple(marks)
 
 
+def mesh_node_name(config_dir: Path) -> str:
+    """The node ``mesh.yaml`` is for (a connector standby compares it with its own name before loading)."""
+    mesh_file = config_dir / "mesh.yaml"
+    try:
+        return parse_node_mesh(mesh_file.read_text(), str(mesh_file)).node.name
+    except OSError as exc:
+        raise MeshConfigError(str(mesh_file), "<file>", str(exc)) from exc
+
+
 def load(config_dir: Path, tls_dir: Path) -> NodeConfig:
     """Raise MeshConfigError (naming the file and field) on anything unusable."""
     mesh_file = config_dir / "mesh.yaml"

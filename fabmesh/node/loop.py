@@ -5,6 +5,11 @@ charon's VICI socket is recreated (charon restarted and lost everything), every
 ``resync_period_s`` as a safety net, and after ``RETRY_S`` while something is
 not right yet (a failed step, an initiator without an IKE_SA).
 
+A connector started with ``--node-name`` is a standby while ``mesh.yaml`` names
+another node (the operator writes the active connector's name there): it loads
+nothing, and if it was the active connector earlier in this process it
+unloads its tunnels and routes, so edges and cloud routes follow the new one.
+
 A missing or malformed config keeps the last good state: it is logged, counted
 in ``fabmesh_config_errors_total``, and nothing is torn down. Stopping the loop
 (SIGTERM) leaves the data plane as it is, so restarting the agent loses no
@@ -24,7 +29,7 @@ from fabmesh.mesh.model import Backend, MeshConfigError
 from fabmesh.netlink.driver import Netlink
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
-from fabmesh.node.config import NodeConfig, fingerprint, load
+from fabmesh.node.config import NodeConfig, fingerprint, load, mesh_node_name
 from fabmesh.node.desired import desired_state
 from fabmesh.node.metrics import Metrics, serve
 from fabmesh.strongswan.driver import Charon, ViciError
@@ -45,6 +50,7 @@ class NodeLoopOptions:
     uplink: str | None = None
     metrics_address: str | None = None  # None: the node's own address (mesh.yaml node.address)
     metrics_port: int = 0  # 0: no metrics server (the CLI defaults to DEFAULT_METRICS_PORT)
+    node_name: str | None = None  # a connector's own node: it stands by while mesh.yaml names another
 
 
 class NodeLoop:
@@ -57,6 +63,7 @@ class NodeLoop:
         self.healthy = False
         self.metrics_tried = False
         self.rejected: frozenset[str] = frozenset()  # peers left out by desired_state, as last logged
+        self.standby_for: str | None = None  # the active connector's name while this one stands by
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -83,8 +90,40 @@ class NodeLoop:
         except ViciError:
             return {}
 
+    def _active_elsewhere(self) -> str | None:
+        """The active connector's name when it is not this node (``--node-name``); else None."""
+        if self.options.node_name is None:
+            return None
+        try:
+            active = mesh_node_name(self.options.config_dir)
+        except MeshConfigError:
+            return None  # the full read reports it and keeps the last good state
+        return active if active != self.options.node_name else None
+
+    def _stand_by(self, active: str) -> bool:
+        """Run no tunnels; after a demotion in this process, unload what the active role loaded."""
+        if self.standby_for != active:
+            log.info("node=%s standby active-connector=%s: running no tunnels", self.options.node_name, active)
+            self.standby_for = active
+        if self.options.metrics_address:
+            self._serve_metrics(None)
+        if self.applier is None or self.last_good is None:
+            return True
+        idle = self.last_good.mesh.model_copy(update={"peers": ()})
+        state = desired_state(idle, self.last_good.cert_pem, uplink=self._uplink(self.last_good),
+                              ike_remotes=frozenset())
+        report = self.applier.apply(state, self.last_good.creds)
+        self.metrics.export_peers((), self._observe_sas())  # drops the series of the unloaded peers
+        return report.ok
+
     def run_pass(self) -> bool:
         """One observe-plan-apply pass; True when the node is fully as desired."""
+        active = self._active_elsewhere()
+        if active is not None:
+            return self._stand_by(active)
+        if self.standby_for is not None:
+            log.info("node=%s active connector now: loading the mesh", self.options.node_name)
+            self.standby_for = None
         config = self._read()
         self._serve_metrics(config)
         if config is None:

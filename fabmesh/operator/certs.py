@@ -55,7 +55,8 @@ class CertPlan:
 
 
 def secret_name_for(node: str, edges: Collection[str]) -> str:
-    return o.tls_secret_name(node) if node in edges else o.CONNECTOR_SECRET
+    """An edge's Secret, else a connector's: each connector node has its own key."""
+    return o.tls_secret_name(node) if node in edges else o.connector_secret_name(node)
 
 
 def ca_from_secret(secret: Mapping[str, Any] | None) -> KeyPair | None:

@@ -5,6 +5,13 @@ on them. Why one agent Pod per edge node rather than a DaemonSet: a DaemonSet's
 template cannot mount a *per-node* ConfigMap and Secret, and mounting all of
 them would hand every edge node every other node's private key. A Pod per node
 mounts exactly its own two objects and carries no ServiceAccount token.
+
+Connectors follow the same rule: each labelled connector node has its own key
+(Secret ``fabmesh-connector-tls-<node>``) and its own Pod mounting only that
+Secret plus the connector's ConfigMaps, so a connector node that is compromised
+holds its own key, never another connector's. Standbys get their key and Pod
+up front (failover issues nothing); their loop stays idle while ``mesh.yaml``
+names another node (``--node-name``).
 """
 
 from __future__ import annotations
@@ -16,12 +23,13 @@ from typing import Any
 
 from fabmesh.mesh.names import KIND_LABEL, MANAGED_BY, NODE_LABEL
 from fabmesh.mesh.names import SPEC_HASH_ANNOTATION as SPEC_HASH
-from fabmesh.operator.settings import OperatorSettings
+from fabmesh.operator.settings import NodePods, OperatorSettings
 
 CA_SECRET = "fabmesh-ca"
 IPAM_CONFIGMAP = "fabmesh-ipam"
 CONNECTOR_CONFIGMAP = "fabmesh-connector"
-CONNECTOR_SECRET = "fabmesh-connector-tls"
+CONNECTOR_SECRET_PREFIX = "fabmesh-connector-tls-"
+CONNECTOR_SHARD_PREFIX = "fabmesh-connector-peers-"
 
 
 def agent_configmap_name(node: str) -> str:
@@ -32,12 +40,20 @@ def tls_secret_name(node: str) -> str:
     return f"fabmesh-tls-{node}"
 
 
+def connector_secret_name(node: str) -> str:
+    return f"{CONNECTOR_SECRET_PREFIX}{node}"
+
+
 def agent_pod_name(node: str) -> str:
     return f"fabmesh-agent-{node}"
 
 
+def connector_pod_name(node: str) -> str:
+    return f"fabmesh-connector-{node}"
+
+
 def connector_shard_name(shard: int) -> str:
-    return f"fabmesh-connector-peers-{shard:02d}"
+    return f"{CONNECTOR_SHARD_PREFIX}{shard:02d}"
 
 
 def owner(node: str, uid: str) -> list[dict[str, Any]]:
@@ -78,10 +94,58 @@ def unb64(text: str | None) -> str:
 
 def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]:
     """The agent Pod for one edge node: host network, NET_ADMIN, its own config, no API token."""
-    ns = settings.namespace
     images = settings.agent_pods
+    args = ["agent", *_node_args(images.metrics_port, images.metrics_address)]
+    mounts = [{"name": "cni", "mountPath": settings.node.cni_conf_dir}]
+    volumes = [{"name": "mesh", "configMap": {"name": agent_configmap_name(node)}},
+               {"name": "tls", "secret": {"secretName": tls_secret_name(node), "defaultMode": 0o400}},
+               {"name": "cni", "hostPath": {"path": settings.node.cni_conf_dir, "type": "DirectoryOrCreate"}}]
+    return _node_pod(agent_pod_name(node), "agent", node, uid, settings, images, args, mounts, volumes)
+
+
+def connector_pod(node: str, uid: str, address: str, settings: OperatorSettings) -> dict[str, Any]:
+    """The connector Pod for one connector node: like the agent's, with its own Secret and no CNI.
+
+    It mounts ``fabmesh-connector`` (the active connector's header) and every peer shard, which
+    every connector may read (they hold names and subnets, no keys), plus only its own Secret.
+    ``--node-name`` tells the loop which node it runs on: while ``mesh.yaml`` names another
+    node it is a standby and loads nothing. Its metrics bind to the node's own ``address``
+    (unless the settings name one): mesh.yaml's address is the active connector's.
+    """
+    pods = settings.connector_pods
+    args = ["connector", *_node_args(pods.metrics_port, pods.metrics_address or address),
+            *(["--uplink", pods.uplink] if pods.uplink else []), "--node-name", node]
+    # mesh.yaml plus one peers-NN.yaml per shard (the operator writes every shard, even empty ones).
+    # Shards are optional so a pass still writing them never blocks the Pod; without mesh.yaml or
+    # the Secret the Pod waits, as it has nothing to answer with.
+    sources = [{"configMap": {"name": CONNECTOR_CONFIGMAP, "items": [{"key": "mesh.yaml", "path": "mesh.yaml"}]}},
+               *({"configMap": {"name": connector_shard_name(i), "optional": True,
+                                "items": [{"key": "peers.yaml", "path": f"peers-{i:02d}.yaml"}]}}
+                 for i in range(settings.connector_shards))]
+    volumes = [{"name": "mesh", "projected": {"sources": sources}},
+               {"name": "tls", "secret": {"secretName": connector_secret_name(node), "defaultMode": 0o400}}]
+    return _node_pod(connector_pod_name(node), "connector", node, uid, settings, pods, args, [], volumes)
+
+
+def _node_args(metrics_port: int, metrics_address: str) -> list[str]:
+    return ["--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
+            "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
+            "--metrics-port", str(metrics_port), *(["--metrics-address", metrics_address] if metrics_address else [])]
+
+
+def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSettings, images: NodePods,
+              args: list[str], mounts: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A host-network Pod pinned to ``node``: the ``role`` container plus charon, nothing writable but volumes."""
     caps = {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     mounts_common = [{"name": "run", "mountPath": "/var/run/fabmesh"}]
+    main: dict[str, Any] = {
+        "name": role, "image": images.image, "imagePullPolicy": images.image_pull_policy, "args": args,
+        "securityContext": hardened(caps),
+        "resources": images.resources.to_api(),
+        "volumeMounts": [*mounts_common, {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},
+                         {"name": "tls", "mountPath": "/etc/fabmesh/tls", "readOnly": True},
+                         *mounts, {"name": "xtables-lock", "mountPath": "/run/xtables.lock"}]}
     spec: dict[str, Any] = {
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "nodeName": node,
@@ -92,18 +156,7 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
         "priorityClassName": "system-node-critical",
         "tolerations": [{"operator": "Exists"}],
         "containers": [
-            {"name": "agent", "image": images.image, "imagePullPolicy": images.image_pull_policy,
-             "args": ["agent", "--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
-                      "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
-                      "--metrics-port", str(images.metrics_port),
-                      *(["--metrics-address", images.metrics_address] if images.metrics_address else [])],
-             "securityContext": hardened(caps),
-             "resources": images.resources.to_api(),
-             "volumeMounts": [*mounts_common, {"name": "tmp", "mountPath": "/tmp"},
-                              {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},
-                              {"name": "tls", "mountPath": "/etc/fabmesh/tls", "readOnly": True},
-                              {"name": "cni", "mountPath": settings.node.cni_conf_dir},
-                              {"name": "xtables-lock", "mountPath": "/run/xtables.lock"}]},
+            main,
             {"name": "strongswan", "image": images.strongswan_image,
              "imagePullPolicy": images.image_pull_policy,
              "args": ["charon", "--run-dir", "/var/run/fabmesh", "--backend", settings.tunnel.backend.value],
@@ -116,16 +169,14 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
             {"name": "run", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
             {"name": "charon-run", "emptyDir": {"sizeLimit": "1Mi"}},
-            {"name": "mesh", "configMap": {"name": agent_configmap_name(node)}},
-            {"name": "tls", "secret": {"secretName": tls_secret_name(node), "defaultMode": 0o400}},
-            {"name": "cni", "hostPath": {"path": settings.node.cni_conf_dir, "type": "DirectoryOrCreate"}},
+            *volumes,
             {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
         ],
     }
     if settings.tunnel.backend.value == "libipsec":  # userspace ESP needs a TUN device from the host
         spec["volumes"].append({"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}})
         spec["containers"][1]["volumeMounts"].append({"name": "tun", "mountPath": "/dev/net/tun"})
-    meta = metadata(agent_pod_name(node), ns, "agent", node, uid)
+    meta = metadata(name, settings.namespace, role, node, uid)
     meta["annotations"] = {SPEC_HASH: spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 

@@ -25,8 +25,9 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
   invalid (a bad label, a contradicting ``spec.podCIDR``) stays in its peers'
   configs with its last good values, read from its own agent ConfigMap (what
   those peers were last told), until its Node is deleted or loses the edge label.
-* More than one connector is accepted; the ones not active stay idle until
-  failover is built.
+* More than one connector is accepted; the oldest is active. Every connector
+  gets its own certificate (``cert_addresses``), standbys included, so a
+  failover issues nothing: the next oldest already holds its key.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class MeshPlan:
     ipam_record: dict[str, str] = field(default_factory=dict)
     edges: dict[str, NodeMesh] = field(default_factory=dict)
     connector: NodeMesh | None = None  # header only: peers live in the shards
+    connectors: tuple[str, ...] = ()  # every valid connector node, active and standby, by name
     connector_shards: dict[int, tuple[Peer, ...]] = field(default_factory=dict)
     cert_addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)
     node_patches: dict[str, NodePatch] = field(default_factory=dict)
@@ -211,8 +213,10 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         if patch.annotations or patch.spec_pod_cidr:
             result.node_patches[node.name] = patch
 
+    result.connectors = tuple(n.name for n in connectors)
+    for node in connectors:
+        result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
     if connector is not None:
-        result.cert_addresses[connector.name] = tuple(sorted({connector.internal_ip, connector.endpoint}))
         result.connector = NodeMesh(
             # The connector's cloud pod CIDR gives it a source address inside the tunnels' selectors.
             node=LocalNode(name=connector.name, role=Role.CONNECTOR, address=connector.internal_ip,

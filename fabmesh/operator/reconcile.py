@@ -1,7 +1,7 @@
 """One level-triggered pass: observe the cluster, plan (pure), and write only what the plan says.
 
 Observe reads the Nodes, the CA Secret, the IPAM record, the operator's Secrets,
-ConfigMaps and agent Pods. Planning is pure (``plan.py``, ``certs.py``,
+ConfigMaps, agent and connector Pods. Planning is pure (``plan.py``, ``certs.py``,
 ``status.py``, with the clock read once and passed in). Writing goes in an order
 that matters for crash safety:
 1. the CA, if there is none (a race between two creators is settled by the API: 409),
@@ -10,7 +10,8 @@ that matters for crash safety:
    operator killed after this step finds its allocation again on restart,
 3. per-node Secrets (issuing a leaf generates its key here), ConfigMaps, the connector's config,
 4. Node annotations and ``spec.podCIDR`` (guarded by the Node's resourceVersion),
-5. agent Pods, then deletion of what belongs to Nodes that are gone,
+5. agent and connector Pods, then deletion of what belongs to Nodes that are gone
+   (or lost their role label),
 6. Warning Events for every node that could not be planned or written.
 
 Every write compares first; an unchanged cluster costs reads only. Every
@@ -35,6 +36,7 @@ from fabmesh.kube.client import ApiError, Kube
 from fabmesh.mesh.model import PeerShard, dump_yaml
 from fabmesh.mesh.names import (
     AGENT_SELECTOR,
+    CONNECTOR_SELECTOR,
     EVENTS_NAMESPACE,
     INVALID_NODE_REASON,
     MANAGED_SELECTOR,
@@ -63,11 +65,13 @@ class Observed:
     nodes: list[NodeInfo]
     invalid: list[InvalidNode]
     edge_names: set[str]  # every edge-labelled Node, readable or not
+    connector_names: set[str]  # every connector-labelled Node, readable or not
     ca_secret: dict[str, Any] | None
     ipam_cm: dict[str, Any] | None
     secrets: dict[str, dict[str, Any]]
     configmaps: dict[str, dict[str, Any]]
     pods: dict[str | None, dict[str, Any]]  # agent Pods by their node label
+    connector_pods: dict[str | None, dict[str, Any]]  # connector Pods by their node label
 
 
 @dataclass
@@ -91,25 +95,31 @@ class Reconciler:
         infos: list[NodeInfo] = []
         invalid: list[InvalidNode] = []
         edge_names: set[str] = set()
+        connector_names: set[str] = set()
         for obj in self.kube.list("nodes"):
-            if self.settings.edge_label in (obj["metadata"].get("labels") or {}):
+            labels = obj["metadata"].get("labels") or {}
+            if self.settings.edge_label in labels:
                 edge_names.add(obj["metadata"]["name"])
+            elif self.settings.connector_label in labels:
+                connector_names.add(obj["metadata"]["name"])
             info = read_node(obj, self.settings)
             if isinstance(info, InvalidNode):
                 invalid.append(info)
             else:
                 infos.append(info)
-        pods = {}
-        if self.settings.agent_pods.enabled:
-            pods = {p["metadata"]["labels"].get(o.NODE_LABEL): p
-                    for p in self.kube.list("pods", self.ns, AGENT_SELECTOR)}
         return Observed(
-            nodes=infos, invalid=invalid, edge_names=edge_names,
+            nodes=infos, invalid=invalid, edge_names=edge_names, connector_names=connector_names,
             ca_secret=self.kube.get("secrets", o.CA_SECRET, self.ns),
             ipam_cm=self.kube.get("configmaps", o.IPAM_CONFIGMAP, self.ns),
             secrets={s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)},
             configmaps={c["metadata"]["name"]: c for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)},
-            pods=pods)
+            pods=self._pods(self.settings.agent_pods.enabled, AGENT_SELECTOR),
+            connector_pods=self._pods(self.settings.connector_pods.enabled, CONNECTOR_SELECTOR))
+
+    def _pods(self, enabled: bool, selector: str) -> dict[str | None, dict[str, Any]]:
+        if not enabled:
+            return {}
+        return {p["metadata"]["labels"].get(o.NODE_LABEL): p for p in self.kube.list("pods", self.ns, selector)}
 
     # -- the pass --------------------------------------------------------------------------------
 
@@ -171,9 +181,15 @@ class Reconciler:
         for name, patch in node_writes(mesh, by_name, expiry).items():
             self._patch_node(result, by_name[name], patch)
         if self.settings.agent_pods.enabled:
-            self._sync_pods(result, {n: by_name[n].uid for n in mesh.edges if n in expiry}, seen.edge_names,
-                            seen.pods)
-        self._delete_stale(result, seen.edge_names, mesh, seen.configmaps, seen.secrets)
+            self._sync_pods(result, {n: o.agent_pod(n, by_name[n].uid, self.settings)
+                                     for n in mesh.edges if n in expiry}, seen.edge_names, seen.pods)
+        if self.settings.connector_pods.enabled:
+            # A Pod per connector whose own Secret is written (none before the connector ConfigMap
+            # exists); the active one's loop runs the tunnels, the others stand by.
+            self._sync_pods(result, {n: o.connector_pod(n, by_name[n].uid, by_name[n].internal_ip, self.settings)
+                                     for n in mesh.connectors if n in expiry and mesh.connector is not None},
+                            seen.connector_names, seen.connector_pods)
+        self._delete_stale(result, seen.edge_names, seen.connector_names, mesh, seen.configmaps, seen.secrets)
         for error in result.errors:
             self._event(error, by_name.get(error.node))
         return result
@@ -282,10 +298,10 @@ class Reconciler:
 
         self._guarded(result, node.name, "nodes", node.name, write)
 
-    def _sync_pods(self, result: PassResult, want: dict[str, str], edge_names: set[str],
+    def _sync_pods(self, result: PassResult, want: dict[str, dict[str, Any]], role_names: set[str],
                    pods: dict[str | None, dict[str, Any]]) -> None:
-        for node, uid in sorted(want.items()):
-            body = o.agent_pod(node, uid, self.settings)
+        """Create each wanted Pod, replace one whose spec changed, delete those of Nodes without the role."""
+        for node, body in sorted(want.items()):
             current = pods.get(node)
             if current is not None:
                 if current["metadata"].get("annotations", {}).get(o.SPEC_HASH) == \
@@ -298,8 +314,8 @@ class Reconciler:
                     log.info("node=%s action=delete-pod pod=%s/%s reason=spec-changed", node, self.ns, old)
             self._guarded(result, node, "pods", body["metadata"]["name"], lambda n=node, b=body: self._create_pod(n, b))
         for node, pod in sorted(pods.items(), key=lambda item: item[0] or ""):
-            if node not in edge_names:  # a node in error keeps its running agent
-                # The Node is gone (or no longer edge): as the pod GC controller would, do not wait
+            if node not in role_names:  # a node in error keeps its running Pod
+                # The Node is gone (or lost its role): as the pod GC controller would, do not wait
                 # for a kubelet that may never confirm.
                 name = pod["metadata"]["name"]
                 if self._guarded(result, node, "pods", name,
@@ -317,23 +333,23 @@ class Reconciler:
             return
         log.info("node=%s action=create-pod pod=%s/%s", node, self.ns, body["metadata"]["name"])
 
-    def _delete_stale(self, result: PassResult, edge_names: set[str], mesh: MeshPlan,
+    def _delete_stale(self, result: PassResult, edge_names: set[str], connector_names: set[str], mesh: MeshPlan,
                       configmaps: dict[str, Any], secrets: dict[str, Any]) -> None:
-        """Delete what belongs to Nodes that are gone or no longer edges (no GC is assumed).
+        """Delete what belongs to Nodes that are gone or lost their role label (no GC is assumed).
 
-        A node that is still an edge keeps its objects even while it is in error:
+        A node that still carries its label keeps its objects even while it is in error:
         a bad label must not tear down a working node.
         """
         keep_cm = {o.IPAM_CONFIGMAP, *(o.agent_configmap_name(n) for n in edge_names)}
-        keep_secret = {o.CA_SECRET, *(o.tls_secret_name(n) for n in edge_names)}
+        keep_secret = {o.CA_SECRET, *(o.tls_secret_name(n) for n in edge_names),
+                       *(o.connector_secret_name(n) for n in connector_names)}
         if mesh.connector is not None:
             keep_cm |= {o.CONNECTOR_CONFIGMAP, *(o.connector_shard_name(i) for i in mesh.connector_shards)}
-            keep_secret.add(o.CONNECTOR_SECRET)
         for kind, objs, keep in (("configmaps", configmaps, keep_cm), ("secrets", secrets, keep_secret)):
             for name in sorted(set(objs) - keep):
                 node = (objs[name]["metadata"].get("labels") or {}).get(o.NODE_LABEL)
                 if self._guarded(result, node, kind, name, lambda k=kind, n=name: self.kube.delete(k, n, self.ns)):
-                    log.info("action=delete %s=%s/%s reason=node-gone-or-not-edge", kind[:-1], self.ns, name)
+                    log.info("action=delete %s=%s/%s reason=node-gone-or-role-removed", kind[:-1], self.ns, name)
 
     def _event(self, error: InvalidNode, node: NodeInfo | None) -> None:
         """One Warning Event per (node, field, reason): a deterministic name makes it idempotent."""

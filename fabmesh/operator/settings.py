@@ -57,16 +57,23 @@ class Resources(BaseModel):
         return {k: dict(v) for k, v in (("requests", self.requests), ("limits", self.limits)) if v}
 
 
-class AgentPods(BaseModel):
+class NodePods(BaseModel):
+    """What the Pods the operator runs on nodes share: images, metrics, resources (agent and connector)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     strongswan_image: str = "ghcr.io/fabmesh/fabmesh:0.1.0"
     image_pull_policy: str = "IfNotPresent"
-    # The agent's /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
+    # The /metrics port on the node (0: none), and its bind address ("": the node's InternalIP).
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     metrics_address: str = ""
+    resources: Resources = Resources()
+    strongswan_resources: Resources = Resources()
+
+
+class AgentPods(NodePods):
     # An edge agent holds one node's mesh (tens of peers): small. Memory limits stop a leak from
     # taking the node down; charon's CPU limit is generous because with libipsec ESP runs in charon,
     # so its limit caps tunnel throughput.
@@ -74,6 +81,17 @@ class AgentPods(BaseModel):
                                      limits={"cpu": "500m", "memory": "256Mi"})
     strongswan_resources: Resources = Resources(requests={"cpu": "20m", "memory": "32Mi"},
                                                 limits={"cpu": "1", "memory": "256Mi"})
+
+
+class ConnectorPods(NodePods):
+    # The connector holds every edge's peer entry and charon one IKE_SA per edge (~140 MiB at 2,000
+    # tunnels with libipsec, docs/performance.md): raise the memory limits for larger meshes.
+    resources: Resources = Resources(requests={"cpu": "100m", "memory": "128Mi"},
+                                     limits={"cpu": "1", "memory": "512Mi"})
+    strongswan_resources: Resources = Resources(requests={"cpu": "100m", "memory": "128Mi"},
+                                                limits={"cpu": "2", "memory": "1Gi"})
+    # Device IKE leaves by (e.g. eth0), passed as --uplink; "": the device the kernel routes to peers.
+    uplink: str = Field(default="", max_length=15, pattern=r"^[^/\s]*$")
 
 
 class OperatorSettings(BaseModel):
@@ -102,6 +120,7 @@ class OperatorSettings(BaseModel):
     tunnel: TunnelSettings = TunnelSettings()
     node: NodeSettings = NodeSettings()
     agent_pods: AgentPods = AgentPods()
+    connector_pods: ConnectorPods = ConnectorPods()
     leader_election: LeaderElection = LeaderElection()
 
     @field_validator("connector_label")

@@ -9,7 +9,13 @@ the IPsec backend. Two backends exist:
   Quirks handled here: the plugin must be loaded *before* ``kernel-netlink`` so
   it takes the IPsec half while netlink keeps the networking half; AES-GCM needs
   the ``gcm`` plugin; ``allow_peer_ts`` lets a traffic selector contain the
-  IKE peer's own address without routing the tunnel into itself.
+  IKE peer's own address, and a firewall mark on charon's own packets keeps the
+  route libipsec then installs for that address from swallowing IKE itself.
+
+Behind NAT (every edge), charon sends NAT-T keepalives every ``keep_alive_s``
+so the router's UDP mapping for port 4500 never expires between packets: the
+connector never initiates to an edge, so a lost mapping would cut the edge off
+until its next DPD or rekey.
 
 We load an explicit plugin list (``load_modular = no``) so a stray file in
 ``/etc/strongswan.d`` can never change what a node runs.
@@ -29,6 +35,11 @@ _COMMON_PLUGINS = (
 )
 
 
+# The mark charon's own IKE and ESP-in-UDP packets carry (libipsec only); clear of kube-proxy's
+# 0x4000/0x8000 and Calico's upper bits.
+IKE_FWMARK = "0x2620"
+
+
 def plugin_list(backend: Backend) -> str:
     kernel = "kernel-libipsec kernel-netlink" if backend is Backend.LIBIPSEC else "kernel-netlink"
     return f"{_COMMON_PLUGINS} {kernel} socket-default vici"
@@ -41,6 +52,7 @@ def render_strongswan_conf(
     log_file: Path | None = None,
     install_routes: bool = False,
     log_level: int = 1,
+    keep_alive_s: int = 20,
 ) -> str:
     """Return the text of strongswan.conf.
 
@@ -55,4 +67,6 @@ def render_strongswan_conf(
         log_file=str(log_file) if log_file else None,
         install_routes="yes" if install_routes else "no",
         log_level=log_level,
+        keep_alive_s=keep_alive_s,
+        ike_fwmark=IKE_FWMARK,
     )

@@ -99,6 +99,11 @@ class Charon:
             result.update(decode(item))
         return result
 
+    def ike_sas(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every IKE_SA as (connection name, SA), duplicates included (a rekey or a race leaves two)."""
+        items = self._call("list-sas", lambda: list(self._session.list_sas()))
+        return [(name, sa) for item in items for name, sa in decode(item).items()]
+
     def initiate(self, child: str, ike: str | None = None, timeout_ms: int = -1) -> None:
         """Start a CHILD_SA. ``timeout_ms=-1`` returns at once (charon keeps trying)."""
         message: dict[str, Any] = {"child": child, "timeout": str(timeout_ms), "init-limits": "no"}

@@ -79,8 +79,11 @@ def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
 
 
 def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path,
-                   health_port: int = 0) -> subprocess.Popen[bytes]:
+                   health_port: int = 0, restart: bool = False) -> subprocess.Popen[bytes]:
     """The real operator entry point as its own process (stop it by PID).
+
+    With ``restart`` it runs under :mod:`fabmesh.testenv.supervise`, which starts it again when it
+    exits, as the kubelet does for the operator's Deployment (it exits on losing its Lease).
 
     Its writes carry field manager ``fabmesh-operator/<identity>``, so ``metadata.managedFields`` tells
     which replica wrote what; its health endpoint listens on 127.0.0.1:``health_port`` (0 = none, so
@@ -88,8 +91,9 @@ def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Pat
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"operator-{identity}.log", "ab") as log:
+        supervisor = [sys.executable, "-m", "fabmesh.testenv.supervise", "--"] if restart else []
         return subprocess.Popen(
-            [sys.executable, "-m", "fabmesh.cli", "operator", "--kubeconfig", str(kubeconfig),
+            [*supervisor, sys.executable, "-m", "fabmesh.cli", "operator", "--kubeconfig", str(kubeconfig),
              "--config", str(settings), "--identity", identity,
              "--field-manager", f"fabmesh-operator/{identity}",
              "--health-address", "127.0.0.1", "--health-port", str(health_port)],

@@ -4,7 +4,7 @@ Tests and the lab need several "machines" on one Linux box without touching the
 box's own network. Each host is a namespace whose ``wan0`` veth plugs into a
 bridge that lives in a namespace of its own (so even the bridge is off the
 host's tables). Addresses come from TEST-NET ranges (RFC 5737) unless a caller
-picks others.
+picks others. Hosts can also sit behind a :class:`NatRouter` namespace, as edges do.
 
 charon per host: ``ip netns exec`` already gives the child a private mount
 namespace (mounts are made slave), so a bind mount of a per-host directory over
@@ -194,6 +194,39 @@ def vici_ready(path: Path) -> bool:
 
 
 @dataclass
+class NatRouter:
+    """A home or 4G router: owns one WAN address, hides a LAN behind it, lets nothing in unasked.
+
+    Outbound: MASQUERADE to its WAN address. Linux keeps the source port where it is free, so
+    a mapping depends on the inside endpoint only (endpoint-independent, "cone"); with
+    ``symmetric`` it is ``--random-fully``: every new destination sees another random port,
+    which defeats hole punching. Inbound: only replies (conntrack ESTABLISHED/RELATED) are
+    forwarded to the LAN; nothing forwards a port, so nothing on the WAN can open a connection
+    to a host behind it, even with a route to the LAN.
+    """
+
+    name: str
+    netns: str
+    wan_ip: str
+    lan_cidr: str
+    symmetric: bool = False
+
+    @property
+    def gateway(self) -> str:
+        return str(next(ipaddress.ip_network(self.lan_cidr).hosts()))
+
+    def set_wan_ip(self, new_ip: str, prefixlen: int) -> None:
+        """A new WAN address, as after a 4G reconnect: the link goes down, comes back with another
+        address, and every mapping the LAN had is gone (the kernel's MASQUERADE forgets the
+        mappings of a device that went down; deleting the address alone leaves them in place)."""
+        sh("ip", "link", "set", "wan0", "down", ns=self.netns)
+        sh("ip", "addr", "del", f"{self.wan_ip}/{prefixlen}", "dev", "wan0", ns=self.netns)
+        sh("ip", "addr", "add", f"{new_ip}/{prefixlen}", "dev", "wan0", ns=self.netns)
+        sh("ip", "link", "set", "wan0", "up", ns=self.netns)
+        self.wan_ip = new_ip
+
+
+@dataclass
 class Network:
     """A WAN bridge in its own namespace and the hosts plugged into it."""
 
@@ -201,6 +234,7 @@ class Network:
     directory: Path
     wan_cidr: str = "198.51.100.0/24"
     hosts: dict[str, Host] = field(default_factory=dict)
+    nats: dict[str, NatRouter] = field(default_factory=dict)
 
     @property
     def wan_netns(self) -> str:
@@ -225,6 +259,56 @@ class Network:
         sh("ip", "-n", netns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "wan0")
         sh("ip", "-n", netns, "link", "set", "wan0", "up")
         sh("ip", "-n", netns, "link", "set", "lo", "up")
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=netns)
+        host = Host(name=name, netns=netns, wan_ip=ip, directory=self.directory / name)
+        host.directory.mkdir(parents=True, exist_ok=True)
+        self.hosts[name] = host
+        return host
+
+    def add_nat_router(self, name: str, wan_ip: str, lan_cidr: str, *, symmetric: bool = False) -> NatRouter:
+        """A NAT router namespace ``<prefix>-nat-<name>`` on the WAN with an empty LAN bridge."""
+        router = NatRouter(name=name, netns=f"{self.prefix}-nat-{name}", wan_ip=wan_ip, lan_cidr=lan_cidr,
+                           symmetric=symmetric)
+        lan = ipaddress.ip_network(lan_cidr)
+        ns = router.netns
+        sh("ip", "netns", "add", ns)
+        port = f"w{uuid.uuid4().hex[:10]}"
+        sh("ip", "link", "add", "wan0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.wan_netns)
+        sh("ip", "-n", self.wan_netns, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", ns, "link", "add", "lan0", "type", "bridge")
+        wan_prefix = ipaddress.ip_network(self.wan_cidr).prefixlen
+        sh("ip", "-n", ns, "addr", "add", f"{wan_ip}/{wan_prefix}", "dev", "wan0")
+        sh("ip", "-n", ns, "addr", "add", f"{router.gateway}/{lan.prefixlen}", "dev", "lan0")
+        for device in ("lo", "wan0", "lan0"):
+            sh("ip", "-n", ns, "link", "set", device, "up")
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+        masquerade = ["-j", "MASQUERADE"] + (["--random-fully"] if symmetric else [])
+        rules = ("*nat\n"
+                 f"-A POSTROUTING -s {lan} -o wan0 {' '.join(masquerade)}\n"
+                 "COMMIT\n*filter\n"
+                 "-A FORWARD -i wan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+                 "-A FORWARD -i wan0 -j DROP\n"
+                 "-A INPUT -i wan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+                 "-A INPUT -i wan0 -p icmp -j ACCEPT\n"
+                 "-A INPUT -i wan0 -j DROP\n"
+                 "COMMIT\n")
+        subprocess.run(["ip", "netns", "exec", ns, "iptables-restore"], input=rules, text=True, check=True,
+                       capture_output=True)
+        self.nats[name] = router
+        return router
+
+    def add_host_behind_router(self, name: str, router: NatRouter, ip: str) -> Host:
+        """A host whose ``wan0`` is on ``router``'s LAN with the private address ``ip``."""
+        netns = f"{self.prefix}-{name}"
+        lan = ipaddress.ip_network(router.lan_cidr)
+        sh("ip", "netns", "add", netns)
+        port = f"l{uuid.uuid4().hex[:10]}"
+        sh("ip", "link", "add", "wan0", "netns", netns, "type", "veth", "peer", "name", port, "netns", router.netns)
+        sh("ip", "-n", router.netns, "link", "set", port, "master", "lan0", "up")
+        sh("ip", "-n", netns, "addr", "add", f"{ip}/{lan.prefixlen}", "dev", "wan0")
+        sh("ip", "-n", netns, "link", "set", "wan0", "up")
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        sh("ip", "-n", netns, "route", "add", "default", "via", router.gateway)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=netns)
         host = Host(name=name, netns=netns, wan_ip=ip, directory=self.directory / name)
         host.directory.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The Helm chart, with the real helm binary: it lints, refuses bad values by name, renders least privilege,
 and installs into a real kube-apiserver where RBAC gives each ServiceAccount exactly what it needs.
 
-There is no controller-manager or kubelet here, so installed Deployments and DaemonSets never get Pods:
+There is no controller-manager or kubelet here, so the installed Deployment never gets Pods:
 the tests install without ``--wait`` and look at the objects in the API, and ask the API server's own
 authorizer (SubjectAccessReview) what each ServiceAccount may do.
 """
@@ -21,7 +21,7 @@ import yaml
 
 from fabmesh.cli import build_parser
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, CONNECTOR_SECRET, connector_shard_name
+from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, connector_pod, connector_secret_name, connector_shard_name
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.testenv.cluster import CHART, render_chart
 from fabmesh.testenv.controlplane import ControlPlane
@@ -113,8 +113,11 @@ BAD_VALUES = [
                  id="cni-name-with-slash"),
     pytest.param("template", "operator.settings.agent_pods.resources.limits.memory=lots",
                  r"agent_pods[./]resources[./]limits[./]memory", id="malformed-agent-quantity"),
-    pytest.param("template", "connector.resources.limits.cpu=fast", r"connector[./]resources[./]limits",
-                 id="malformed-connector-quantity"),
+    pytest.param("template", "operator.settings.connector_pods.resources.limits.cpu=fast",
+                 r"connector_pods[./]resources[./]limits", id="malformed-connector-quantity"),
+    pytest.param("template", "operator.settings.connector_pods.uplink=eth0/x", r"connector_pods[./]uplink",
+                 id="uplink-not-a-device-name"),
+    pytest.param("template", "connector.enabled=false", r"connector", id="the-old-connector-values-are-gone"),
     pytest.param("template", "operator.healthPort=0", r"healthPort", id="health-port-zero"),
 ]
 
@@ -153,39 +156,32 @@ def test_operator_probes_point_at_the_health_port_the_operator_is_told_to_serve(
     assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
-def test_connector_daemonset_runs_on_connector_nodes_with_every_shard_projected(
-        rendered: dict[tuple[str, str], Obj]) -> None:
-    spec = rendered[("DaemonSet", "fabmesh-connector")]["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"node-restriction.kubernetes.io/fabmesh-connector": ""}
-    assert spec["hostNetwork"] is True
-    assert spec["tolerations"] == [{"operator": "Exists"}]
-    assert [c["name"] for c in spec["containers"]] == ["connector", "strongswan"]
-    assert {c["image"] for c in spec["containers"]} == {"ghcr.io/fabmesh/fabmesh:0.1.0"}
-    connector = container(spec, "connector")
-    assert connector["args"] == ["connector", "--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
-                                 "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
-                                 "--metrics-port", "10120"]
-    assert connector["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
-    assert container(spec, "strongswan")["args"] == ["charon", "--run-dir", "/var/run/fabmesh", "--backend", "kernel"]
+def settings_of(objects: dict[tuple[str, str], Obj]) -> OperatorSettings:
+    text = objects[("ConfigMap", "fabmesh-operator-settings")]["data"]["operator.yaml"]
+    return OperatorSettings.model_validate(yaml.safe_load(text))
 
+
+def test_no_connector_daemonset_the_operator_runs_connector_pods_from_its_settings(
+        rendered: dict[tuple[str, str], Obj]) -> None:
+    # A DaemonSet would mount one key on every connector node; the operator mounts each node's own.
+    assert [name for kind, name in rendered if kind == "DaemonSet"] == []
+    settings = settings_of(rendered)
+    pods = settings.connector_pods
+    assert pods.enabled is True
+    assert (pods.image, pods.strongswan_image, pods.image_pull_policy) == (
+        "ghcr.io/fabmesh/fabmesh:0.1.0", "ghcr.io/fabmesh/fabmesh:0.1.0", "IfNotPresent")
+    assert pods.metrics_port == 10120 and pods.metrics_address == "" and pods.uplink == ""
+    spec = connector_pod("cloud-1", "uid", "198.51.100.1", settings)["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     sources = [s["configMap"] for s in volumes["mesh"]["projected"]["sources"]]
     assert sources[0] == {"name": CONNECTOR_CONFIGMAP, "items": [{"key": "mesh.yaml", "path": "mesh.yaml"}]}
     assert sources[1:] == [{"name": connector_shard_name(i), "optional": True,
                             "items": [{"key": "peers.yaml", "path": f"peers-{i:02d}.yaml"}]} for i in range(16)]
-    assert volumes["tls"]["secret"] == {"secretName": CONNECTOR_SECRET, "defaultMode": 0o400}
-    assert volumes["run"] == {"name": "run", "emptyDir": {}}
-    assert volumes["xtables-lock"]["hostPath"]["path"] == "/run/xtables.lock"
-    mounts = {m["name"]: m["mountPath"] for m in connector["volumeMounts"]}
-    assert mounts == {"run": "/var/run/fabmesh", "mesh": "/etc/fabmesh/mesh", "tls": "/etc/fabmesh/tls",
-                      "xtables-lock": "/run/xtables.lock", "tmp": "/tmp"}
+    assert volumes["tls"]["secret"] == {"secretName": connector_secret_name("cloud-1"), "defaultMode": 0o400}
 
 
-def test_connector_has_no_api_token_and_no_rbac(rendered: dict[tuple[str, str], Obj]) -> None:
-    assert rendered[("ServiceAccount", "fabmesh-connector")]["automountServiceAccountToken"] is False
-    spec = rendered[("DaemonSet", "fabmesh-connector")]["spec"]["template"]["spec"]
-    assert spec["serviceAccountName"] == "fabmesh-connector"
-    assert spec["automountServiceAccountToken"] is False
+def test_only_the_operator_has_a_service_account_and_rbac(rendered: dict[tuple[str, str], Obj]) -> None:
+    assert [name for kind, name in rendered if kind == "ServiceAccount"] == ["fabmesh-operator"]
     bound = {s["name"] for (kind, _), o in rendered.items() if kind.endswith("Binding") for s in o["subjects"]}
     assert bound == {"fabmesh-operator"}
 
@@ -199,14 +195,14 @@ def test_no_secret_or_private_key_is_rendered(rendered: dict[tuple[str, str], Ob
             assert not re.search(r"PRIVATE KEY|tls\.key|BEGIN CERTIFICATE", text), f"{cm['metadata']['name']}/{key}"
 
 
-def test_shard_projections_follow_the_setting_and_the_connector_can_be_left_out(helm: Helm) -> None:
-    three = render_chart(helm.binary, "fm-render", {"operator": {"settings": {"connector_shards": 3}}})
-    daemonset = next(o for o in three if o["kind"] == "DaemonSet")
-    (mesh,) = [v for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "mesh"]
-    assert [s["configMap"]["name"] for s in mesh["projected"]["sources"]] == [
-        CONNECTOR_CONFIGMAP, "fabmesh-connector-peers-00", "fabmesh-connector-peers-01", "fabmesh-connector-peers-02"]
-    without = render_chart(helm.binary, "fm-render", {"connector": {"enabled": False}})
-    assert [o["metadata"]["name"] for o in without if "connector" in o["metadata"]["name"]] == []
+def test_shard_count_and_connector_pods_follow_the_values(helm: Helm) -> None:
+    values = {"operator": {"settings": {"connector_shards": 3,
+                                        "connector_pods": {"enabled": False, "uplink": "eth0"}}}}
+    settings = settings_of({(o["kind"], o["metadata"]["name"]): o
+                            for o in render_chart(helm.binary, "fm-render", values)})
+    assert settings.connector_shards == 3
+    assert (settings.connector_pods.enabled, settings.connector_pods.uplink) == (False, "eth0")
+    assert settings.connector_pods.image == "ghcr.io/fabmesh/fabmesh:0.1.0"  # images still come from image.*
 
 
 def _containers(rendered: dict[tuple[str, str], Obj]) -> dict[str, tuple[Obj, Obj]]:
@@ -221,8 +217,7 @@ def _containers(rendered: dict[tuple[str, str], Obj]) -> dict[str, tuple[Obj, Ob
 
 def test_every_container_is_locked_down_and_has_requests_and_limits(rendered: dict[tuple[str, str], Obj]) -> None:
     containers = _containers(rendered)
-    assert set(containers) == {"fabmesh-operator/operator", "fabmesh-connector/connector",
-                               "fabmesh-connector/strongswan"}
+    assert set(containers) == {"fabmesh-operator/operator"}  # agents and connectors: Pods the operator creates
     for where, (spec, c) in containers.items():
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         context = c["securityContext"]
@@ -236,37 +231,25 @@ def test_every_container_is_locked_down_and_has_requests_and_limits(rendered: di
     operator_spec, operator = containers["fabmesh-operator/operator"]
     assert operator_spec["securityContext"]["runAsNonRoot"] is True
     assert "add" not in operator["securityContext"]["capabilities"]
-    assert containers["fabmesh-connector/strongswan"][1]["resources"] == {
-        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
-
-
-def test_every_path_a_connector_container_writes_is_a_volume(rendered: dict[tuple[str, str], Obj]) -> None:
-    spec = rendered[("DaemonSet", "fabmesh-connector")]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    writable = {c["name"]: {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly")}
-                for c in spec["containers"]}
-    assert set(writable["connector"]) == {"/var/run/fabmesh", "/tmp", "/run/xtables.lock"}
-    assert "emptyDir" in writable["connector"]["/tmp"]
-    # charon will not start without its compiled-in pid file, /var/run/charon.pid.
-    assert set(writable["strongswan"]) == {"/var/run", "/var/run/fabmesh"}
-    assert "emptyDir" in writable["strongswan"]["/var/run"]
 
 
 def test_resources_follow_the_values(helm: Helm) -> None:
-    values = {"operator": {"resources": {"limits": {"memory": "2Gi"}}},
-              "connector": {"resources": {"requests": {"cpu": "1"}}, "strongswanResources": {}}}
+    values = {"operator": {"resources": {"limits": {"memory": "2Gi"}},
+                           "settings": {"connector_pods": {"resources": {"requests": {"cpu": "1"}},
+                                                           "strongswan_resources": {}}}}}
     objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
     containers = _containers(objects)
     assert containers["fabmesh-operator/operator"][1]["resources"]["limits"] == {"memory": "2Gi", "cpu": "1"}
-    assert containers["fabmesh-connector/connector"][1]["resources"]["requests"] == {"cpu": "1", "memory": "128Mi"}
+    settings = settings_of(objects)
+    assert settings.connector_pods.resources.requests == {"cpu": "1", "memory": "128Mi"}
+    assert settings.connector_pods.resources.limits == {"cpu": "1", "memory": "512Mi"}
 
 
 def test_agent_pod_resources_and_proposals_reach_the_operator_settings(helm: Helm) -> None:
     values = {"operator": {"settings": {"agent_pods": {"resources": {"limits": {"memory": "1Gi"}}},
                                         "tunnel": {"esp_proposals": ["chacha20poly1305-x25519"]}}}}
     objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
-    text = objects[("ConfigMap", "fabmesh-operator-settings")]["data"]["operator.yaml"]
-    settings = OperatorSettings.model_validate(yaml.safe_load(text))
+    settings = settings_of(objects)
     assert settings.agent_pods.resources.limits == {"cpu": "500m", "memory": "1Gi"}
     assert settings.tunnel.esp_proposals == ("chacha20poly1305-x25519",)
 
@@ -309,14 +292,13 @@ def test_helm_install_creates_every_rendered_object_in_the_api(
         installed: tuple[str, list[Obj], str], admin: Kube) -> None:
     namespace, objects, _ = installed
     kinds = {o["kind"] for o in objects}
-    assert {"Deployment", "DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    assert "DaemonSet" not in kinds
     for obj in objects:
         live = admin._call("GET", object_path(obj))
         assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm", object_path(obj)
         assert live["metadata"]["annotations"][HELM_OWNER] == namespace, object_path(obj)
-    daemonset = admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace) + "/fabmesh-connector")
-    (tls,) = [v for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
-    assert tls["secret"]["defaultMode"] == 0o400  # YAML's 0400 reached the API as octal, not as 400
+    assert admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"] == []
 
 
 def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]) -> None:
@@ -340,6 +322,8 @@ RBAC_MATRIX = [
     ("operator-updates-secrets", "fabmesh-operator", "update", "", "secrets", "own", True),
     ("operator-deletes-secrets", "fabmesh-operator", "delete", "", "secrets", "own", True),
     ("operator-creates-pods", "fabmesh-operator", "create", "", "pods", "own", True),
+    ("operator-lists-pods", "fabmesh-operator", "list", "", "pods", "own", True),
+    ("operator-deletes-pods", "fabmesh-operator", "delete", "", "pods", "own", True),
     ("operator-gets-lease", "fabmesh-operator", "get", "coordination.k8s.io", "leases", "own", True),
     ("operator-creates-lease", "fabmesh-operator", "create", "coordination.k8s.io", "leases", "own", True),
     ("operator-updates-lease", "fabmesh-operator", "update", "coordination.k8s.io", "leases", "own", True),
@@ -350,10 +334,12 @@ RBAC_MATRIX = [
      "clusterroles", None, False),
     ("operator-cannot-list-secrets-cluster-wide", "fabmesh-operator", "list", "", "secrets", None, False),
     ("operator-cannot-create-pods-in-default", "fabmesh-operator", "create", "", "pods", "default", False),
-    ("connector-cannot-get-configmaps", "fabmesh-connector", "get", "", "configmaps", "own", False),
-    ("connector-cannot-get-secrets", "fabmesh-connector", "get", "", "secrets", "own", False),
-    ("connector-cannot-list-nodes", "fabmesh-connector", "list", "", "nodes", None, False),
-    ("connector-cannot-create-events", "fabmesh-connector", "create", "", "events", "default", False),
+    ("operator-cannot-update-pods", "fabmesh-operator", "update", "", "pods", "own", False),
+    # Agent and connector Pods run as the namespace's "default" account (no token mounted): it may do nothing.
+    ("node-pods-cannot-get-configmaps", "default", "get", "", "configmaps", "own", False),
+    ("node-pods-cannot-get-secrets", "default", "get", "", "secrets", "own", False),
+    ("node-pods-cannot-list-nodes", "default", "list", "", "nodes", None, False),
+    ("node-pods-cannot-create-events", "default", "create", "", "events", "default", False),
 ]
 
 

@@ -90,8 +90,9 @@ def test_burst_of_200_edges_gets_unique_cidrs_and_certificates_that_verify(opera
                                             f"community.fabmesh.io/{community}" in all_nodes[n]["metadata"]["labels"]}
         assert {p.name for p in mesh.peers} == expected_peers
         assert [p.role for p in mesh.peers if p.name == "connector-1"] == [Role.CONNECTOR]
-    connector_secret = secs[o.CONNECTOR_SECRET]
+    connector_secret = secs[o.connector_secret_name("connector-1")]
     assert describe(secret_text(connector_secret, "tls.crt")).common_name == "connector-1"
+    assert o.connector_secret_name("cloud-2") not in secs  # an unlabelled cloud node has no key
     # Agent Pods: no API token, only their own ConfigMap and Secret; no key material in any log line.
     for name in names:
         spec = pods(env)[o.agent_pod_name(name)]["spec"]
@@ -309,7 +310,15 @@ def test_moving_the_connector_label_repoints_every_edge_at_the_new_connectors_vt
                == other_vtep["flannel.alpha.coreos.com/backend-data"] for n in ("e1", "e2"))
     wait_for(lambda: {p.name for p in mesh_of(configmaps(env)["fabmesh-agent-e1"]).peers} == {"cloud-9"},
              timeout=30, what="e1 to peer with the new connector")
-    assert describe(secret_text(secrets(env)[o.CONNECTOR_SECRET], "tls.crt")).common_name == "cloud-9"
+    # The new connector has its own key and Pod; the old one's are gone.
+    wait_for(lambda: o.connector_secret_name("connector-1") not in secrets(env)
+             and o.connector_pod_name("connector-1") not in pods(env), timeout=30,
+             what="the old connector's Secret and Pod to be deleted")
+    assert describe(secret_text(secrets(env)[o.connector_secret_name("cloud-9")], "tls.crt")).common_name == "cloud-9"
+    pod = pods(env)[o.connector_pod_name("cloud-9")]
+    assert pod["spec"]["nodeName"] == "cloud-9"
+    assert {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v} == {
+        o.connector_secret_name("cloud-9")}
 
 
 def _pod_security_verdict(env: OperatorEnv, pod: dict, level: str) -> str:

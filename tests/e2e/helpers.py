@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,33 @@ def wan_probe(state: LabState, address: str = "198.51.100.200") -> Iterator[str]
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
         sh("ip", "-n", netns, "link", "set", "lo", "up")
         yield netns
+    finally:
+        sh("ip", "netns", "del", netns, check=False)
+
+
+@contextlib.contextmanager
+def lan_probe(state: LabState, host: str) -> Iterator[tuple[str, str]]:
+    """A namespace of our own on ``host``'s side of the network: its site LAN when it sits behind a NAT
+    router (a neighbour on the same LAN, the closest an attacker without the tunnel gets), else the
+    WAN. Yields (namespace, its address)."""
+    h = state.host(host)
+    if h.nat is None:
+        with wan_probe(state) as netns:
+            yield netns, "198.51.100.200"
+        return
+    router = state.nat(h.nat)
+    lan = ipaddress.ip_network(router.lan_cidr)
+    address = str(lan.broadcast_address - 1)  # the LAN's last host address: the lab hands out the first ones
+    netns = f"{state.prefix}-lprobe"
+    sh("ip", "netns", "add", netns)
+    try:
+        sh("ip", "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", "lprobe0", "netns",
+           router.netns)
+        sh("ip", "-n", router.netns, "link", "set", "lprobe0", "master", "lan0", "up")
+        sh("ip", "-n", netns, "addr", "add", f"{address}/{lan.prefixlen}", "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        yield netns, address
     finally:
         sh("ip", "netns", "del", netns, check=False)
 

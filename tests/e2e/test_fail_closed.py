@@ -1,8 +1,10 @@
 """Fail closed: no pod packet leaves a node in clear, no forged cleartext packet reaches a pod.
 
-Both are watched from outside the node under test: a probe namespace of our own on the lab's WAN
-bridge counts what arrives there (it is edge-1's default gateway for the leak test, as a real
-edge's router would be) and sends the forged datagrams. Counters are raw PREROUTING rules, which
+Both are watched from outside the node under test: a probe namespace of our own on edge-1's side
+of the network (its site LAN behind the NAT router, a neighbour there being the closest an
+attacker without the tunnel gets; the WAN for an edge without NAT) counts what arrives there (it is
+edge-1's default gateway for the leak test, as its router would be) and sends the forged datagrams.
+Counters are raw PREROUTING rules, which
 see a packet before any filtering. The lab runs the libipsec backend (the kernel one needs ESP in
 the kernel); the kernel backend's block policies are proved in tests/dataplane/test_xfrm.py.
 """
@@ -19,10 +21,9 @@ import pytest
 
 from fabmesh.lab.state import LabState
 from fabmesh.testenv.hosts import Host, sh, stop_pid, wait_for
-from tests.e2e.helpers import add_counter, counted, established, ping_ok, pod, remove_counter, wan_probe
+from tests.e2e.helpers import add_counter, counted, established, lan_probe, ping_ok, pod, remove_counter
 
 pytestmark = pytest.mark.e2e
-PROBE_IP = "198.51.100.200"
 
 
 def test_forged_cleartext_from_the_wan_with_a_cloud_pod_source_is_not_forwarded_to_an_edge_pod(
@@ -30,7 +31,7 @@ def test_forged_cleartext_from_the_wan_with_a_cloud_pod_source_is_not_forwarded_
     edge, target, forged = running_lab.host("edge-1"), pod(running_lab, "edge-1"), pod(running_lab, "cloud-2")
     arrived = ("-i", "wan0", "-s", forged.ip, "-p", "udp", "--dport", "9")
     delivered = ("-s", forged.ip, "-p", "udp", "--dport", "9")
-    with wan_probe(running_lab, PROBE_IP) as probe:
+    with lan_probe(running_lab, "edge-1") as (probe, _):
         sh("ip", "-n", probe, "addr", "add", f"{forged.ip}/32", "dev", "lo")
         sh("ip", "-n", probe, "route", "add", f"{target.ip}/32", "via", edge.wan_ip)
         add_counter(edge.netns, *arrived)
@@ -52,11 +53,14 @@ def test_no_pod_packet_leaves_an_edge_in_clear_while_its_charon_is_down_and_rest
         running_lab: LabState) -> None:
     edge, src, dst = running_lab.host("edge-1"), pod(running_lab, "edge-1"), pod(running_lab, "cloud-2")
     leaked = [("-s", "10.0.0.0/8"), ("-d", "10.0.0.0/8")]
-    with wan_probe(running_lab, PROBE_IP) as probe:
-        # A real edge has a default route to its router: where a packet falls back to without a tunnel.
-        had_default = bool(sh("ip", "-n", edge.netns, "route", "show", "default").stdout.strip())
-        if not had_default:
-            sh("ip", "-n", edge.netns, "route", "add", "default", "via", PROBE_IP)
+    with lan_probe(running_lab, "edge-1") as (probe, probe_ip):
+        # The probe takes the router's place as edge-1's default gateway: where a packet falls back to
+        # without a tunnel.
+        old_default = sh("ip", "-n", edge.netns, "route", "show", "default").stdout.split()
+        connector = running_lab.host("connector-1").wan_ip  # IKE keeps its way to the connector: ESP only
+        if old_default:
+            sh("ip", "-n", edge.netns, "route", "add", f"{connector}/32", *old_default[1:])
+        sh("ip", "-n", edge.netns, "route", "replace", "default", "via", probe_ip)
         for match in leaked:
             add_counter(probe, *match)
         ping = subprocess.Popen(["ip", "netns", "exec", src.netns, "ping", "-n", "-q", "-i", "0.05", "-W", "1",
@@ -78,6 +82,9 @@ def test_no_pod_packet_leaves_an_edge_in_clear_while_its_charon_is_down_and_rest
         finally:
             ping.send_signal(signal.SIGINT)
             ping.wait(timeout=10)
-            if not had_default:
-                sh("ip", "-n", edge.netns, "route", "del", "default", "via", PROBE_IP, check=False)
+            if old_default:
+                sh("ip", "-n", edge.netns, "route", "replace", *old_default, check=False)
+                sh("ip", "-n", edge.netns, "route", "del", f"{connector}/32", check=False)
+            else:
+                sh("ip", "-n", edge.netns, "route", "del", "default", "via", probe_ip, check=False)
         assert counted(probe) == 0, sh("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-n", ns=probe).stdout

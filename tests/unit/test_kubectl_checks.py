@@ -183,7 +183,7 @@ CA_SECRET = secret("fabmesh-ca", CA.cert_pem)
 CERT_CASES = {
     "all-valid-pass": (
         [edge("e1", "192.0.2.1"), connector(), CLOUD],
-        [secret("fabmesh-tls-e1", leaf("e1", 300)), secret("fabmesh-connector-tls", leaf("conn", 300)), CA_SECRET],
+        [secret("fabmesh-tls-e1", leaf("e1", 300)), secret("fabmesh-connector-tls-conn", leaf("conn", 300)), CA_SECRET],
         [(Status.PASS, "3 certificate(s) valid")]),
     "edge-expiring-in-10-days-warns": (
         [edge("e1", "192.0.2.1")],
@@ -196,7 +196,7 @@ CERT_CASES = {
     "connector-secret-missing-fails": (
         [connector()],
         [CA_SECRET],
-        [(Status.FAIL, "conn: no Secret fabmesh-connector-tls")]),
+        [(Status.FAIL, "conn: no Secret fabmesh-connector-tls-conn")]),
     "garbage-certificate-fails": (
         [edge("e1", "192.0.2.1")],
         [secret("fabmesh-tls-e1", "not a certificate"), CA_SECRET],
@@ -209,10 +209,15 @@ CERT_CASES = {
         [],
         [secret("fabmesh-ca", SHORT_CA.cert_pem)],
         [(Status.WARN, "CA: certificate in fabmesh-ca expires in 20 day(s)")]),
-    "standby-connector-and-cloud-need-no-certificate": (
+    "every-connector-has-its-own-certificate-cloud-none": (
         [connector("conn-a"), connector("conn-b"), CLOUD],
-        [secret("fabmesh-connector-tls", leaf("conn-a", 300)), CA_SECRET],
-        [(Status.PASS, "2 certificate(s) valid")]),
+        [secret("fabmesh-connector-tls-conn-a", leaf("conn-a", 300)),
+         secret("fabmesh-connector-tls-conn-b", leaf("conn-b", 300)), CA_SECRET],
+        [(Status.PASS, "3 certificate(s) valid")]),
+    "standby-connector-secret-missing-fails": (
+        [connector("conn-a"), connector("conn-b")],
+        [secret("fabmesh-connector-tls-conn-a", leaf("conn-a", 300)), CA_SECRET],
+        [(Status.FAIL, "conn-b: no Secret fabmesh-connector-tls-conn-b")]),
 }
 
 
@@ -406,7 +411,7 @@ def healthy_state(**changes: Any) -> ClusterState:
     base: dict[str, Any] = dict(
         nodes=nodes, configmaps=[mesh_cm("e1", "conn", "e2"), mesh_cm("e2", "conn", "e1"), shard_cm(0, "e1", "e2")],
         secrets=[secret("fabmesh-tls-e1", leaf("e1", 300)), secret("fabmesh-tls-e2", leaf("e2", 300)),
-                 secret("fabmesh-connector-tls", leaf("conn", 300)), CA_SECRET],
+                 secret("fabmesh-connector-tls-conn", leaf("conn", 300)), CA_SECRET],
         pods=[pod("e1", "Running"), pod("e2", "Running")], lease=lease("op-1", 1), events=[],
         now=NOW, server_date=NOW, namespace=NS, settings=SETTINGS)
     return ClusterState(**{**base, **changes})

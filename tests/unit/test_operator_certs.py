@@ -61,9 +61,11 @@ def test_plan_certificates_decides_from_what_the_secret_holds(stored: dict[str, 
     assert "PRIVATE" not in repr(action)
 
 
-def test_the_connector_uses_its_own_secret_and_a_bad_name_is_an_error_naming_the_field() -> None:
-    result = plan_certificates({}, {"conn": ("198.51.100.1",), "Bad_Name": ADDRESSES}, {"Bad_Name"}, CA, NOW)
-    assert [(a.node, a.secret_name) for a in result.actions] == [("conn", o.CONNECTOR_SECRET)]
+def test_each_connector_uses_its_own_secret_and_a_bad_name_is_an_error_naming_the_field() -> None:
+    result = plan_certificates({}, {"conn": ("198.51.100.1",), "conn-2": ("198.51.100.2",),
+                                    "Bad_Name": ADDRESSES}, {"Bad_Name"}, CA, NOW)
+    assert [(a.node, a.secret_name) for a in result.actions] == [
+        ("conn", "fabmesh-connector-tls-conn"), ("conn-2", "fabmesh-connector-tls-conn-2")]
     assert [(e.node, e.field) for e in result.errors] == [("Bad_Name", "certificate.name")]
 
 

@@ -326,3 +326,13 @@ def test_dual_stack_edges_announce_their_address_of_the_mesh_family_and_ipv6_onl
 def test_settings_refuse_ranges_of_another_family_than_the_pool() -> None:
     with pytest.raises(ValueError, match="cloud_pod_cidrs fd00::/48 is not IPv4"):
         OperatorSettings(cloud_pod_cidrs=("10.244.0.0/16", "fd00::/48"))
+
+
+def test_every_connector_active_or_standby_gets_a_certificate_only_the_active_one_a_mesh() -> None:
+    standby = raw("conn-0", "198.51.100.2", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-06-01T00:00:00Z")
+    active = raw("conn-9", "198.51.100.9", {CONNECTOR_LABEL: ""}, FLANNEL, created="2024-01-01T00:00:00Z")
+    result, _ = run(standby, active, edge("e1", "192.0.2.1"))
+    assert result.connectors == ("conn-0", "conn-9")
+    assert result.cert_addresses["conn-0"] == ("198.51.100.2",)
+    assert result.cert_addresses["conn-9"] == ("198.51.100.9",)
+    assert result.connector is not None and result.connector.node.name == "conn-9"  # the oldest, not by name

@@ -10,11 +10,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "fabmesh.settings" -}}
 {{- $s := deepCopy .Values.operator.settings -}}
 {{- $_ := set $s "namespace" .Release.Namespace -}}
-{{- $pods := default dict $s.agent_pods -}}
-{{- $_ := set $pods "image" (include "fabmesh.image" .) -}}
-{{- $_ := set $pods "strongswan_image" (include "fabmesh.image" .) -}}
-{{- $_ := set $pods "image_pull_policy" .Values.image.pullPolicy -}}
-{{- $_ := set $s "agent_pods" $pods -}}
+{{- range $key := list "agent_pods" "connector_pods" -}}
+{{- $pods := default dict (get $s $key) -}}
+{{- $_ := set $pods "image" (include "fabmesh.image" $) -}}
+{{- $_ := set $pods "strongswan_image" (include "fabmesh.image" $) -}}
+{{- $_ := set $pods "image_pull_policy" $.Values.image.pullPolicy -}}
+{{- $_ := set $s $key $pods -}}
+{{- end -}}
 {{- toYaml $s -}}
 {{- end -}}
 

@@ -1,0 +1,88 @@
+"""Edges behind NAT: nothing on the WAN gets in, edges reach out over NAT-T, the connector never dials them.
+
+Runs on the default lab (every edge behind a NAT router: edge-1 and edge-2 on one
+endpoint-independent site, edge-3 behind a symmetric NAT), shared with the other
+e2e modules through the ``running_lab`` fixture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fabmesh.lab.state import LabState
+from fabmesh.testenv.hosts import Network, sh
+from tests.e2e.helpers import ask_peer, echo_peer_server, pod, vici
+
+pytestmark = pytest.mark.e2e
+EDGES = ("edge-1", "edge-2", "edge-3")
+
+
+def test_every_edge_sits_behind_a_nat_router_that_owns_the_wan_address(running_lab: LabState) -> None:
+    for name in EDGES:
+        edge = running_lab.host(name)
+        assert edge.nat is not None
+        router = running_lab.nat(edge.nat)
+        assert edge.public_ip(running_lab) == router.wan_ip != edge.wan_ip
+        addresses = sh("ip", "-j", "-4", "addr", "show", ns=edge.netns).stdout
+        assert router.wan_ip not in addresses  # the edge never sees the address the WAN sees
+    assert running_lab.host("edge-1").nat == running_lab.host("edge-2").nat  # one site
+    types = {running_lab.host(n).nat: running_lab.nat(running_lab.host(n).nat).type for n in EDGES}
+    assert sorted(set(types.values())) == ["masquerade", "symmetric"]
+
+
+def test_nothing_on_the_wan_reaches_an_edge_without_a_tunnel(running_lab: LabState, tmp_path: Path) -> None:
+    """A stranger on the WAN, with routes to every LAN and pod CIDR through the NAT routers, gets nowhere."""
+    net = Network(prefix=running_lab.prefix, directory=tmp_path, wan_cidr=running_lab.wan_cidr)
+    stranger = net.add_host("stranger", "198.51.100.250")
+    try:
+        for name in EDGES:
+            edge = running_lab.host(name)
+            router = running_lab.nat(edge.nat or "")
+            stranger.run("ip", "route", "replace", router.lan_cidr, "via", router.wan_ip)
+            stranger.run("ip", "route", "replace", pod(running_lab, name).ip, "via", router.wan_ip)
+        connector = running_lab.host("connector-1")
+        with echo_peer_server(connector.netns, 10250):  # control: the stranger does reach the WAN
+            assert ask_peer(stranger.netns, connector.wan_ip, 10250) == "198.51.100.250"
+        for name in EDGES:
+            edge, edge_pod = running_lab.host(name), pod(running_lab, name)
+            router_ip = edge.public_ip(running_lab)
+            assert stranger.run("ping", "-c", "1", "-W", "1", router_ip, check=False).returncode == 0
+            with echo_peer_server(edge.netns, 10250), echo_peer_server(edge_pod.netns, 8080):
+                for target, port in ((router_ip, 10250), (edge.wan_ip, 10250), (edge_pod.ip, 8080)):
+                    assert ask_peer(stranger.netns, target, port) == "", f"{name}: {target}:{port} answered"
+                for target in (edge.wan_ip, edge_pod.ip):
+                    assert stranger.run("ping", "-c", "1", "-W", "1", target, check=False).returncode != 0
+                cloud = pod(running_lab, "cloud-2")  # the mesh itself does reach the same server
+                assert ask_peer(cloud.netns, edge_pod.ip, 8080) == cloud.ip
+    finally:
+        sh("ip", "netns", "del", stranger.netns, check=False)
+
+
+def test_edges_initiate_over_nat_t_and_the_connector_never_initiates(running_lab: LabState) -> None:
+    with vici(running_lab, "connector-1") as charon:
+        on_connector = dict(charon.ike_sas())
+    for name in EDGES:
+        sa = on_connector[name]
+        edge = running_lab.host(name)
+        assert sa.get("initiator") != "yes", f"the connector initiated to {name}"
+        assert sa["remote-host"] == edge.public_ip(running_lab)  # the NAT router's address, not the edge's
+        assert sa["nat-remote"] == "yes" and sa["local-port"] == "4500"
+        with vici(running_lab, name) as charon:
+            mine = dict(charon.ike_sas())["connector-1"]
+        assert mine["initiator"] == "yes" and mine["local-port"] == "4500"
+        assert mine["local-host"] == edge.wan_ip
+    # Two edges behind one endpoint-independent NAT: the router keeps the first edge's port 4500 and
+    # gives the second another; the symmetric NAT picks a random port.
+    ports = {n: on_connector[n]["remote-port"] for n in EDGES}
+    assert ports["edge-1"] != ports["edge-2"]
+    assert ports["edge-3"] != "4500"
+
+
+def test_edges_on_one_site_tunnel_directly_over_their_lan_addresses(running_lab: LabState) -> None:
+    with vici(running_lab, "edge-1") as charon:
+        sa = dict(charon.ike_sas())["edge-2"]
+    assert sa["state"] == "ESTABLISHED" and sa["initiator"] == "yes"
+    assert (sa["local-host"], sa["remote-host"]) == (running_lab.host("edge-1").wan_ip,
+                                                      running_lab.host("edge-2").wan_ip)
