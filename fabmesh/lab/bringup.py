@@ -53,7 +53,8 @@ def _setup_cloud_host(host: Host, pod_cidr: str) -> str:
     return json.loads(host.run("ip", "-j", "link", "show", "flannel.1").stdout)[0]["address"]
 
 
-def _cloud_conflist(path: Path, pod_cidr: str, ipam_dir: Path) -> None:
+def cloud_conflist(path: Path, pod_cidr: str, ipam_dir: Path) -> None:
+    """A cloud node's CNI config as flannel's would be: a bridge on the node's pod CIDR, no masquerade."""
     net = ipaddress.ip_network(pod_cidr)
     conf = {"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
         {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "mtu": 1450,
@@ -213,7 +214,7 @@ def _add_pods(state: LabState, hosts_dir: Path, timeout: float) -> None:
             wait_for(conflist.exists, timeout=timeout, interval=0.2, what=f"the agent's CNI config on {h.name}")
         else:
             conflist = base / "cni" / "10-flannel.conflist"
-            _cloud_conflist(conflist, h.pod_cidr or "", base / "ipam")
+            cloud_conflist(conflist, h.pod_cidr or "", base / "ipam")
         pod = cni.add_pod(conflist, h.netns, "pod")
         state.pods.append(LabPod(name=f"pod-{h.name}", node=h.name, ip=pod.ip, netns=pod.netns))
         if h.role == "edge":

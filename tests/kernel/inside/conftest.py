@@ -1,30 +1,30 @@
-"""In the guest: load ESP and friends, then one lab with the kernel backend for the whole session.
+"""In the guest: load ESP and friends, then one kernel-ESP mesh for the whole session.
 
-The lab is brought up by the command a user types, ``fabmesh lab up --backend kernel``, whose
-reachability matrix must be full before any test runs (that is also the tier's proof that the
-main demo works on the production backend). ``fabmesh lab down`` removes it at the end.
+The mesh is :mod:`tests.kernel.inside.mesh`'s: planned in-process by the operator's own code, no
+control plane (under software emulation kube-apiserver alone needs minutes). Its pod-to-pod
+reachability matrix must be full before any test runs; ``fabmesh lab down``'s teardown removes it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fabmesh.lab import probe, teardown
 from fabmesh.lab.state import LabState
-from fabmesh.mesh.model import Backend
 from tests.conftest import require_root_tools
 from tests.kernel.conftest import GUEST_ENV
+from tests.kernel.inside import mesh
 
 # esp4 and xfrm_user for charon's kernel-netlink; the rest autoload, but a missing one is clearer here.
 MODULES = ("esp4", "xfrm_user", "xfrm4_tunnel", "xt_policy", "ip_set", "ip_set_hash_net", "vxlan", "veth",
            "bridge")
-LAB_TIMEOUT_S = 300  # software emulation: everything is several times slower than on the host
+MESH_TIMEOUT_S = 180  # software emulation: everything is several times slower than on the host
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,28 +39,28 @@ def _kernel_with_esp() -> None:
     print(f"guest kernel {os.uname().release}: {', '.join(MODULES)} loaded")
 
 
-def _fabmesh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fabmesh.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def kernel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     directory: Path = tmp_path_factory.mktemp("lab")
+    started = time.monotonic()
     try:
-        up = _fabmesh("lab", "--dir", str(directory), "up", "--backend", "kernel", "--json",
-                      "--timeout", str(LAB_TIMEOUT_S), timeout=LAB_TIMEOUT_S * 3)
-        report = json.loads(up.stdout) if up.stdout.strip().startswith("{") else None
-        if up.returncode != 0 or report is None:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                             for p in sorted(directory.rglob("*.log")))
-            pytest.fail(f"'fabmesh lab up --backend kernel' failed ({up.returncode}):\n{up.stdout[-4000:]}\n"
-                        f"{up.stderr[-4000:]}\n{logs}")
-        print(f"lab up --backend kernel: full matrix in {report['seconds_to_full_matrix']}s, "
-              f"{len(report['pairs'])} pairs ok")
-        state = LabState.load(directory)
-        assert state is not None and state.backend is Backend.KERNEL
+        state = mesh.build(directory, MESH_TIMEOUT_S)
+        probe.wait_tunnels(state, MESH_TIMEOUT_S)
+        report = probe.check(state, wait=60)
+        failed = [(p["src"], p["dst"]) for p in report["pairs"] if not p["ok"]]
+        print(f"kernel mesh: {len(report['pairs'])} pod pairs, full matrix after {time.monotonic() - started:.0f}s")
+        if failed:
+            pytest.fail(f"pod pairs that cannot reach each other over kernel ESP: {failed}\n{_logs(directory)}")
         yield state
+    except Exception:
+        print(_logs(directory))
+        raise
     finally:
-        down = _fabmesh("lab", "--dir", str(directory), "down", timeout=LAB_TIMEOUT_S)
-        print(down.stdout[-2000:], down.stderr[-2000:])
+        removed = teardown.down(directory)
+        if removed is not None:
+            print(f"removed {len(removed.namespaces)} namespaces, stopped {len(removed.processes)} processes")
+
+
+def _logs(directory: Path) -> str:
+    return "\n".join(f"--- {p.relative_to(directory)}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted([*directory.rglob("*.log"), *directory.rglob("*.stderr")]))

@@ -1,10 +1,11 @@
 """The mesh on the kernel backend, in a real kernel with ESP: what charon and the agent install, and traffic.
 
-Runs only in the kernel tier's VM (see ``tests/kernel/test_vm.py``), on one lab brought up with
-``fabmesh lab up --backend kernel``: connector-1 and cloud-2 (flannel VXLAN), edge-1 and edge-2
-(community a: a direct tunnel), edge-3 (no community: relayed by the connector). Every charon runs
-``kernel-netlink`` only, so ESP is the kernel's: observed with ``ip xfrm state``/``ip xfrm policy``
-and their counters, not only over VICI.
+Runs only in the kernel tier's VM (see ``tests/kernel/test_vm.py``), on one mesh built by
+:mod:`tests.kernel.inside.mesh` (the operator's planner in-process, real charons, agents, connector
+and CNI pods): connector-1 (with a pod on the cloud pod CIDR), edge-1 and edge-2 (community a: a
+direct tunnel), edge-3 behind a NAT router (no community: relayed by the connector, ESP in UDP).
+Every charon runs ``kernel-netlink`` only, so ESP is the kernel's: observed with ``ip xfrm
+state``/``ip xfrm policy`` and their counters, not only over VICI.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def _log(state: LabState, name: str) -> Path:
 def test_lab_paths_direct_relayed_and_cloud(kernel_lab: LabState) -> None:
     assert "edge-2" in established(kernel_lab, "edge-1")
     assert "edge-3" not in established(kernel_lab, "edge-1")
-    for src, dst in (("edge-1", "edge-2"), ("edge-1", "edge-3"), ("edge-3", "cloud-2"), ("cloud-2", "edge-2"),
-                     ("connector-1", "edge-1")):
+    for src, dst in (("edge-1", "edge-2"), ("edge-1", "edge-3"), ("edge-3", "connector-1"),
+                     ("connector-1", "edge-2"), ("connector-1", "edge-1")):
         assert ping_ok(pod(kernel_lab, src).netns, pod(kernel_lab, dst).ip, count=3), f"{src} -> {dst}"
 
 
@@ -136,6 +137,17 @@ def test_charon_installed_kernel_esp_sas_and_policies_with_the_pod_selectors(ker
     assert charon_policy("10.244.0.0/16", e1.pod_cidr, "fwd", conn.wan_ip, e1.wan_ip), dump
 
 
+def test_the_edge_behind_nat_gets_kernel_esp_in_udp_with_the_connector(kernel_lab: LabState) -> None:
+    e3, conn = kernel_lab.host("edge-3"), kernel_lab.host("connector-1")
+    public = e3.public_ip(kernel_lab)
+    assert public != e3.wan_ip
+    for netns, src, dst in ((e3.netns, e3.wan_ip, conn.wan_ip), (e3.netns, conn.wan_ip, e3.wan_ip),
+                            (conn.netns, public, conn.wan_ip), (conn.netns, conn.wan_ip, public)):
+        sas = [s for s in _xfrm(netns, "state") if s.src == src and s.dst == dst]
+        assert sas, f"no SA {src} -> {dst} in {netns}"
+        assert all(s.has(r"^encap type espinudp sport \d+ dport \d+") for s in sas), sas
+
+
 def test_agent_routes_into_the_uplink_and_writes_bypass_and_block_policies(kernel_lab: LabState) -> None:
     e1, e2 = kernel_lab.host("edge-1"), kernel_lab.host("edge-2")
     routes = {r.split()[0]: r for r in sh("ip", "route", "show", "table", TABLE, ns=e1.netns).stdout.splitlines()}
@@ -161,7 +173,7 @@ def test_pod_traffic_is_carried_by_kernel_esp_direct_and_relayed(kernel_lab: Lab
     e1, e2, e3, conn = (kernel_lab.host(n) for n in ("edge-1", "edge-2", "edge-3", "connector-1"))
     direct_before = _esp_packets(e1.netns, e1.wan_ip, e2.wan_ip)
     relay_in_before = _esp_packets(conn.netns, e1.wan_ip, conn.wan_ip)
-    relay_out_before = _esp_packets(conn.netns, conn.wan_ip, e3.wan_ip)
+    relay_out_before = _esp_packets(conn.netns, conn.wan_ip, e3.public_ip(kernel_lab))
     via_connector = child_packets(kernel_lab, "connector-1")
     assert ping_ok(pod(kernel_lab, "edge-1").netns, pod(kernel_lab, "edge-2").ip, count=10)
     assert _esp_packets(e1.netns, e1.wan_ip, e2.wan_ip) - direct_before >= 10
@@ -170,11 +182,11 @@ def test_pod_traffic_is_carried_by_kernel_esp_direct_and_relayed(kernel_lab: Lab
         assert after[edge] == via_connector[edge], f"direct traffic crossed the connector via {edge}"
     assert ping_ok(pod(kernel_lab, "edge-1").netns, pod(kernel_lab, "edge-3").ip, count=10)
     assert _esp_packets(conn.netns, e1.wan_ip, conn.wan_ip) - relay_in_before >= 10
-    assert _esp_packets(conn.netns, conn.wan_ip, e3.wan_ip) - relay_out_before >= 10
+    assert _esp_packets(conn.netns, conn.wan_ip, e3.public_ip(kernel_lab)) - relay_out_before >= 10
 
 
-@pytest.mark.parametrize("src,dst", [("edge-1", "edge-2"), ("edge-1", "edge-3"), ("edge-2", "cloud-2"),
-                                     ("cloud-2", "edge-3"), ("connector-1", "edge-1")])
+@pytest.mark.parametrize("src,dst", [("edge-1", "edge-2"), ("edge-1", "edge-3"), ("edge-2", "connector-1"),
+                                     ("connector-1", "edge-3"), ("edge-3", "edge-1")])
 def test_the_receiving_pod_sees_the_senders_pod_ip(kernel_lab: LabState, src: str, dst: str) -> None:
     client, server = pod(kernel_lab, src), pod(kernel_lab, dst)
     with echo_peer_server(server.netns, 8080):
@@ -196,7 +208,7 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet(kernel_lab
     pings = [subprocess.Popen(["ip", "netns", "exec", pod(kernel_lab, src).netns, "ping", "-n", "-q", "-i", "0.1",
                                "-c", "80", "-W", "2", pod(kernel_lab, dst).ip],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for src, dst in (("edge-1", "cloud-2"), ("edge-1", "edge-2"), ("edge-3", "edge-1"))]
+             for src, dst in (("edge-1", "connector-1"), ("edge-1", "edge-2"), ("edge-3", "edge-1"))]
     time.sleep(1)
     marks = {n: _log(kernel_lab, n).stat().st_size for n in ("edge-1", "connector-1")}
     processes.restart_node_process(kernel_lab, "edge-1")
@@ -215,7 +227,7 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet(kernel_lab
 
 
 def test_forged_cleartext_from_the_wan_is_not_forwarded_to_an_edge_pod(kernel_lab: LabState) -> None:
-    edge, target, forged = kernel_lab.host("edge-1"), pod(kernel_lab, "edge-1"), pod(kernel_lab, "cloud-2")
+    edge, target, forged = kernel_lab.host("edge-1"), pod(kernel_lab, "edge-1"), pod(kernel_lab, "connector-1")
     arrived = ("-i", "wan0", "-s", forged.ip, "-p", "udp", "--dport", "9")
     delivered = ("-s", forged.ip, "-p", "udp", "--dport", "9")
     with wan_probe(kernel_lab, PROBE_IP) as probe:
@@ -233,7 +245,7 @@ def test_forged_cleartext_from_the_wan_is_not_forwarded_to_an_edge_pod(kernel_la
         finally:
             remove_counter(edge.netns, *arrived)
             remove_counter(target.netns, *delivered)
-    assert ping_ok(pod(kernel_lab, "cloud-2").netns, target.ip, count=3)
+    assert ping_ok(pod(kernel_lab, "connector-1").netns, target.ip, count=3)
 
 
 def _delete_charons_policies_and_sas(netns: str) -> int:
@@ -251,7 +263,7 @@ def _delete_charons_policies_and_sas(netns: str) -> int:
 
 def test_no_pod_packet_leaves_an_edge_in_clear_while_its_charon_is_down_and_restarting(
         kernel_lab: LabState) -> None:
-    edge, src, dst = kernel_lab.host("edge-1"), pod(kernel_lab, "edge-1"), pod(kernel_lab, "cloud-2")
+    edge, src, dst = kernel_lab.host("edge-1"), pod(kernel_lab, "edge-1"), pod(kernel_lab, "connector-1")
     leaked = [("-s", "10.0.0.0/8"), ("-d", "10.0.0.0/8")]
     with wan_probe(kernel_lab, PROBE_IP) as probe:
         had_default = bool(sh("ip", "-n", edge.netns, "route", "show", "default").stdout.strip())
@@ -274,7 +286,7 @@ def test_no_pod_packet_leaves_an_edge_in_clear_while_its_charon_is_down_and_rest
             kernel_lab.save()
             wait_for(lambda: "connector-1" in established(kernel_lab, "edge-1"), timeout=90,
                      what="edge-1's tunnel to the connector to come back")
-            wait_for(lambda: ping_ok(src.netns, dst.ip), timeout=60, what="edge-1's pod to reach cloud-2's again")
+            wait_for(lambda: ping_ok(src.netns, dst.ip), timeout=60, what="edge-1's pod to reach connector-1's again")
         finally:
             ping.send_signal(signal.SIGINT)
             ping.wait(timeout=10)
