@@ -10,5 +10,6 @@ from __future__ import annotations
 import os
 
 GUEST_ENV = "FABMESH_KERNEL_GUEST"
+ARTIFACTS_ENV = "FABMESH_KERNEL_ARTIFACTS"  # a host directory the guest may write (its logs on failure)
 
 collect_ignore = [] if os.environ.get(GUEST_ENV) == "1" else ["inside"]

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import require_root_tools
 from tests.kernel import vm
-from tests.kernel.conftest import GUEST_ENV
+from tests.kernel.conftest import ARTIFACTS_ENV, GUEST_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_AND_RUN_TIMEOUT_S = 40 * 60  # a hung guest must not hang CI; the tier takes a fraction of this
@@ -28,7 +28,8 @@ PASSED_ENV = ("KUBEBUILDER_ASSETS", "CI", "HOME", "PATH")
 
 
 def _guest_command(rwdir: Path) -> str:
-    env = {GUEST_ENV: "1", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+    env = {GUEST_ENV: "1", ARTIFACTS_ENV: str(rwdir), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONUNBUFFERED": "1",
            **{k: os.environ[k] for k in PASSED_ENV if k in os.environ}}
     pytest_argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
                    "--basetemp=/tmp/fabmesh-kernel-tier", f"--junitxml={rwdir / 'junit.xml'}",
@@ -70,4 +71,6 @@ def test_kernel_backend_tier_passes_inside_a_vm_with_esp(tmp_path: Path) -> None
     summary = _summary(junit) if junit.exists() else "no JUnit report: the guest's pytest never finished"
     print(f"kernel tier: {kernel.name}, {'KVM' if kvm else 'software emulation'}, {seconds:.0f}s: {summary}")
     print(text[-20000:])
-    assert rc == 0 and junit.exists(), f"the guest's pytest failed (exit {rc}; {summary}):\n{text[-12000:]}"
+    logs = tmp_path / "mesh-logs.txt"
+    where = f" (the mesh's logs: {logs})" if logs.exists() else ""
+    assert rc == 0 and junit.exists(), f"the guest's pytest failed (exit {rc}; {summary}){where}:\n{text[-12000:]}"

@@ -18,7 +18,7 @@ import pytest
 from fabmesh.lab import probe, teardown
 from fabmesh.lab.state import LabState
 from tests.conftest import require_root_tools
-from tests.kernel.conftest import GUEST_ENV
+from tests.kernel.conftest import ARTIFACTS_ENV, GUEST_ENV
 from tests.kernel.inside import mesh
 
 # esp4 and xfrm_user for charon's kernel-netlink; the rest autoload, but a missing one is clearer here.
@@ -52,8 +52,11 @@ def kernel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         if failed:
             pytest.fail(f"pod pairs that cannot reach each other over kernel ESP: {failed}\n{_logs(directory)}")
         yield state
-    except Exception:
-        print(_logs(directory))
+    except BaseException:
+        logs = _logs(directory)
+        print(logs)
+        if os.environ.get(ARTIFACTS_ENV):
+            (Path(os.environ[ARTIFACTS_ENV]) / "mesh-logs.txt").write_text(logs)
         raise
     finally:
         removed = teardown.down(directory)

@@ -18,6 +18,7 @@ the cloud side: flannel is not under test here), edge-1 and edge-2 on the WAN in
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,8 @@ NAT_WAN = "198.51.100.21"
 EDGE3_LAN_IP = "172.16.1.2"
 
 
-def settings() -> OperatorSettings:
-    return OperatorSettings.model_validate({"tunnel": {"backend": Backend.KERNEL.value},
+def settings(backend: Backend) -> OperatorSettings:
+    return OperatorSettings.model_validate({"tunnel": {"backend": backend.value},
                                             "node": {"resync_period_s": 10}})
 
 
@@ -73,6 +74,8 @@ def node_object(host: LabHost) -> dict[str, Any]:
 def _create_hosts(state: LabState) -> None:
     net = Network(prefix=state.prefix, directory=Path(state.directory) / "hosts", wan_cidr=WAN_CIDR).create()
     conn = net.add_host("connector-1", CONNECTOR_WAN)
+    # flanneld puts the pod CIDR's first address on flannel.1; the connector routes to edges from it.
+    conn.run("ip", "addr", "add", f"{ipaddress.ip_network(CONNECTOR_POD_CIDR).network_address}/32", "dev", "lo")
     state.hosts.append(LabHost(name="connector-1", role="connector", netns=conn.netns, wan_ip=conn.wan_ip,
                                node_ip=conn.wan_ip, pod_cidr=CONNECTOR_POD_CIDR))
     for name, (wan_ip, node_ip, communities) in WAN_EDGES.items():
@@ -92,7 +95,7 @@ def _create_hosts(state: LabState) -> None:
 def _write_configs(state: LabState) -> None:
     """What the operator decides and kubelet projects: ``mesh.yaml`` and the TLS Secret's files per node."""
     now = datetime.datetime.now(datetime.UTC)
-    config = settings()
+    config = settings(state.backend)
     infos = [read_node(node_object(h), config) for h in state.hosts]
     bad = [i for i in infos if not isinstance(i, NodeInfo)]
     assert not bad, bad
@@ -129,9 +132,12 @@ def _add_pods(state: LabState, timeout: float) -> None:
         state.save()
 
 
-def build(directory: Path, timeout: float) -> LabState:
-    """Hosts, configs, charons (kernel-netlink), node processes and pods; returns once the pods exist."""
-    state = LabState(prefix=unique_prefix("fmk"), directory=str(directory), backend=Backend.KERNEL)
+def build(directory: Path, timeout: float, backend: Backend = Backend.KERNEL) -> LabState:
+    """Hosts, configs, charons, node processes and pods; returns once the pods exist.
+
+    ``backend`` is the kernel tier's (kernel-netlink); libipsec builds the same mesh on a host without ESP.
+    """
+    state = LabState(prefix=unique_prefix("fmk"), directory=str(directory), backend=backend)
     state.save()
     _create_hosts(state)
     _write_configs(state)
