@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything fabmesh's tests and lab need, idempotently; cached between runs.
 #   Debian packages (strongSwan with kernel-libipsec, iproute2, iptables, ipset, CNI plugins, iperf3;
-#   for real nodes: containerd 1.6 + runc, busybox-static for the local images)
+#   for real nodes: containerd 1.6 + runc, busybox-static for the local images;
+#   for the kernel tier's VM: a Debian kernel with ESP as modules, QEMU and a static busybox
+#   (virtme-ng, pinned in the test extras, boots that kernel over a read-only view of this machine)
 #   a Python venv at .venv with fabmesh and its pinned dependencies
 #   kube-apiserver, etcd, kubectl (built from Go modules) and helm, under ~/.cache/fabmesh
 # Rerun this script after any failure: every step says what it ran.
@@ -30,6 +32,20 @@ fi
 # Real nodes run Debian's containerd 1.6 (see docs/real-nodes.md for why not v2): refuse another series.
 containerd --version | grep -q ' 1\.6\.' \
   || die "containerd $(containerd --version | cut -d' ' -f3) installed; real nodes are tested with the 1.6 series"
+
+# The kernel tier's VM, without recommends: the kernel's would pull firmware and a boot loader, QEMU's
+# a desktop stack. The kernel's postinst only writes /boot/initrd.img-* and the /vmlinuz links.
+VM_DEBS=(linux-image-amd64 qemu-system-x86 busybox-static)
+missing=()
+for pkg in "${VM_DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt-get install --no-install-recommends ${missing[*]} (the kernel tier's VM)"
+  apt-get update -qq || die "step 'apt-get update' failed; rerun scripts/install-deps.sh"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "step 'apt-get install ${missing[*]}' failed; rerun scripts/install-deps.sh"
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

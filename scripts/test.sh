@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, every tier (unit, api, dataplane, e2e), after installing what is missing.
+# The whole test suite, every tier (unit, api, dataplane, e2e, kernel), after installing what is missing.
 # With CI=true a skipped test fails the run, and so does a run that collects no test.
 set -euo pipefail
 cd "$(dirname "$0")/.."

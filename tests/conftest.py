@@ -10,7 +10,7 @@ import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    tiers = {"unit", "api", "dataplane", "e2e"}
+    tiers = {"unit", "api", "dataplane", "e2e", "kernel"}
     for item in items:
         tier = item.path.parent.name
         if tier in tiers and not any(item.iter_markers(name=t) for t in tiers):

@@ -1,7 +1,8 @@
 """Bring a whole hybrid cluster up in network namespaces: hosts, Nodes, the operator, node processes, pods.
 
 Real parts only: etcd + kube-apiserver, the real operator process with the
-chart's RBAC, one charon per tunnel host (userspace ESP), the real agent and
+chart's RBAC, one charon per tunnel host (userspace ESP by default, kernel ESP with
+``backend=kernel``), the real agent and
 connector processes inside their hosts' namespaces, pods added by the real CNI
 plugins with the conflist the agent wrote, flannel-style VXLAN between cloud
 hosts programmed from the Node annotations the operator writes
@@ -28,6 +29,7 @@ from fabmesh.lab.processes import spawn, start_charon, start_node_process
 from fabmesh.lab.state import LabHost, LabNatRouter, LabPod, LabState
 from fabmesh.lab.topology import LabRole, NatType, Topology
 from fabmesh.mesh import names
+from fabmesh.mesh.model import Backend
 from fabmesh.mesh.names import FLANNEL_PREFIX
 from fabmesh.testenv import cni
 from fabmesh.testenv.cluster import install_operator_rbac, spawn_operator
@@ -51,7 +53,8 @@ def _setup_cloud_host(host: Host, pod_cidr: str) -> str:
     return json.loads(host.run("ip", "-j", "link", "show", "flannel.1").stdout)[0]["address"]
 
 
-def _cloud_conflist(path: Path, pod_cidr: str, ipam_dir: Path) -> None:
+def cloud_conflist(path: Path, pod_cidr: str, ipam_dir: Path) -> None:
+    """A cloud node's CNI config as flannel's would be: a bridge on the node's pod CIDR, no masquerade."""
     net = ipaddress.ip_network(pod_cidr)
     conf = {"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
         {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "mtu": 1450,
@@ -75,14 +78,14 @@ def _node_object(host: LabHost, topo_labels: dict[str, str], annotations: dict[s
     return body
 
 
-def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
+def operator_settings(topology: Topology, namespace: str, backend: Backend = Backend.LIBIPSEC) -> dict[str, Any]:
     return {
         "namespace": namespace,
         "edge_pod_pool": topology.edge_pod_pool,
         "cloud_pod_cidrs": [topology.cloud_pod_cidr],
         "service_cidr": topology.service_cidr,
         "resync_period_s": 10,
-        "tunnel": {"backend": "libipsec"},
+        "tunnel": {"backend": backend.value},
         "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
         # The lab runs agents and the connector as processes (no kubelet), so the operator's Pods are off.
         "agent_pods": {"enabled": False},
@@ -90,13 +93,18 @@ def operator_settings(topology: Topology, namespace: str) -> dict[str, Any]:
     }
 
 
-def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120) -> LabState:
-    """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails."""
+def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
+       backend: Backend = Backend.LIBIPSEC) -> LabState:
+    """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails.
+
+    ``backend`` is the operator's ``tunnel.backend`` and every charon's: libipsec (userspace ESP, works
+    on any kernel with TUN) by default; ``kernel`` needs ESP in the kernel (the kernel test tier's VM).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory))
+    state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
     state.save()
     progress("starting etcd and kube-apiserver")
-    cp = _start_control_plane(state, directory / "controlplane")
+    cp = _start_control_plane(state, directory / "controlplane", timeout)
     admin = Kube(load_api_client(str(cp.kubeconfig)))
     progress("creating hosts (network namespaces)")
     macs = _create_hosts(state, topology, directory / "hosts")
@@ -105,7 +113,7 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     _register_nodes(admin, state, macs)
     progress("starting the operator")
     settings_file = directory / "operator.yaml"
-    settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace)))
+    settings_file.write_text(yaml.safe_dump(operator_settings(topology, state.operator_namespace, backend)))
     # Supervised: it exits on losing its Lease (an API server outage) and, as under a kubelet, comes back.
     state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs",
                                             restart=True).pid
@@ -123,8 +131,8 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     return state
 
 
-def _start_control_plane(state: LabState, directory: Path) -> ControlPlane:
-    cp = ControlPlane(directory=directory)
+def _start_control_plane(state: LabState, directory: Path, timeout: float) -> ControlPlane:
+    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout))
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start
@@ -206,7 +214,7 @@ def _add_pods(state: LabState, hosts_dir: Path, timeout: float) -> None:
             wait_for(conflist.exists, timeout=timeout, interval=0.2, what=f"the agent's CNI config on {h.name}")
         else:
             conflist = base / "cni" / "10-flannel.conflist"
-            _cloud_conflist(conflist, h.pod_cidr or "", base / "ipam")
+            cloud_conflist(conflist, h.pod_cidr or "", base / "ipam")
         pod = cni.add_pod(conflist, h.netns, "pod")
         state.pods.append(LabPod(name=f"pod-{h.name}", node=h.name, ip=pod.ip, netns=pod.netns))
         if h.role == "edge":

@@ -20,6 +20,7 @@ from typing import Any
 
 from fabmesh.lab.state import DEFAULT_DIR, LabState
 from fabmesh.lab.topology import TopologyError, load_topology
+from fabmesh.mesh.model import Backend
 from fabmesh.testenv.assets import KUBERNETES_VERSION, cache_root
 
 
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     up.add_argument("--topology", type=Path, help="topology YAML (default: 2 cloud nodes incl. the connector, "
                     "3 edges in 2 communities, one edge in none; see examples/lab-topology.yaml)")
     up.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    up.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.LIBIPSEC.value,
+                    help="the operator's tunnel.backend and every charon's: libipsec (userspace ESP, the default: "
+                    "works on any kernel) or kernel (xfrm ESP, production's default; needs esp4 in the kernel)")
     up.add_argument("--timeout", type=float, default=120, help="seconds to wait for a full matrix (default 120)")
     up.set_defaults(func=_up)
     status = verbs.add_parser("status", help="re-check and print the matrix of the running lab")
@@ -73,7 +77,8 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     started = time.monotonic()
     try:
-        state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout)
+        state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout,
+                           backend=Backend(args.backend))
     except Exception as exc:
         print(f"fabmesh lab: bring-up failed: {exc}\nlogs: {args.dir / 'logs'}; clean up with "
               "'fabmesh lab down'", file=sys.stderr)

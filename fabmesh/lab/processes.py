@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from fabmesh.lab.state import LabState
+from fabmesh.mesh.model import Backend
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.testenv.hosts import Host, stop_pid
 
@@ -59,6 +60,11 @@ def start_node_process(state: LabState, name: str) -> int:
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
               "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]
+    if state.backend is Backend.KERNEL:
+        # Kernel ESP routes tunnel traffic into the uplink. A connector's peers have no endpoint (it
+        # accepts them from anywhere) and lab hosts on the WAN have no default route, so it cannot be
+        # guessed there: named, as the operator's connector_pods.uplink does.
+        common += ["--uplink", "wan0"]
     if h.role == "connector":
         # As the operator's connector Pod does: it stands by while mesh.yaml names another connector.
         return spawn(state, f"node-{name}", fabmesh_argv("connector", *common, "--node-name", name), h.netns)
@@ -68,7 +74,7 @@ def start_node_process(state: LabState, name: str) -> int:
 
 def start_charon(state: LabState, name: str) -> int:
     """Start one host's charon; record and return its PID."""
-    pid = host(state, name).start_charon().pid
+    pid = host(state, name).start_charon(backend=state.backend).pid
     state.pids[f"charon-{name}"] = pid
     state.save()
     return pid

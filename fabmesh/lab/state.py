@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from fabmesh.mesh.model import Backend
+
 DEFAULT_DIR = Path(os.environ.get("FABMESH_LAB_DIR", "/var/lib/fabmesh-lab"))
 
 
@@ -60,6 +62,7 @@ class LabState(BaseModel):
     pids: dict[str, int] = {}
     kubeconfig: str | None = None
     operator_namespace: str = "fabmesh-system"
+    backend: Backend = Backend.LIBIPSEC  # the operator's tunnel.backend; every charon the lab starts uses it
     wan_cidr: str = "198.51.100.0/24"
     nats: list[LabNatRouter] = []
     hosts: list[LabHost] = []

@@ -21,13 +21,26 @@ from pathlib import Path
 
 from fabmesh.firewall.ipset import IPSets
 from fabmesh.firewall.iptables import IPTables
-from fabmesh.netlink.driver import Netlink
+from fabmesh.netlink.driver import Netlink, RouteChanges, RoutesNotApplied
 from fabmesh.node.desired import RULE_PRIORITY, NodeState
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
 from fabmesh.strongswan.driver import Charon
 from fabmesh.xfrm.driver import XfrmPolicies
 
 log = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """A step that failed part-way; ``changes`` are the lines of what it did write (``_step`` logs them)."""
+
+    def __init__(self, message: str, changes: list[str]) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
+def _route_lines(changes: RouteChanges) -> list[str]:
+    return ([f"action=add-route {r.key()}" for r in changes.added]
+            + [f"action=del-route {r.key()}" for r in changes.removed])
 
 
 @dataclass
@@ -152,10 +165,12 @@ class NodeApplier:
             before = nl.writes
             try:
                 added_rule = nl.ensure_rule(state.route_table, RULE_PRIORITY)
-                changes = nl.set_routes(state.route_table, state.routes)
+                rule = [f"action=add-rule table={state.route_table} priority={RULE_PRIORITY}"] if added_rule else []
+                try:
+                    changes = nl.set_routes(state.route_table, state.routes)
+                except RoutesNotApplied as exc:
+                    # _step logs what was written before the failure: lines, as every step reports them.
+                    raise StepFailed(str(exc), rule + _route_lines(exc.changes)) from exc
             finally:
                 self.netlink_writes += nl.writes - before
-        return (([f"action=add-rule table={state.route_table} priority={RULE_PRIORITY}"]
-                 if added_rule else [])
-                + [f"action=add-route {r.key()}" for r in changes.added]
-                + [f"action=del-route {r.key()}" for r in changes.removed])
+        return rule + _route_lines(changes)

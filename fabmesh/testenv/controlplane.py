@@ -61,6 +61,9 @@ class ControlPlane:
 
     directory: Path
     assets: Assets | None = None
+    # How long etcd and kube-apiserver may take to become ready: 90 s on a loaded 2-core host; several
+    # minutes under software emulation (the kernel tier's VM, where the lab passes its own timeout).
+    ready_timeout: float = 90.0
     pids: list[int] = field(default_factory=list)
     url: str = ""
     token: str = ""
@@ -99,7 +102,7 @@ class ControlPlane:
             "--initial-cluster", f"default=http://127.0.0.1:{peer}",
             "--unsafe-no-fsync", "--log-level", "warn",
         ])
-        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/health"), timeout=30,
+        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/health"), timeout=self.ready_timeout / 3,
                  what="etcd /health")
         if proc.poll() is not None:
             raise RuntimeError(f"etcd exited ({proc.returncode}); see {self.directory / 'etcd.log'}")
@@ -161,7 +164,7 @@ class ControlPlane:
         context = ssl.create_default_context(cadata=ca.cert_pem)
         wait_for(lambda: proc.poll() is not None
                  or _http_ok(f"{self.url}/readyz", token=self.token, context=context),
-                 timeout=90, interval=0.2, what="kube-apiserver /readyz")
+                 timeout=self.ready_timeout, interval=0.2, what="kube-apiserver /readyz")
         if proc.poll() is not None:
             raise RuntimeError(f"kube-apiserver exited ({proc.returncode}); "
                                f"see {self.directory / 'kube-apiserver.log'}")
