@@ -140,7 +140,8 @@ def check_certificates(nodes: Sequence[Obj], secrets: Sequence[Obj] | None, now:
                                   f"delete Secret {secret_name}: the operator issues a new one"))
             continue
         checked += 1
-        hint = ("the CA is not rotated automatically: plan a CA rotation (every leaf is reissued)"
+        hint = ("the operator rolls the CA when leaves would be cut short; to roll it now, annotate Secret "
+                "fabmesh-ca with fabmesh.io/rotate-ca (see docs/operator.md, Certificates and revocation)"
                 if secret_name == o.CA_SECRET else renew)
         if found := _expiry_check(f"{node}: certificate in {secret_name}", not_after, now, hint):
             problems.append(found)

@@ -15,13 +15,14 @@ Choices, and why:
   restarts on DPD timeout and on close; the responder only answers, so a pair
   never builds two IKE_SAs. ``trap`` is avoided: with kernel-libipsec a trap
   policy never starts the tunnel.
-* The remote identity must equal the peer's node name, chain to the cluster
-  CA bundle (``cacerts``, one entry per CA: two during a CA roll, and one match
-  is enough) *and*, when the operator pinned it, carry the peer's current
-  public key (``pubkeys``: charon makes it a trusted-pubkey certificate and a
+* The remote identity must equal the peer's node name and, when the operator
+  pinned it (it always does), carry the peer's current public key
+  (``pubkeys`` alone: charon makes it a trusted-pubkey certificate and a
   subject-certificate constraint whose comparison is by public key, so any
   X.509 leaf with that key complies and any other is refused, "peer not
-  authenticated with peer cert"). A certificate from elsewhere, a replaced key
+  authenticated with peer cert"; a ``cacerts`` beside it would refuse every
+  peer, see ``_remote_auth``). Only an unpinned, hand-written peer is checked
+  against the CA bundle (``cacerts``, one entry per CA during a roll). A certificate from elsewhere, a replaced key
   of a reissued node, or a node that has left the mesh (its connection is gone)
   gets no tunnel; a renewed leaf with the same key needs no change here.
 * With kernel ESP, ``policies_fwd_out = yes``: fabmesh puts ``block`` xfrm policies under each

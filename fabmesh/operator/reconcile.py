@@ -107,9 +107,11 @@ class Reconciler:
         connector_names: set[str] = set()
         for obj in self.kube.list("nodes"):
             labels = obj["metadata"].get("labels") or {}
+            # A node with both labels is in error (an Event says so) and keeps what it has under either role:
+            # a bad label must not tear down a working node.
             if self.settings.edge_label in labels:
                 edge_names.add(obj["metadata"]["name"])
-            elif self.settings.connector_label in labels:
+            if self.settings.connector_label in labels:
                 connector_names.add(obj["metadata"]["name"])
             info = read_node(obj, self.settings)
             if isinstance(info, InvalidNode):
@@ -185,8 +187,9 @@ class Reconciler:
                 issued[action.node] = public_key_b64(leaf.cert_pem)
         if any(keys.get(node) != key for node, key in issued.items()):
             # New nodes and revoked keys: pin what was just issued (a renewal keeps the key: no replan).
-            mesh = plan(seen.nodes, self.settings, bundle, mesh.ipam_record, last_good, {**keys, **issued})
-            result.plan = mesh
+            replanned = plan(seen.nodes, self.settings, bundle, mesh.ipam_record, last_good, {**keys, **issued})
+            result.errors.extend(e for e in replanned.errors if e not in mesh.errors)
+            mesh = result.plan = replanned
 
         for name, node_mesh in sorted(mesh.edges.items()):
             if name not in expiry:
@@ -436,8 +439,8 @@ class Reconciler:
             self.kube.create("events", body, EVENTS_NAMESPACE)
         except ApiError as exc:
             if not exc.conflict:  # Events are best effort: the next pass tries again
-                log.warning("node=%s object=events/default/%s status=%d reason=%s: cannot record %s",
-                            error.node, name, exc.status, exc.reason, error.field)
+                log.warning("node=%s object=events/%s/%s status=%d reason=%s: cannot record %s",
+                            error.node, EVENTS_NAMESPACE, name, exc.status, exc.reason, error.field)
                 return
             self._remember(name)
             return

@@ -148,6 +148,9 @@ class OperatorSettings(BaseModel):
         for cidr in (*self.cloud_pod_cidrs, self.service_cidr):
             if pool.overlaps(ipaddress.ip_network(cidr)):
                 raise ValueError(f"edge_pod_pool {pool} overlaps {cidr}")
+        if pool.version != 4:
+            # The node side programs IPv4 only (iptables, inet ipsets, the IPv4 forwarding sysctl).
+            raise ValueError(f"edge_pod_pool {pool} is IPv6: fabmesh meshes are IPv4 only for now")
         # The mesh is single-stack, in the pool's family: a range of the other family would put
         # selectors and routes of two families into one tunnel, which no peer can apply.
         for key in ("cloud_pod_cidrs", "service_cidr", "cloud_node_cidrs", "edge_node_cidrs"):

@@ -271,9 +271,9 @@ def renewal_reason(
 def ca_needs_rotation(ca: KeyPair, *, now: datetime, leaf_lifetime: timedelta) -> bool:
     """Whether a leaf issued now would be cut short because the CA expires first.
 
-    The operator does not rotate the CA on its own, and does not call this yet: nothing warns
-    today when a leaf is cut short (``kubectl fabmesh doctor`` does warn 30 days before any
-    certificate expires).
+    The operator starts a CA roll when this is true (``fabmesh/operator/ca_roll.py``), so leaves
+    are never cut short for long; ``kubectl fabmesh doctor`` also warns 30 days before any
+    certificate, the CA's included, expires.
     """
     ca_cert = _load_cert(ca.cert_pem, "ca.crt")
     return ca_cert.not_valid_after_utc < _utc(now) + leaf_lifetime

@@ -22,6 +22,7 @@ from tests.api.operator_helpers import (
     configmaps,
     create_nodes,
     edge,
+    events_for,
     mesh_of,
     node,
     pods,
@@ -139,3 +140,21 @@ def test_each_connector_has_its_own_key_and_its_pod_mounts_only_that_key(
     assert pds[o.connector_pod_name("a-standby")]["metadata"]["uid"] == standby_pod_uid
     wait_for(lambda: mesh_of(configmaps(env)[o.CONNECTOR_CONFIGMAP]).node.name == "a-standby", timeout=30,
              what="the standby to become the active connector")
+
+
+def test_an_edge_label_added_to_a_connector_by_mistake_is_an_event_and_tears_nothing_down(
+        operator_env: OperatorEnv) -> None:
+    env = operator_env
+    create_nodes(env.kube, [*cloud_nodes(), node("conn-b", "198.51.100.8", {CONNECTOR: ""}, dict(FLANNEL)),
+                            edge("e1", "192.0.2.1")])
+    env.start()
+    wait_converged(env, {"e1"})
+    secs, pds = _connector_objects(env, {"connector-1", "conn-b"})
+    before = (secs[o.connector_secret_name("conn-b")]["metadata"]["uid"],
+              pds[o.connector_pod_name("conn-b")]["metadata"]["uid"])
+    env.kube.merge_patch("nodes", "conn-b", {"metadata": {"labels": {EDGE: ""}}})  # a careless label
+    wait_for(lambda: events_for(env, "conn-b"), timeout=30, what="a Warning Event on conn-b")
+    wait_matches_plan(env)
+    after = (secrets(env)[o.connector_secret_name("conn-b")]["metadata"]["uid"],
+             pods(env)[o.connector_pod_name("conn-b")]["metadata"]["uid"])
+    assert after == before, "the connector's key and Pod must survive a bad label"

@@ -211,3 +211,13 @@ def test_agent_pod_resources_refuse_a_malformed_quantity(tmp_path: Path, quantit
     path.write_text(yaml.safe_dump({"agent_pods": {"resources": {"limits": {"memory": quantity}}}}))
     with pytest.raises(SettingsError, match=r": agent_pods\.resources\.limits\.memory: "):
         load_settings(path)
+
+
+def test_an_ipv6_edge_pod_pool_is_refused_until_the_agents_program_ipv6() -> None:
+    from pydantic import ValidationError
+
+    from fabmesh.operator.settings import OperatorSettings
+
+    with pytest.raises(ValidationError, match="IPv4 only for now"):
+        OperatorSettings(edge_pod_pool="fd00:233::/48", edge_pod_prefix_len=64, cloud_pod_cidrs=("fd00:244::/48",),
+                         service_cidr="fd00:96::/108")
