@@ -18,16 +18,20 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 DEBS=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
       iproute2 iptables ipset containernetworking-plugins iperf3 iputils-ping socat procps python3-venv
       containerd runc busybox-static curl)
-missing=()
-for pkg in "${DEBS[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  step "apt-get install ${missing[*]}"
+# apt_install [APT-OPTION...] -- PACKAGE...: install the packages that are missing, saying which.
+apt_install() {
+  local opts=() missing=() pkg
+  while [ "$1" != "--" ]; do opts+=("$1"); shift; done; shift
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  step "apt-get install ${opts[*]} ${missing[*]}"
   apt-get update -qq || die "step 'apt-get update' failed; rerun scripts/install-deps.sh"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${opts[@]}" "${missing[@]}" >/dev/null \
     || die "step 'apt-get install ${missing[*]}' failed; rerun scripts/install-deps.sh"
-fi
+}
+apt_install -- "${DEBS[@]}"
 
 # Real nodes run Debian's containerd 1.6 (see docs/real-nodes.md for why not v2): refuse another series.
 containerd --version | grep -q ' 1\.6\.' \
@@ -35,17 +39,7 @@ containerd --version | grep -q ' 1\.6\.' \
 
 # The kernel tier's VM, without recommends: the kernel's would pull firmware and a boot loader, QEMU's
 # a desktop stack. The kernel's postinst only writes /boot/initrd.img-* and the /vmlinuz links.
-VM_DEBS=(linux-image-amd64 qemu-system-x86 busybox-static)
-missing=()
-for pkg in "${VM_DEBS[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  step "apt-get install --no-install-recommends ${missing[*]} (the kernel tier's VM)"
-  apt-get update -qq || die "step 'apt-get update' failed; rerun scripts/install-deps.sh"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "step 'apt-get install ${missing[*]}' failed; rerun scripts/install-deps.sh"
-fi
+apt_install --no-install-recommends -- linux-image-amd64 qemu-system-x86 busybox-static
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fabmesh.lab.state import LabPod, LabState
+from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.strongswan.driver import Charon
-from fabmesh.testenv.hosts import sh, stop_pid
+from fabmesh.testenv.hosts import sh, stop_pid, wait_for
 
 
 def pod(state: LabState, node: str) -> LabPod:
@@ -132,3 +133,27 @@ def counted(netns: str) -> int:
     """Packets counted by every raw PREROUTING rule of ``netns`` (only our counters live there)."""
     out = sh("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n", ns=netns).stdout
     return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())
+
+
+def forged_datagrams_delivered(probe: str, edge: LabHost, target: LabPod, forged_src: str, count: int = 5) -> int:
+    """Send ``count`` cleartext UDP datagrams claiming ``forged_src`` from ``probe`` to ``target`` by way of
+    ``edge``'s uplink address; once ``edge`` has seen them arrive, how many reached the pod.
+
+    Counted before any filter (raw PREROUTING) on both: the edge must see them, or the test proves nothing.
+    """
+    arrived = ("-i", "wan0", "-s", forged_src, "-p", "udp", "--dport", "9")
+    delivered = ("-s", forged_src, "-p", "udp", "--dport", "9")
+    sh("ip", "-n", probe, "addr", "add", f"{forged_src}/32", "dev", "lo")
+    sh("ip", "-n", probe, "route", "add", f"{target.ip}/32", "via", edge.wan_ip)
+    add_counter(edge.netns, *arrived)
+    add_counter(target.netns, *delivered)
+    try:
+        for _ in range(count):
+            subprocess.run(["ip", "netns", "exec", probe, "socat", "-u", "-", f"UDP:{target.ip}:9,bind={forged_src}"],
+                           input="forged\n", text=True, check=True)
+        wait_for(lambda: counted(edge.netns) >= count, timeout=10, what=f"the forged datagrams to reach {edge.name}")
+        time.sleep(1)  # time to be forwarded, were they to be
+        return counted(target.netns)
+    finally:
+        remove_counter(edge.netns, *arrived)
+        remove_counter(target.netns, *delivered)

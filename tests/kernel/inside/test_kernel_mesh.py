@@ -32,9 +32,9 @@ from tests.e2e.helpers import (
     counted,
     echo_peer_server,
     established,
+    forged_datagrams_delivered,
     ping_ok,
     pod,
-    remove_counter,
     wan_probe,
 )
 
@@ -228,23 +228,9 @@ def test_restarting_agent_and_connector_under_traffic_loses_no_packet(kernel_lab
 
 def test_forged_cleartext_from_the_wan_is_not_forwarded_to_an_edge_pod(kernel_lab: LabState) -> None:
     edge, target, forged = kernel_lab.host("edge-1"), pod(kernel_lab, "edge-1"), pod(kernel_lab, "connector-1")
-    arrived = ("-i", "wan0", "-s", forged.ip, "-p", "udp", "--dport", "9")
-    delivered = ("-s", forged.ip, "-p", "udp", "--dport", "9")
     with wan_probe(kernel_lab, PROBE_IP) as probe:
-        sh("ip", "-n", probe, "addr", "add", f"{forged.ip}/32", "dev", "lo")
-        sh("ip", "-n", probe, "route", "add", f"{target.ip}/32", "via", edge.wan_ip)
-        add_counter(edge.netns, *arrived)
-        add_counter(target.netns, *delivered)
-        try:
-            for _ in range(5):
-                subprocess.run(["ip", "netns", "exec", probe, "socat", "-u", "-",
-                                f"UDP:{target.ip}:9,bind={forged.ip}"], input="forged\n", text=True, check=True)
-            wait_for(lambda: counted(edge.netns) >= 5, timeout=10, what="the forged datagrams to reach edge-1")
-            time.sleep(1)
-            assert counted(target.netns) == 0, "a forged cleartext datagram was delivered to edge-1's pod"
-        finally:
-            remove_counter(edge.netns, *arrived)
-            remove_counter(target.netns, *delivered)
+        delivered = forged_datagrams_delivered(probe, edge, target, forged.ip)
+    assert delivered == 0, "a forged cleartext datagram was delivered to edge-1's pod"
     assert ping_ok(pod(kernel_lab, "connector-1").netns, target.ip, count=3)
 
 
