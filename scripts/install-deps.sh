@@ -58,8 +58,8 @@ command -v go >/dev/null || die "no Go toolchain on PATH: kube-apiserver is buil
 step "kube-apiserver, etcd, kubectl and helm (built once, cached in ~/.cache/fabmesh)"
 .venv/bin/python -m fabmesh.testenv.assets
 # Real-node tier only (tests/nodes): FABMESH_NODE_ASSETS=1 also builds kubelet, kube-proxy,
-# kube-controller-manager and kube-scheduler (several more minutes cold).
+# kube-controller-manager, kube-scheduler and flanneld (several more minutes cold).
 if [ "${FABMESH_NODE_ASSETS:-0}" = 1 ]; then
-  step "kubelet, kube-proxy, kube-controller-manager, kube-scheduler (cached in ~/.cache/fabmesh)"
+  step "kubelet, kube-proxy, kube-controller-manager, kube-scheduler, flanneld (cached in ~/.cache/fabmesh)"
   .venv/bin/python -m fabmesh.testenv.assets --node
 fi
