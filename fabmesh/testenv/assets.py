@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--helm-version", default=HELM_VERSION)
     parser.add_argument("--node", action="store_true",
                         help="also build kubelet, kube-proxy, kube-controller-manager, kube-scheduler and flanneld")
+    parser.add_argument("--flannel", action="store_true", help="also build flanneld (the lab runs it on cloud hosts)")
     parser.add_argument("--flannel-version", default=FLANNEL_VERSION)
     args = parser.parse_args(argv)
     try:
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         flanneld = None
         if args.node:
             ensure_node_assets(args.kubernetes_version)
+        if args.node or args.flannel:
             flanneld = ensure_flanneld(args.flannel_version)
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,7 +37,9 @@ EDGE = "edge-1"
 
 def _node(name: str, ip: str, labels: dict[str, str], pod_cidr: str | None) -> dict:
     spec = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]} if pod_cidr else {}
-    return {"metadata": {"name": name, "labels": labels}, "spec": spec,
+    # kubelet's registration annotation: flanneld v0.28.10 panics on a Node with no annotations at all.
+    annotations = {"volumes.kubernetes.io/controller-managed-attach-detach": "true"}
+    return {"metadata": {"name": name, "labels": labels, "annotations": annotations}, "spec": spec,
             "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
 
 
