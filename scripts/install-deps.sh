@@ -55,8 +55,9 @@ if [ ! -f "$stamp" ]; then
 fi
 
 command -v go >/dev/null || die "no Go toolchain on PATH: kube-apiserver is built from Go modules (install Go >= 1.26)"
-step "kube-apiserver, etcd, kubectl and helm (built once, cached in ~/.cache/fabmesh)"
-.venv/bin/python -m fabmesh.testenv.assets
+step "kube-apiserver, etcd, kubectl, helm and flanneld (built once, cached in ~/.cache/fabmesh)"
+# flanneld: the lab (e2e tier) runs it on cloud hosts; about 4.5 min cold on 2 cores.
+.venv/bin/python -m fabmesh.testenv.assets --flannel
 # Real-node tier only (tests/nodes): FABMESH_NODE_ASSETS=1 also builds kubelet, kube-proxy,
 # kube-controller-manager and kube-scheduler (several more minutes cold).
 if [ "${FABMESH_NODE_ASSETS:-0}" = 1 ]; then

@@ -17,7 +17,14 @@ from enum import StrEnum
 from fabmesh.kubectl import cluster
 from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import MeshConfigError, Role
-from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, INVALID_NODE_REASON, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
+from fabmesh.mesh.names import (
+    FLANNEL_KEYS,
+    FLANNEL_LEASE_MARKER,
+    FLANNEL_PREFIX,
+    INVALID_NODE_REASON,
+    POD_CIDR_ANNOTATION,
+    STATUS_ANNOTATION,
+)
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import PKIError
@@ -196,7 +203,8 @@ def check_agents_running(pods: Sequence[Obj]) -> list[Check]:
 
 
 def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
-    """Edges must carry the connector's three flannel annotations: cloud nodes route edge CIDRs with them."""
+    """Edges must carry the connector's three flannel annotations and flanneld's lease marker: cloud nodes'
+    flanneld routes edge CIDRs with them."""
     connector = cluster.active_connector(nodes, settings)
     if connector is None:
         return [Check(CheckName.FLANNEL, Status.WARN, "no connector node to compare edge annotations with",
@@ -207,6 +215,8 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
         return [Check(CheckName.FLANNEL, Status.FAIL,
                       f"connector {name_of(connector)} has no {', '.join(missing)}",
                       f"is flanneld running on {name_of(connector)}? it writes these annotations")]
+    # flanneld ignores a Node without its kube-subnet-manager marker, whatever else it carries.
+    wanted |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
     problems = []
     edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
     for node in edges:

@@ -24,6 +24,9 @@ POD_CIDR_ANNOTATION = "fabmesh.io/pod-cidr"  # written by the operator on edges
 STATUS_ANNOTATION = "fabmesh.io/status"  # "cidr=... communities=a,b cert-expires=ISO"
 FLANNEL_PREFIX = "flannel.alpha.coreos.com/"  # written by flanneld; copied from the connector onto edges
 FLANNEL_KEYS = ("backend-type", "backend-data", "public-ip")
+# flanneld's kube subnet manager ignores every Node without this marker (flanneld sets it on its own Node):
+# the operator writes it on edges, next to the copied keys, or no cloud node routes their pod CIDRs.
+FLANNEL_LEASE_MARKER = {"kube-subnet-manager": "true"}
 
 # -- labels on the objects the operator owns -------------------------------------------------------
 MANAGED_BY_KEY = "app.kubernetes.io/managed-by"

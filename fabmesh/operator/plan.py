@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
-from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
+from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_LEASE_MARKER, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
 from fabmesh.mesh.topology import active_connector, community_members, community_peers_of, shares_community
 from fabmesh.operator.addresses import EdgeAddresses, vet_edges
 from fabmesh.operator.inventory import InvalidNode, NodeInfo
@@ -177,7 +177,11 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
                 "the connector has no flannel annotations yet: cloud nodes cannot route edge pod "
                 "CIDRs to it (is flanneld running there?)"))
         else:
+            # What real flanneld (kube subnet manager, vxlan) needs to route an edge's pod CIDR to the
+            # connector's VTEP: the connector's three keys, the marker (without it flanneld skips the
+            # Node), and spec.podCIDR (the lease's subnet; set below when empty).
             flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
+            flannel |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
 
     # Built once and shared: every edge that lists Y holds the same two Peer objects for Y (one per
     # initiate flag; the lower name initiates), so planning is O(edges + peer references) and

@@ -25,7 +25,8 @@ NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 NS = "fabmesh-system"
 FLANNEL = {"flannel.alpha.coreos.com/backend-type": "vxlan",
            "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
-           "flannel.alpha.coreos.com/public-ip": "198.51.100.1"}
+           "flannel.alpha.coreos.com/public-ip": "198.51.100.1",
+           "flannel.alpha.coreos.com/kube-subnet-manager": "true"}
 
 CA = new_ca(now=NOW - timedelta(days=10), lifetime=timedelta(days=3650))
 SHORT_CA = new_ca(now=NOW - timedelta(days=10), lifetime=timedelta(days=30))  # ends in 20 days
@@ -317,7 +318,10 @@ FLANNEL_CASES = {
         [(Status.PASS, "all 2 edge node(s) carry conn's flannel annotations")]),
     "edge-missing-annotations-fails": (
         [connector(), node("e1", "192.0.2.1", {SETTINGS.edge_label: ""})],
-        [(Status.FAIL, "e1: missing flannel annotations backend-type, backend-data, public-ip")]),
+        [(Status.FAIL, "e1: missing flannel annotations backend-type, backend-data, public-ip, kube-subnet-manager")]),
+    "edge-without-lease-marker-fails": (  # real flanneld skips such a Node: no cloud node routes its pod CIDR
+        [connector(), edge("e1", "192.0.2.1", annotations={"flannel.alpha.coreos.com/kube-subnet-manager": "false"})],
+        [(Status.FAIL, "e1: stale flannel annotations kube-subnet-manager (differ from conn)")]),
     "edge-with-stale-public-ip-fails": (
         [connector(), edge("e1", "192.0.2.1", annotations={"flannel.alpha.coreos.com/public-ip": "203.0.113.7"})],
         [(Status.FAIL, "e1: stale flannel annotations public-ip (differ from conn)")]),
