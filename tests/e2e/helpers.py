@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fabmesh.lab import paths, probe
+from fabmesh.lab import probe
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.strongswan.driver import Charon
 from fabmesh.testenv.hosts import sh, stop_pid, wait_for
@@ -160,11 +160,8 @@ def forged_datagrams_delivered(probe: str, edge: LabHost, target: LabPod, forged
         remove_counter(target.netns, *delivered)
 
 
-def observed_path(state: LabState, src: str, dst: str) -> tuple[bool, str, list[dict]]:
+
+def observed_path(state: LabState, src: str, dst: str) -> tuple[bool, str]:
     """One ping from ``src``'s pod to ``dst``'s, and the path the SA counters saw it take (as ``lab status``)."""
-    before = probe.read_counters(state)
-    ok = probe.ping(pod(state, src).netns, pod(state, dst).ip)
-    evidence = paths.counted(before, probe.read_counters(state))
-    edges = {h.name for h in state.hosts if h.role == "edge"}
-    connector = next(h.name for h in state.hosts if h.role == "connector")
-    return ok, paths.observed_path(src, dst, edges, connector, evidence).value, [c.as_json() for c in evidence]
+    ok, path, _ = probe.observe_pair(state, src, dst)
+    return ok, path.value
