@@ -5,6 +5,11 @@ charon's VICI socket is recreated (charon restarted and lost everything), every
 ``resync_period_s`` as a safety net, and after ``RETRY_S`` while something is
 not right yet (a failed step, an initiator without an IKE_SA).
 
+Between passes an edge checks its direct tunnels every ``LIVENESS_S``
+(``fabmesh/node/liveness.py``): one whose DPD went unanswered for
+``tunnel.direct_dpd_timeout_s`` is terminated, so its pair is relayed through the
+connector at once, and a pass follows (the initiator makes the tunnel again).
+
 A connector started with ``--node-name`` is a standby while ``mesh.yaml`` names
 another node (the operator writes the active connector's name there): it loads
 nothing, and if it was the active connector earlier in this process it
@@ -25,18 +30,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fabmesh.mesh.model import Backend, MeshConfigError
+from fabmesh.mesh.model import Backend, MeshConfigError, Role
 from fabmesh.netlink.driver import Netlink
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
 from fabmesh.node.config import NodeConfig, fingerprint, load, mesh_node_name
 from fabmesh.node.desired import desired_state
+from fabmesh.node.liveness import DirectLiveness
 from fabmesh.node.metrics import Metrics, serve
+from fabmesh.node.tunnels import is_direct
 from fabmesh.strongswan.driver import Charon, ViciError
 
 log = logging.getLogger(__name__)
 RETRY_S = 2.0
 POLL_S = 0.5
+LIVENESS_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class NodeLoop:
         self.metrics_tried = False
         self.rejected: frozenset[str] = frozenset()  # peers left out by desired_state, as last logged
         self.standby_for: str | None = None  # the active connector's name while this one stands by
+        self.liveness = DirectLiveness(timeout_s=0)
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -180,6 +189,29 @@ class NodeLoop:
             self.metrics.writes.labels(resource).set(count)
         self.metrics.export_peers((p.name for p in config.mesh.peers), sas)
 
+    def remove_dead_direct(self) -> bool:
+        """Terminate the direct tunnels whose DPD went unanswered too long; True when one was."""
+        mesh = self.last_good.mesh if self.last_good else None
+        if mesh is None or mesh.node.role is not Role.EDGE or not mesh.tunnel.direct_dpd_timeout_s:
+            return False
+        direct = {p.name for p in mesh.peers if is_direct(mesh, p)}
+        if not direct:
+            return False
+        self.liveness.timeout_s = mesh.tunnel.direct_dpd_timeout_s
+        try:
+            with Charon(self.options.vici_socket, timeout=5) as charon:
+                dead = self.liveness.observe(time.monotonic(), charon.ike_sas(), direct)
+                for tunnel in dead:
+                    charon.terminate_ike(tunnel.peer, ike_id=tunnel.ike_id)
+                    self.metrics.direct_removed.inc()
+                    log.warning("node=%s action=terminate-dead-direct peer=%s ike_id=%s dpd_unanswered=%.1fs: "
+                                "relayed through the connector until the direct tunnel is back",
+                                mesh.node.name, tunnel.peer, tunnel.ike_id, tunnel.unanswered_s)
+        except ViciError as exc:
+            log.debug("direct tunnel liveness check skipped: %s", exc)
+            return False
+        return bool(dead)
+
     def _socket_mark(self) -> tuple[int, float] | None:
         try:
             st = self.options.vici_socket.stat()
@@ -201,7 +233,12 @@ class NodeLoop:
                 ok = False
             period = self.last_good.mesh.settings.resync_period_s if self.last_good else RETRY_S
             deadline = time.monotonic() + (period if ok else RETRY_S)
+            next_check = time.monotonic() + LIVENESS_S
             while not self.stop.is_set() and time.monotonic() < deadline:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + LIVENESS_S
+                    if self.remove_dead_direct():
+                        break
                 if fingerprint(self.options.config_dir, self.options.tls_dir) != files:
                     break
                 if self._socket_mark() != socket_mark:
