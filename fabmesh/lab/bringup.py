@@ -3,7 +3,8 @@
 Real parts only: etcd + kube-apiserver, the real operator process with the
 chart's RBAC, one charon per tunnel host (userspace ESP by default, kernel ESP with
 ``backend=kernel``), the real agent and
-connector processes inside their hosts' namespaces, pods added by the real CNI
+connector processes inside their hosts' namespaces, the route agent (``fabmesh cloud-agent``) on
+every other cloud host, pods added by the real CNI
 plugins with the conflist the agent wrote, flannel-style VXLAN between cloud
 hosts programmed from the Node annotations the operator writes
 (:mod:`fabmesh.lab.nodesim`, which also projects ConfigMaps and Secrets like
@@ -118,12 +119,12 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs",
                                             restart=True).pid
     state.save()
-    progress("starting kubelet/flanneld stand-ins, charons, the connector and the agents")
+    progress("starting kubelet/flanneld stand-ins, charons, the connector, the agents and the route agents")
     spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
     for h in state.hosts:
         if h.role != "cloud":
             start_charon(state, h.name)
-            start_node_process(state, h.name)
+        start_node_process(state, h.name)
     progress("adding pods with the CNI plugins")
     _add_pods(state, directory / "hosts", timeout)
     progress("waiting for every tunnel")
