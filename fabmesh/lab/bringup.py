@@ -95,20 +95,31 @@ def operator_settings(topology: Topology, namespace: str, backend: Backend = Bac
 
 
 def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
-       backend: Backend = Backend.LIBIPSEC) -> LabState:
+       backend: Backend = Backend.LIBIPSEC, api_host: str | None = None) -> LabState:
     """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails.
 
     ``backend`` is the operator's ``tunnel.backend`` and every charon's: libipsec (userspace ESP, works
     on any kernel with TUN) by default; ``kernel`` needs ESP in the kernel (the kernel test tier's VM).
+    ``api_host`` names a cloud host to run etcd and kube-apiserver in (its namespace): the API server
+    then reaches edge kubelets the way a real one does, through that host's routes (the route agent,
+    the connector, the tunnels); the root namespace reaches it over a loopback relay. None: on the
+    box's loopback, as before.
     """
     directory.mkdir(parents=True, exist_ok=True)
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
     state.save()
-    progress("starting etcd and kube-apiserver")
-    cp = _start_control_plane(state, directory / "controlplane", timeout)
-    admin = Kube(load_api_client(str(cp.kubeconfig)))
+    if api_host is None:
+        progress("starting etcd and kube-apiserver")
+        cp = _start_control_plane(state, directory / "controlplane", timeout)
     progress("creating hosts (network namespaces)")
     macs = _create_hosts(state, topology, directory / "hosts")
+    if api_host is not None:
+        host = state.host(api_host)
+        if host.role != "cloud":
+            raise ValueError(f"api_host {api_host}: must be a cloud host that is not the connector, not a {host.role}")
+        progress(f"starting etcd and kube-apiserver in {api_host}")
+        cp = _start_control_plane(state, directory / "controlplane", timeout, host)
+    admin = Kube(load_api_client(str(cp.kubeconfig)))
     progress("registering Nodes and installing the operator's RBAC")
     op_kubeconfig = install_operator_rbac(cp, admin, state.operator_namespace)
     _register_nodes(admin, state, macs)
@@ -132,14 +143,18 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     return state
 
 
-def _start_control_plane(state: LabState, directory: Path, timeout: float) -> ControlPlane:
-    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout))
+def _start_control_plane(state: LabState, directory: Path, timeout: float,
+                         host: LabHost | None = None) -> ControlPlane:
+    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout),
+                      netns=host.netns if host else None, host_address=host.wan_ip if host else None)
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start
         state.pids.update({f"controlplane-{i}": pid for i, pid in enumerate(cp.pids)})
         state.save()
     state.kubeconfig = str(cp.kubeconfig)
+    if host is not None:
+        state.api_host, state.api_lab_url = host.name, cp.lab_url
     state.save()
     return cp
 

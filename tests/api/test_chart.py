@@ -328,12 +328,14 @@ def test_helm_install_creates_every_rendered_object_in_the_api(
     namespace, objects, _ = installed
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
-    assert "DaemonSet" not in kinds
+    # The only DaemonSet is the route agent's (no connector DaemonSet: see above).
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "DaemonSet"] == ["fabmesh-cloud-agent"]
     for obj in objects:
         live = admin._call("GET", object_path(obj))
         assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm", object_path(obj)
         assert live["metadata"]["annotations"][HELM_OWNER] == namespace, object_path(obj)
-    assert admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"] == []
+    daemonsets = admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"]
+    assert [d["metadata"]["name"] for d in daemonsets] == ["fabmesh-cloud-agent"]
 
 
 def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]) -> None:
