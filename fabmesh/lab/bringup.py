@@ -96,6 +96,13 @@ def operator_settings(topology: Topology, namespace: str, backend: Backend = Bac
 
 def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
        backend: Backend = Backend.LIBIPSEC, api_host: str | None = None) -> LabState:
+    """Build the whole lab in ``directory`` (:func:`up_with_control_plane`); returns its state."""
+    return up_with_control_plane(topology, directory, progress, timeout, backend, api_host)[0]
+
+
+def up_with_control_plane(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
+                          backend: Backend = Backend.LIBIPSEC,
+                          api_host: str | None = None) -> tuple[LabState, ControlPlane]:
     """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails.
 
     ``backend`` is the operator's ``tunnel.backend`` and every charon's: libipsec (userspace ESP, works
@@ -103,7 +110,8 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     ``api_host`` names a cloud host to run etcd and kube-apiserver in (its namespace): the API server
     then reaches edge kubelets the way a real one does, through that host's routes (the route agent,
     the connector, the tunnels); the root namespace reaches it over a loopback relay. None: on the
-    box's loopback, as before.
+    box's loopback, as before. The control plane handle is returned too, for what needs its CA (a real
+    kubelet's certificates, :class:`fabmesh.testenv.kubenode.KubeNode`); teardown needs only the state.
     """
     directory.mkdir(parents=True, exist_ok=True)
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
@@ -140,7 +148,7 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     _add_pods(state, directory / "hosts", timeout)
     progress("waiting for every tunnel")
     probe.wait_tunnels(state, timeout)
-    return state
+    return state, cp
 
 
 def _start_control_plane(state: LabState, directory: Path, timeout: float,
