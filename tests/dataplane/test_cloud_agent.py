@@ -12,13 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fabmesh.lab.nodesim import project
-from fabmesh.mesh.cloud import ActiveConnector, CloudRoutes
+from fabmesh.mesh.cloud import ActiveConnector, CloudRoutes, CloudRouteSettings
 from fabmesh.testenv.hosts import Host, Network, stop_pid, wait_for
 
 pytestmark = pytest.mark.dataplane
@@ -32,7 +33,8 @@ FLANNEL_MASQUERADE = "-s 10.244.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE"  # as fla
 
 def routes_yaml(connector: Host) -> dict[str, str]:
     config = CloudRoutes(connector=ActiveConnector(name=connector.name, address=connector.wan_ip),
-                         subnets=(f"{EDGE_ADDRESS}/32",), source_cidrs=("10.244.0.0/16",))
+                         subnets=(f"{EDGE_ADDRESS}/32",), source_cidrs=("10.244.0.0/16",),
+                         settings=CloudRouteSettings(resync_period_s=1))  # full passes every second
     return {"routes.yaml": config.to_yaml()}
 
 
@@ -69,6 +71,10 @@ class Agent:
     def ipsets(self) -> str:
         return self.host.run("ipset", "list", "-n").stdout
 
+    def changes(self) -> list[str]:
+        """The change lines the agent logged (one per write: routes, rule, chain, jump, set)."""
+        return [line for line in self.log.read_text().splitlines() if " action=" in line or " table=" in line]
+
 
 @pytest.fixture
 def cloud(wan: Network) -> Iterator[tuple[Agent, Host, Host]]:
@@ -98,6 +104,10 @@ def test_edge_addresses_follow_the_active_connector_without_snat_and_nothing_is_
     # The packet leaves with the flannel address: flannel's MASQUERADE (after our ACCEPT) never saw it,
     # and conn-a drops anything from the host's own address.
     assert agent.host.run("ping", "-c", "1", "-W", "2", EDGE_ADDRESS, check=False).returncode == 0
+    # Full passes over an unchanged node write nothing (resync_period_s is 1 s here).
+    written = agent.changes()
+    time.sleep(3)
+    assert agent.changes() == written
 
     project(agent.config_dir, routes_yaml(conn_b))  # the operator names another connector
     wait_for(lambda: agent.routes() == {EDGE_ADDRESS: (conn_b.wan_ip, FLANNEL_ADDRESS)}, timeout=30,
