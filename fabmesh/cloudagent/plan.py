@@ -12,9 +12,11 @@ What it plans:
   its source is this node's address inside the cloud pod CIDRs (flannel.1's, cni0's) when it has
   one: the connector's tunnels carry only mesh sources (the cloud pod CIDRs, the Service CIDR and
   ``cloud_node_cidrs``), and the edge answers to that address through the tunnel and flannel;
-* a nat POSTROUTING chain that ACCEPTs packets to those subnets, which ends NAT before flannel's
-  MASQUERADE (``-s 10.244.0.0/16 ! -d 224.0.0.0/4``) would rewrite the source to the node's own
-  address, outside every tunnel selector; packets kube-proxy marked for masquerading still are;
+* a nat POSTROUTING chain that ACCEPTs packets to those subnets and to the rest of ``no_snat`` (the
+  edge pod pool, which flannel routes), which ends NAT before flannel's MASQUERADE
+  (``-s 10.244.0.0/16 ! -d 224.0.0.0/4``) would rewrite the source: to the node's own address, outside
+  every tunnel selector, or to flannel.1's, which hides the cloud pod from the edge; packets
+  kube-proxy marked for masquerading still are;
 * nothing at all where it must not route: no active connector, this node *is* the connector (its
   node agent routes into the tunnels itself), or the connector cannot be reached. "Nothing" is also
   what the agent applies when it stops, so the same reconcilers remove every trace.
@@ -50,7 +52,7 @@ class CloudState:
 
     @property
     def idle(self) -> bool:
-        return not self.routes
+        return not (self.routes or self.chains)
 
 
 def idle_state(route_table: int, *notes: str) -> CloudState:
@@ -89,13 +91,14 @@ def cloud_state(config: CloudRoutes, *, node_name: str | None, local_addresses: 
             routed.append(str(net))
     src = _source(config.source_cidrs, local_addresses, gateway.version)
     routes = tuple(sorted(Route(dst=s, dev=device, table=table, gateway=str(gateway), src=src) for s in routed))
-    if not routes:
+    unsnat = set(routed) | {str(n) for n in map(ipaddress.ip_network, config.no_snat) if n.version == gateway.version}
+    if not unsnat:
         return idle_state(table, *notes, "no subnet to route")
     family = "inet" if gateway.version == 4 else "inet6"
     nat = (f"-m mark --mark {KUBE_MASQ_MARK} -j RETURN", f"-m set --match-set {EDGE_SET} dst -j ACCEPT")
     return CloudState(
         routes=routes, route_table=table,
-        ipsets=(IPSet(name=EDGE_SET, family=family, members=frozenset(routed)),),
+        ipsets=(IPSet(name=EDGE_SET, family=family, members=frozenset(unsnat)),),
         chains=(Chain("nat", NAT_CHAIN, nat),),
         jumps=(Jump("nat", "POSTROUTING", NAT_CHAIN, comment="fabmesh cloud-agent"),),
         gateway=str(gateway), notes=tuple(notes))

@@ -135,7 +135,7 @@ class CloudApplier(DataplaneApplier):
             ("ipset", lambda: self.ipsets.set(state.ipsets, prefix=self.prefix)),
             ("iptables", lambda: self.iptables.set(state.chains, state.jumps, prefix=self.prefix)),
             ("routes", lambda: self._set_routes(state.route_table, CLOUD_RULE_PRIORITY, state.routes,
-                                                rule=not state.idle))]
+                                                rule=bool(state.routes)))]
         for what, fn in reversed(steps) if state.idle else steps:
             self._step(report, what, fn)
         return report

@@ -259,14 +259,17 @@ def _cloud_routes(connector: NodeInfo | None, announced: Sequence[str | None],
     pull a cloud node's traffic for another address towards the connector.
     """
     agent = settings.cloud_agent
-    subnets = {str(ipaddress.ip_network(a)) for a in announced if a}
-    if agent.route_edge_pod_cidrs:
-        subnets.add(settings.edge_pod_pool)
+    addresses = {str(ipaddress.ip_network(a)) for a in announced if a}
+    subnets = addresses | ({settings.edge_pod_pool} if agent.route_edge_pod_cidrs else set())
     return CloudRoutes(
         connector=None if connector is None else ActiveConnector(name=connector.name, address=connector.internal_ip),
-        subnets=tuple(sorted(subnets, key=lambda s: (ipaddress.ip_network(s).version, ipaddress.ip_network(s)))),
+        subnets=_sorted_cidrs(subnets), no_snat=_sorted_cidrs(addresses | {settings.edge_pod_pool}),
         source_cidrs=tuple(sorted(settings.cloud_pod_cidrs)),
         settings=CloudRouteSettings(route_table=agent.route_table, resync_period_s=agent.resync_period_s))
+
+
+def _sorted_cidrs(cidrs: set[str]) -> tuple[str, ...]:
+    return tuple(sorted(cidrs, key=lambda c: (ipaddress.ip_network(c).version, ipaddress.ip_network(c))))
 
 
 def _claim(node: NodeInfo, record: str | None, errors: list[InvalidNode]) -> Claim:

@@ -18,7 +18,8 @@ from tests.unit.test_plan import CLOUD, CONNECTOR, CONNECTOR_LABEL, FLANNEL, edg
 pytestmark = pytest.mark.unit
 
 ROUTES = CloudRoutes(connector=ActiveConnector(name="conn", address="198.51.100.1"),
-                     subnets=("10.233.0.0/16", "172.16.1.2/32"), source_cidrs=("10.244.0.0/16",))
+                     subnets=("10.233.0.0/16", "172.16.1.2/32"), no_snat=("10.233.0.0/16", "172.16.1.2/32"),
+                     source_cidrs=("10.244.0.0/16",))
 CLOUD_2 = frozenset({"127.0.0.1", "198.51.100.2", "10.244.1.0"})  # lo, the uplink, flannel.1
 
 
@@ -49,7 +50,8 @@ IDLE = {
     "on-the-connector-by-address": (dict(node=None, addresses=frozenset({"198.51.100.1"})),
                                     "is the active connector conn"),
     "connector-unreachable": (dict(device=None), "no route to the connector"),
-    "nothing-to-route": (dict(config=ROUTES.model_copy(update={"subnets": ()})), "no subnet to route"),
+    "nothing-to-route": (dict(config=ROUTES.model_copy(update={"subnets": (), "no_snat": ()})),
+                         "no subnet to route"),
 }
 
 
@@ -61,13 +63,23 @@ def test_the_agent_holds_nothing_where_it_must_not_route(change: dict[str, Any],
     assert any(note in n for n in planned.notes), planned.notes
 
 
+def test_the_edge_pod_pool_flannel_routes_is_kept_from_snat_without_a_route_of_ours() -> None:
+    config = ROUTES.model_copy(update={"subnets": ("172.16.1.2/32",)})
+    planned = state(config=config)
+    assert [r.dst for r in planned.routes] == ["172.16.1.2/32"]
+    assert [s.members for s in planned.ipsets] == [frozenset({"10.233.0.0/16", "172.16.1.2/32"})]
+    only_pool = state(config=ROUTES.model_copy(update={"subnets": (), "no_snat": ("10.233.0.0/16",)}))
+    assert only_pool.routes == () and not only_pool.idle and [c.name for c in only_pool.chains] == [NAT_CHAIN]
+
+
 def test_without_an_address_in_the_cloud_pod_cidrs_the_kernel_picks_the_source() -> None:
     planned = state(addresses=frozenset({"198.51.100.2"}))
     assert {r.src for r in planned.routes} == {None}
 
 
 def test_a_subnet_holding_the_connector_or_a_local_address_is_never_routed() -> None:
-    config = ROUTES.model_copy(update={"subnets": ("198.51.100.0/24", "10.244.1.0/24", "172.16.1.2/32")})
+    config = ROUTES.model_copy(update={"subnets": ("198.51.100.0/24", "10.244.1.0/24", "172.16.1.2/32"),
+                                       "no_snat": ()})
     planned = state(config=config)
     assert [r.dst for r in planned.routes] == ["172.16.1.2/32"]
     assert sorted(planned.notes) == ["10.244.1.0/24 holds an address of this node: not routed",
@@ -105,6 +117,7 @@ def test_routes_yaml_lists_each_announced_edge_address_via_the_active_connector(
     cloud = run(CONNECTOR, CLOUD, edge("e1", "192.0.2.1"), edge("e2", "172.16.1.2"))
     assert cloud.connector == ActiveConnector(name="conn", address="198.51.100.1")
     assert cloud.subnets == ("172.16.1.2/32", "192.0.2.1/32")
+    assert cloud.no_snat == ("10.233.0.0/16", "172.16.1.2/32", "192.0.2.1/32")  # the pool, routed by flannel
     assert cloud.source_cidrs == ("10.244.0.0/16",)
     assert cloud.settings.route_table == 2621
 
@@ -113,6 +126,7 @@ def test_an_address_that_is_not_announced_is_not_routed_from_the_cloud() -> None
     # e2 claims the cloud node's address: it is announced nowhere, so no cloud node may route it to the connector.
     cloud = run(CONNECTOR, CLOUD, edge("e1", "192.0.2.1"), edge("e2", "198.51.100.2"))
     assert cloud.subnets == ("192.0.2.1/32",)
+    assert "198.51.100.2/32" not in cloud.no_snat
 
 
 def test_the_edge_pod_pool_is_routed_only_when_the_cloud_cni_is_not_flannel() -> None:
