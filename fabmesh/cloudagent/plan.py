@@ -76,6 +76,8 @@ def cloud_state(config: CloudRoutes, *, node_name: str | None, local_addresses: 
     if device is None:
         return idle_state(table, f"no route to the connector {connector.name} at {connector.address}")
     gateway = ipaddress.ip_address(connector.address)
+    # Parsed once: a connector-wide document lists one /32 per edge, thousands of them.
+    local = [a for a in map(ipaddress.ip_address, local_addresses) if a.version == gateway.version]
     notes: list[str] = []
     routed: list[str] = []
     for subnet in config.subnets:
@@ -84,8 +86,7 @@ def cloud_state(config: CloudRoutes, *, node_name: str | None, local_addresses: 
             notes.append(f"{subnet}: not IPv{gateway.version} like the connector address: not routed")
         elif gateway in net:
             notes.append(f"{subnet} holds the connector address {gateway}: not routed")
-        elif any(ipaddress.ip_address(a) in net for a in local_addresses
-                 if ipaddress.ip_address(a).version == net.version):
+        elif any(a in net for a in local):
             notes.append(f"{subnet} holds an address of this node: not routed")
         else:
             routed.append(str(net))
