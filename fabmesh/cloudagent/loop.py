@@ -47,17 +47,21 @@ class CloudLoop:
         self.applier = CloudApplier(options.node_name or "-")
         self.gateway: str | None = None  # the connector routed via, as last logged
         self.notes: tuple[str, ...] = ()
+        self.config_error: str | None = None  # as last logged: a ConfigMap not written yet is logged once
 
     def _read(self) -> CloudRoutes | None:
         path = self.options.config_dir / ROUTES_FILE
         try:
             config = parse_cloud_routes(path.read_text(), str(path))
-        except OSError as exc:
-            log.error("config unusable, keeping the last good state: %s: %s", path, exc)
+        except (OSError, MeshConfigError) as exc:
+            problem = f"{path}: {exc}" if isinstance(exc, OSError) else str(exc)
+            if problem != self.config_error:
+                log.error("config unusable, keeping the last good state: %s", problem)
+                self.config_error = problem
             return self.last_good
-        except MeshConfigError as exc:
-            log.error("config unusable, keeping the last good state: %s", exc)
-            return self.last_good
+        if self.config_error is not None:
+            log.info("config usable again: %s", path)
+            self.config_error = None
         self.last_good = config
         return config
 

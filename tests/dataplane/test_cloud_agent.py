@@ -134,3 +134,20 @@ def test_on_the_active_connector_the_agent_holds_nothing(cloud: tuple[Agent, Hos
              timeout=30, what=f"the agent idle on the connector; log: {agent.log}")
     assert "FMCLOUD" not in agent.nat()
     assert agent.process.poll() is None
+
+
+def test_before_the_operator_writes_routes_yaml_the_agent_waits_logging_once(wan: Network) -> None:
+    host = wan.add_host("cloud", "198.51.100.10")
+    connector = wan.add_host("conn-a", "198.51.100.1")
+    host.run("ip", "addr", "add", f"{FLANNEL_ADDRESS}/32", "dev", "lo")
+    agent = Agent(host, host.directory / "cloud")  # the optional ConfigMap is not there yet
+    try:
+        wait_for(lambda: "config unusable" in agent.log.read_text(), timeout=30, what=f"the error; log: {agent.log}")
+        time.sleep(5)  # two retries (every 2 s) happen here
+        assert agent.log.read_text().count("config unusable") == 1, agent.log.read_text()
+        assert agent.routes() == {} and agent.process.poll() is None
+        project(agent.config_dir, routes_yaml(connector))
+        wait_for(lambda: agent.routes() == {EDGE_ADDRESS: (connector.wan_ip, FLANNEL_ADDRESS)}, timeout=30,
+                 what=f"the route once routes.yaml exists; log: {agent.log}")
+    finally:
+        stop_pid(agent.process.pid)
