@@ -13,8 +13,9 @@ pool from this cloud node via the active connector's address on the cloud networ
 address inside the cloud pod CIDRs and no SNAT. Routes live in their own table (cloud_agent.route_table,
 default 2621) behind an ip rule at priority 101; the no-SNAT rule in the nat chain FMCLOUD-POSTROUTING
 with the ipset FMCLOUD-EDGE. Re-pointed when the operator names another connector; idle on the active
-connector itself. Stopping (SIGTERM) removes all of it. Needs NET_ADMIN and no Kubernetes credentials:
-it reads the mounted ConfigMap fabmesh-cloud-routes only and writes nothing to the API.
+connector itself. Stopping (SIGTERM) removes all of it. Needs NET_ADMIN and NET_RAW (iptables' set
+match opens a raw socket) and no Kubernetes credentials: it reads the mounted ConfigMap
+fabmesh-cloud-routes only and writes nothing to the API.
 """
 
 

@@ -213,7 +213,7 @@ def test_cloud_agent_daemonset_runs_on_other_cloud_nodes_with_net_admin_one_conf
     assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in spec
     agent = container(spec, "cloud-agent")
-    assert agent["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"], "drop": ["ALL"]}
+    assert agent["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     assert agent["args"][:1] == ["cloud-agent"]
     assert agent["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     volumes = {v["name"]: v for v in spec["volumes"]}

@@ -1,6 +1,7 @@
 """The real ``fabmesh cloud-agent`` process in a cloud host's namespace, with two would-be connectors on the WAN.
 
-It reads ``routes.yaml`` projected the way kubelet projects a ConfigMap (``..data`` swaps) and must: route
+It runs with CAP_NET_ADMIN and CAP_NET_RAW only (``setpriv``), as the chart's DaemonSet does, reads ``routes.yaml``
+projected the way kubelet projects a ConfigMap (``..data`` swaps) and must: route
 edge addresses via the active connector from the host's flannel-style address, keep flannel's
 MASQUERADE off that traffic (proved by a packet: the connector drops anything from the cloud host's
 own address), follow the operator to another connector, and leave nothing behind when stopped.
@@ -51,7 +52,10 @@ class Agent:
         self.log = host.directory / "cloud-agent.log"
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", host.netns, sys.executable, "-m", "fabmesh.cli", "cloud-agent",
+                # With CAP_NET_ADMIN and CAP_NET_RAW alone, as the chart's DaemonSet runs it: root's other
+                # capabilities are dropped from the bounding set before exec.
+                ["ip", "netns", "exec", host.netns, "setpriv", "--bounding-set=-all,+net_admin,+net_raw",
+                 "--inh-caps=-all", sys.executable, "-m", "fabmesh.cli", "cloud-agent",
                  "--config-dir", str(config_dir), "--node-name", host.name],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                 env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
