@@ -263,7 +263,7 @@ def _cloud_routes(connector: NodeInfo | None, announced: Sequence[str | None],
     subnets = addresses | ({settings.edge_pod_pool} if agent.route_edge_pod_cidrs else set())
     return CloudRoutes(
         connector=None if connector is None else ActiveConnector(name=connector.name, address=connector.internal_ip),
-        subnets=_sorted_cidrs(subnets), no_snat=_sorted_cidrs(addresses | {settings.edge_pod_pool}),
+        subnets=_sorted_cidrs(subnets), no_snat=(settings.edge_pod_pool,),
         source_cidrs=tuple(sorted(settings.cloud_pod_cidrs)),
         settings=CloudRouteSettings(route_table=agent.route_table, resync_period_s=agent.resync_period_s))
 
