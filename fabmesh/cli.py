@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("fabmesh.operator.command", "run the operator: IPAM, PKI, communities, per-node configs"),
     "connector": ("fabmesh.connector.command", "run the cloud connector: responder for every edge tunnel"),
     "agent": ("fabmesh.agent.command", "run the edge agent: bridge, CNI, routes, iptables, tunnels"),
+    "cloud-agent": ("fabmesh.cloudagent.command",
+                    "run the route agent on a cloud node: edge addresses via the active connector"),
     "charon": ("fabmesh.strongswan.command", "run charon with fabmesh's strongswan.conf (the sidecar)"),
     "lab": ("fabmesh.lab.command", "a local hybrid cluster in network namespaces (demo and e2e)"),
     "status": ("fabmesh.kubectl.command", "per-node mesh status from the cluster (kubectl plugin)"),

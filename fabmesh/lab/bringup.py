@@ -3,15 +3,15 @@
 Real parts only: etcd + kube-apiserver, the real operator process with the
 chart's RBAC, one charon per tunnel host (userspace ESP by default, kernel ESP with
 ``backend=kernel``), the real agent and
-connector processes inside their hosts' namespaces, pods added by the real CNI
-plugins with the conflist the agent wrote, and real flanneld (v0.28, kube
-subnet manager, vxlan) on every cloud host, which routes edge pod CIDRs to the
-connector from the Node annotations the operator writes. flanneld reaches the
-API server through a :class:`~fabmesh.testenv.kubenode.NodeLink` (the API
-server stays on the box's loopback). ConfigMaps and Secrets are projected like
-kubelet does by :mod:`fabmesh.lab.nodesim`. Everything started is recorded in
-:class:`LabState` as soon as it runs, so a bring-up that fails half way is still
-removed by :func:`fabmesh.lab.teardown.down`.
+connector processes inside their hosts' namespaces, the route agent (``fabmesh cloud-agent``) on
+every other cloud host, pods added by the real CNI plugins with the conflist the agent wrote, and
+real flanneld (v0.28, kube subnet manager, vxlan) on every cloud host, which routes edge pod CIDRs
+to the connector from the Node annotations the operator writes. flanneld reaches the API server
+through a :class:`~fabmesh.testenv.kubenode.NodeLink` (a relay when the API server stays on the
+box's loopback; its own address with ``api_host``). ConfigMaps and Secrets are projected like
+kubelet does by :mod:`fabmesh.lab.nodesim`. Everything started is recorded in :class:`LabState`
+as soon as it runs, so a bring-up that fails half way is still removed by
+:func:`fabmesh.lab.teardown.down`.
 """
 
 from __future__ import annotations
@@ -89,20 +89,39 @@ def operator_settings(topology: Topology, namespace: str, backend: Backend = Bac
 
 
 def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
-       backend: Backend = Backend.LIBIPSEC) -> LabState:
+       backend: Backend = Backend.LIBIPSEC, api_host: str | None = None) -> LabState:
+    """Build the whole lab in ``directory`` (:func:`up_with_control_plane`); returns its state."""
+    return up_with_control_plane(topology, directory, progress, timeout, backend, api_host)[0]
+
+
+def up_with_control_plane(topology: Topology, directory: Path, progress: Progress = _quiet, timeout: float = 120,
+                          backend: Backend = Backend.LIBIPSEC,
+                          api_host: str | None = None) -> tuple[LabState, ControlPlane]:
     """Build the whole lab in ``directory`` and wait for every tunnel; raises on the first step that fails.
 
     ``backend`` is the operator's ``tunnel.backend`` and every charon's: libipsec (userspace ESP, works
     on any kernel with TUN) by default; ``kernel`` needs ESP in the kernel (the kernel test tier's VM).
+    ``api_host`` names a cloud host to run etcd and kube-apiserver in (its namespace): the API server
+    then reaches edge kubelets the way a real one does, through that host's routes (the route agent,
+    the connector, the tunnels); the root namespace reaches it over a loopback relay. None: on the
+    box's loopback, as before. The control plane handle is returned too, for what needs its CA (a real
+    kubelet's certificates, :class:`fabmesh.testenv.kubenode.KubeNode`); teardown needs only the state.
     """
     directory.mkdir(parents=True, exist_ok=True)
     state = LabState(prefix=unique_prefix("fmlab"), directory=str(directory), backend=backend)
     state.save()
-    progress("starting etcd and kube-apiserver")
-    cp = _start_control_plane(state, directory / "controlplane", timeout)
-    admin = Kube(load_api_client(str(cp.kubeconfig)))
+    if api_host is None:
+        progress("starting etcd and kube-apiserver")
+        cp = _start_control_plane(state, directory / "controlplane", timeout)
     progress("creating hosts (network namespaces)")
     net = _create_hosts(state, topology, directory / "hosts")
+    if api_host is not None:
+        host = state.host(api_host)
+        if host.role != "cloud":
+            raise ValueError(f"api_host {api_host}: must be a cloud host that is not the connector, not a {host.role}")
+        progress(f"starting etcd and kube-apiserver in {api_host}")
+        cp = _start_control_plane(state, directory / "controlplane", timeout, host)
+    admin = Kube(load_api_client(str(cp.kubeconfig)))
     progress("registering Nodes and installing the operator's RBAC")
     op_kubeconfig = install_operator_rbac(cp, admin, state.operator_namespace)
     _register_nodes(admin, state)
@@ -115,27 +134,31 @@ def up(topology: Topology, directory: Path, progress: Progress = _quiet, timeout
     state.pids["operator"] = spawn_operator(op_kubeconfig, settings_file, "lab-operator", directory / "logs",
                                             restart=True).pid
     state.save()
-    progress("starting the kubelet stand-in, charons, the connector and the agents")
+    progress("starting the kubelet stand-in, charons, the connector, the agents and the route agents")
     spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
     for h in state.hosts:
         if h.role != "cloud":
             start_charon(state, h.name)
-            start_node_process(state, h.name)
+        start_node_process(state, h.name)
     progress("adding pods with the CNI plugins")
     _add_pods(state, directory / "hosts", timeout)
     progress("waiting for every tunnel")
     probe.wait_tunnels(state, timeout)
-    return state
+    return state, cp
 
 
-def _start_control_plane(state: LabState, directory: Path, timeout: float) -> ControlPlane:
-    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout))
+def _start_control_plane(state: LabState, directory: Path, timeout: float,
+                         host: LabHost | None = None) -> ControlPlane:
+    cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout),
+                      netns=host.netns if host else None, host_address=host.wan_ip if host else None)
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start
         state.pids.update({f"controlplane-{i}": pid for i, pid in enumerate(cp.pids)})
         state.save()
     state.kubeconfig = str(cp.kubeconfig)
+    if host is not None:
+        state.api_host, state.api_lab_url = host.name, cp.lab_url
     state.save()
     return cp
 
@@ -203,12 +226,15 @@ def _start_flannel(state: LabState, cp: ControlPlane, admin: Kube, net: Network,
     """The API relay into the WAN, then real flanneld on every cloud host (never on an edge, as in FabEdge);
     returns once every cloud Node carries the annotations flanneld writes (the operator copies the connector's)."""
     binary = ensure_flanneld()
-    link = NodeLink(network=net, directory=directory / "link")
-    try:
-        link.start(cp)
-    finally:  # record whatever relay started, so teardown stops it by PID
-        state.pids.update({f"api-relay-{i}": relay.pid for i, relay in enumerate(link.relays)})
-        state.save()
+    if cp.lab_url:  # the API server runs on a lab host: flanneld dials its own address, no relay
+        link = NodeLink.inside(cp, directory / "link")
+    else:
+        link = NodeLink(network=net, directory=directory / "link")
+        try:
+            link.start(cp)
+        finally:  # record whatever relay started, so teardown stops it by PID
+            state.pids.update({f"api-relay-{i}": relay.pid for i, relay in enumerate(link.relays)})
+            state.save()
     for h in state.hosts:
         if h.role == "edge":
             continue

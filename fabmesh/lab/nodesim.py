@@ -1,9 +1,10 @@
 """What kubelet would do on each lab host, driven by the real API server.
 
 kubelet's volume projection: each node's ConfigMap and Secret are written to
-``<host>/mesh`` and ``<host>/tls`` the way kubelet does it: files in a
-timestamped directory, published by an atomic rename of the ``..data``
-symlink, the stable names being links through ``..data``.
+``<host>/mesh`` and ``<host>/tls`` (on cloud hosts other than the connector,
+``fabmesh-cloud-routes`` to ``<host>/cloud``, for the route agent) the way
+kubelet does it: files in a timestamped directory, published by an atomic
+rename of the ``..data`` symlink, the stable names being links through ``..data``.
 
 flannel is no longer imitated here: the lab runs real flanneld on cloud hosts
 (:func:`fabmesh.lab.bringup.up`, :mod:`fabmesh.testenv.flannel`).
@@ -83,6 +84,10 @@ def project_all(kube: Kube, state: LabState) -> None:
                 if name.startswith(o.CONNECTOR_SHARD_PREFIX):
                     mesh_files[f"peers-{name.rsplit('-', 1)[1]}.yaml"] = shard["data"]["peers.yaml"]
         else:
+            # The route agent's DaemonSet mounts the one shared ConfigMap, and nothing else.
+            routes = cms.get(o.CLOUD_ROUTES_CONFIGMAP)
+            if routes is not None and project(base / "cloud", dict(routes.get("data") or {})):
+                log.info("node=%s action=project configmap=%s", host.name, o.CLOUD_ROUTES_CONFIGMAP)
             continue
         if cm is None or secret is None:
             continue  # like kubelet: the Pod waits until both exist

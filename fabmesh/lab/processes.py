@@ -54,9 +54,13 @@ def host(state: LabState, name: str) -> Host:
 
 
 def start_node_process(state: LabState, name: str) -> int:
-    """Start the agent (edge) or connector process of one host; returns its PID."""
+    """Start the agent (edge), connector or route agent (other cloud hosts) of one host; returns its PID."""
     h = state.host(name)
     base = Path(state.directory) / "hosts" / name
+    if h.role == "cloud":
+        # As the chart's DaemonSet: the projected fabmesh-cloud-routes ConfigMap, no credentials.
+        return spawn(state, f"node-{name}", fabmesh_argv("cloud-agent", "--config-dir", str(base / "cloud"),
+                                                         "--node-name", name), h.netns)
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
               "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]

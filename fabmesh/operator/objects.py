@@ -30,6 +30,8 @@ IPAM_CONFIGMAP = "fabmesh-ipam"
 CONNECTOR_CONFIGMAP = "fabmesh-connector"
 CONNECTOR_SECRET_PREFIX = "fabmesh-connector-tls-"
 CONNECTOR_SHARD_PREFIX = "fabmesh-connector-peers-"
+# Read by the route agent on every cloud node (the chart's DaemonSet mounts it; it holds no secret).
+CLOUD_ROUTES_CONFIGMAP = "fabmesh-cloud-routes"
 
 
 def agent_configmap_name(node: str) -> str:

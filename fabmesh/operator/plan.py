@@ -25,6 +25,10 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
   invalid (a bad label, a contradicting ``spec.podCIDR``) stays in its peers'
   configs with its last good values, read from its own agent ConfigMap (what
   those peers were last told), until its Node is deleted or loses the edge label.
+* Every other cloud node routes edge node addresses (and, where the cloud CNI is not flannel,
+  the edge pod pool) via the active connector's InternalIP: ``cloud`` is the one document their
+  route agents read (:mod:`fabmesh.mesh.cloud`), written even without a connector so that they
+  remove their routes.
 * More than one connector is accepted; the oldest is active. Every connector
   gets its own certificate (``cert_addresses``), standbys included, so a
   failover issues nothing: the next oldest already holds its key.
@@ -38,6 +42,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fabmesh.mesh.cloud import ActiveConnector, CloudRoutes, CloudRouteSettings
 from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
 from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_LEASE_MARKER, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
 from fabmesh.mesh.topology import active_connector, community_members, community_peers_of, shares_community
@@ -69,6 +74,7 @@ class MeshPlan:
     cert_addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)
     node_patches: dict[str, NodePatch] = field(default_factory=dict)
     held: tuple[str, ...] = ()  # invalid edges kept in their peers' configs with their last good values
+    cloud: CloudRoutes | None = None  # what the route agents on cloud nodes read (routes.yaml)
 
     def connector_mesh(self) -> NodeMesh | None:
         """The connector's full mesh: its header plus every shard's peers."""
@@ -245,7 +251,29 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             shards[shard_of(name, settings.connector_shards)].append(
                 _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name]))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
+    result.cloud = _cloud_routes(connector, [vetted[name].announced for name in pins], settings)
     return result
+
+
+def _cloud_routes(connector: NodeInfo | None, announced: Sequence[str | None],
+                  settings: OperatorSettings) -> CloudRoutes:
+    """The route agents' document: every edge address the connector's tunnels carry, via the connector.
+
+    Only vetted addresses are listed (the ones announced into the tunnels): an edge's kubelet must never
+    pull a cloud node's traffic for another address towards the connector.
+    """
+    agent = settings.cloud_agent
+    addresses = {str(ipaddress.ip_network(a)) for a in announced if a}
+    subnets = addresses | ({settings.edge_pod_pool} if agent.route_edge_pod_cidrs else set())
+    return CloudRoutes(
+        connector=None if connector is None else ActiveConnector(name=connector.name, address=connector.internal_ip),
+        subnets=_sorted_cidrs(subnets), no_snat=(settings.edge_pod_pool,),
+        source_cidrs=tuple(sorted(settings.cloud_pod_cidrs)),
+        settings=CloudRouteSettings(route_table=agent.route_table, resync_period_s=agent.resync_period_s))
+
+
+def _sorted_cidrs(cidrs: set[str]) -> tuple[str, ...]:
+    return tuple(sorted(cidrs, key=lambda c: (ipaddress.ip_network(c).version, ipaddress.ip_network(c))))
 
 
 def _claim(node: NodeInfo, record: str | None, errors: list[InvalidNode]) -> Claim:

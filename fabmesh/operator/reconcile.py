@@ -207,6 +207,10 @@ class Reconciler:
                                                                 "connector-peers", {"peers.yaml": text}),
                                      seen.configmaps)
 
+        if mesh.cloud is not None:
+            self._sync_configmap(result, None, o.configmap(o.CLOUD_ROUTES_CONFIGMAP, self.ns, "cloud-routes",
+                                                           {"routes.yaml": mesh.cloud.to_yaml()}), seen.configmaps)
+
         for name, patch in node_writes(mesh, by_name, expiry).items():
             self._patch_node(result, by_name[name], patch)
         if self.settings.agent_pods.enabled:
@@ -325,7 +329,7 @@ class Reconciler:
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             self.kube.replace("secrets", body, self.ns)
 
-    def _sync_configmap(self, result: PassResult, node: str, body: dict[str, Any],
+    def _sync_configmap(self, result: PassResult, node: str | None, body: dict[str, Any],
                         existing: dict[str, dict[str, Any]]) -> None:
         name = body["metadata"]["name"]
         current = existing.get(name)
@@ -406,7 +410,7 @@ class Reconciler:
         A node that still carries its label keeps its objects even while it is in error:
         a bad label must not tear down a working node.
         """
-        keep_cm = {o.IPAM_CONFIGMAP, *(o.agent_configmap_name(n) for n in edge_names)}
+        keep_cm = {o.IPAM_CONFIGMAP, o.CLOUD_ROUTES_CONFIGMAP, *(o.agent_configmap_name(n) for n in edge_names)}
         keep_secret = {o.CA_SECRET, *(o.tls_secret_name(n) for n in edge_names),
                        *(o.connector_secret_name(n) for n in connector_names)}
         if mesh.connector is not None:

@@ -72,16 +72,29 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 @dataclass
 class NodeLink:
-    """The API server relayed into the lab WAN over loopback and a unix socket; nothing in the root namespace."""
+    """The API server relayed into the lab WAN over loopback and a unix socket; nothing in the root namespace.
 
-    network: Network
+    When the API server already runs inside the lab (``ControlPlane(netns=...)``), :meth:`inside` makes a
+    link with nothing to relay: kubelets dial its ``lab_url``.
+    """
+
+    network: Network | None
     directory: Path
     address: str = ""
     socket_path: Path | None = None
     relays: list[subprocess.Popen[bytes]] = field(default_factory=list)
     server: str = ""
 
+    @classmethod
+    def inside(cls, control_plane: ControlPlane, directory: Path) -> NodeLink:
+        """The link to an API server running in a lab host's namespace: its own address there, no relay."""
+        if not control_plane.lab_url:
+            raise NodeError("NodeLink.inside: the control plane does not run inside the lab (no netns)")
+        return cls(network=None, directory=directory, address=control_plane.host_address or "",
+                   server=control_plane.lab_url)
+
     def start(self, control_plane: ControlPlane) -> NodeLink:
+        assert self.network is not None, "a relay needs the WAN to listen on"
         wan = ipaddress.ip_network(self.network.wan_cidr)
         self.address = str(wan.broadcast_address - 1)
         api_port = int(control_plane.url.rsplit(":", 1)[1])

@@ -21,7 +21,13 @@ import yaml
 
 from fabmesh.cli import build_parser
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, connector_pod, connector_secret_name, connector_shard_name
+from fabmesh.operator.objects import (
+    CLOUD_ROUTES_CONFIGMAP,
+    CONNECTOR_CONFIGMAP,
+    connector_pod,
+    connector_secret_name,
+    connector_shard_name,
+)
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.testenv.cluster import CHART, render_chart
 from fabmesh.testenv.controlplane import ControlPlane
@@ -163,8 +169,9 @@ def settings_of(objects: dict[tuple[str, str], Obj]) -> OperatorSettings:
 
 def test_no_connector_daemonset_the_operator_runs_connector_pods_from_its_settings(
         rendered: dict[tuple[str, str], Obj]) -> None:
-    # A DaemonSet would mount one key on every connector node; the operator mounts each node's own.
-    assert [name for kind, name in rendered if kind == "DaemonSet"] == []
+    # A DaemonSet would mount one key on every connector node; the operator mounts each node's own. The one
+    # DaemonSet is the route agent's, which mounts no Secret (test_cloud_agent_daemonset_...).
+    assert [name for kind, name in rendered if kind == "DaemonSet"] == ["fabmesh-cloud-agent"]
     settings = settings_of(rendered)
     pods = settings.connector_pods
     assert pods.enabled is True
@@ -195,6 +202,33 @@ def test_no_secret_or_private_key_is_rendered(rendered: dict[tuple[str, str], Ob
             assert not re.search(r"PRIVATE KEY|tls\.key|BEGIN CERTIFICATE", text), f"{cm['metadata']['name']}/{key}"
 
 
+def test_cloud_agent_daemonset_runs_on_other_cloud_nodes_with_net_admin_one_configmap_and_no_token(
+        rendered: dict[tuple[str, str], Obj], helm: Helm) -> None:
+    daemonset = rendered[("DaemonSet", "fabmesh-cloud-agent")]
+    spec = daemonset["spec"]["template"]["spec"]
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    settings = settings_of(rendered)
+    assert term["matchExpressions"] == [{"key": settings.edge_label, "operator": "DoesNotExist"},
+                                        {"key": settings.connector_label, "operator": "DoesNotExist"}]
+    assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in spec
+    agent = container(spec, "cloud-agent")
+    assert agent["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    assert agent["args"][:1] == ["cloud-agent"]
+    assert agent["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["routes"]["configMap"] == {"name": CLOUD_ROUTES_CONFIGMAP, "optional": True}
+    assert not [v for v in spec["volumes"] if "secret" in v or "projected" in v]
+    build_parser(["cloud-agent"]).parse_args(agent["args"])  # the flags exist
+    assert settings.cloud_agent.route_edge_pod_cidrs is False and settings.cloud_agent.route_table == 2621
+    values = {"cloudAgent": {"enabled": False},
+              "operator": {"settings": {"cloud_agent": {"route_edge_pod_cidrs": True, "route_table": 3000}}}}
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
+    assert [name for kind, name in objects if kind == "DaemonSet"] == []
+    assert settings_of(objects).cloud_agent.model_dump() == {"route_edge_pod_cidrs": True, "route_table": 3000,
+                                                              "resync_period_s": 30}
+
+
 def test_shard_count_and_connector_pods_follow_the_values(helm: Helm) -> None:
     values = {"operator": {"settings": {"connector_shards": 3,
                                         "connector_pods": {"enabled": False, "uplink": "eth0"}}}}
@@ -217,7 +251,8 @@ def _containers(rendered: dict[tuple[str, str], Obj]) -> dict[str, tuple[Obj, Ob
 
 def test_every_container_is_locked_down_and_has_requests_and_limits(rendered: dict[tuple[str, str], Obj]) -> None:
     containers = _containers(rendered)
-    assert set(containers) == {"fabmesh-operator/operator"}  # agents and connectors: Pods the operator creates
+    # agents and connectors: Pods the operator creates
+    assert set(containers) == {"fabmesh-operator/operator", "fabmesh-cloud-agent/cloud-agent"}
     for where, (spec, c) in containers.items():
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         context = c["securityContext"]
@@ -293,12 +328,14 @@ def test_helm_install_creates_every_rendered_object_in_the_api(
     namespace, objects, _ = installed
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
-    assert "DaemonSet" not in kinds
+    # The only DaemonSet is the route agent's (no connector DaemonSet: see above).
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "DaemonSet"] == ["fabmesh-cloud-agent"]
     for obj in objects:
         live = admin._call("GET", object_path(obj))
         assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm", object_path(obj)
         assert live["metadata"]["annotations"][HELM_OWNER] == namespace, object_path(obj)
-    assert admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"] == []
+    daemonsets = admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"]
+    assert [d["metadata"]["name"] for d in daemonsets] == ["fabmesh-cloud-agent"]
 
 
 def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]) -> None:
