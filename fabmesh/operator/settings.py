@@ -71,6 +71,9 @@ class NodePods(BaseModel):
     metrics_address: str = ""
     resources: Resources = Resources()
     strongswan_resources: Resources = Resources()
+    # Lifetime of the projected token the node loop writes its TunnelStatus with (kubelet renews it at
+    # 80%); 600 is the API server's minimum.
+    status_token_expiration_s: int = Field(default=600, ge=600, le=86400)
 
 
 class AgentPods(NodePods):
