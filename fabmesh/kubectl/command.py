@@ -201,11 +201,10 @@ def _age(seconds: int | None) -> str:
 
 
 def _generation(row: status.StatusRow) -> str:
-    if row.generation_applied is None:
-        return "-" if row.generation_wanted is None else f"- (want {row.generation_wanted})"
+    """The generation applied; ``applied/wanted`` when the node runs another one than its ConfigMaps hold."""
     if row.generation_wanted is None or row.generation_applied == row.generation_wanted:
-        return row.generation_applied
-    return f"{row.generation_applied} (want {row.generation_wanted})"
+        return row.generation_applied or "-"
+    return f"{row.generation_applied or '-'}/{row.generation_wanted}"
 
 
 def _tunnels(row: status.StatusRow) -> str:

@@ -3,13 +3,16 @@ that may write its own status object and nothing else; the node loop's writer wr
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.mesh.tunnelstatus import PLURAL, NodeReport, Tunnel, TunnelState, parse_report
+from fabmesh.mesh.tunnelstatus import PLURAL, NodeReport, Tunnel, TunnelState, config_generation, parse_report
 from fabmesh.node.status_writer import StatusTarget, StatusWriter
 from fabmesh.operator import objects as o
 from fabmesh.testenv.controlplane import ControlPlane
@@ -19,6 +22,7 @@ from tests.api.operator_helpers import cloud_nodes, create_nodes, edge, wait_con
 
 pytestmark = pytest.mark.api
 
+ROOT = Path(__file__).resolve().parents[2]
 EDGES = {"ts-edge-1": "192.0.2.71", "ts-edge-2": "192.0.2.72"}
 
 
@@ -102,3 +106,59 @@ def test_the_writer_writes_a_change_once_and_not_the_counters(
     restarted = StatusWriter(StatusTarget(control_plane.url, token, ca, env.namespace, "ts-edge-1"),
                              clock=lambda: now[0] + timedelta(seconds=5))
     assert not restarted.publish(down)  # after a restart, an unchanged report is not rewritten
+
+
+def fabmesh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fabmesh.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_plugin_commands_read_what_each_node_wrote_with_its_own_identity(
+        operator_env: OperatorEnv, control_plane: ControlPlane) -> None:
+    env = operator_env
+    arrange(env)
+    agents = {n: Kube(load_api_client(str(control_plane.kubeconfig_for_token(f"ts-{n}-{env.namespace}",
+                                                                               node_token(env, n), env.namespace))))
+              for n in EDGES}
+    cm = env.kube.get("configmaps", o.agent_configmap_name("ts-edge-1"), env.namespace)
+    current = config_generation({"mesh.yaml": cm["data"]["mesh.yaml"]})
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    healthy = NodeReport(role="edge", config_generation=current, tunnels_expected=2, tunnels_up=2, written_at=now,
+                         tunnels=(Tunnel(peer="connector-1", state=TunnelState.UP, bytes_in=7, packets_in=1),
+                                  Tunnel(peer="ts-edge-2", state=TunnelState.UP)))
+    cut = NodeReport(role="edge", config_generation="000000000000", tunnels_expected=2, tunnels_up=1,
+                     written_at=now, last_error="routes: EPERM",
+                     tunnels=(Tunnel(peer="connector-1", state=TunnelState.UP, nat_local=True),
+                              Tunnel(peer="ts-edge-1", state=TunnelState.UNRESPONSIVE, since=now,
+                                     remote_endpoint="192.0.2.71:4500")))
+    for name, report_ in (("ts-edge-1", healthy), ("ts-edge-2", cut)):
+        agents[name].merge_patch(PLURAL, name, {"status": report_.to_api()}, env.namespace, sub="status")
+    args = ["--kubeconfig", str(control_plane.kubeconfig), "--namespace", env.namespace]
+
+    out = fabmesh("status", "--json", *args)
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert (rows["ts-edge-1"]["tunnels_up"], rows["ts-edge-1"]["tunnels_expected"]) == (2, 2)
+    assert rows["ts-edge-1"]["generation_applied"] == rows["ts-edge-1"]["generation_wanted"] == current
+    assert (rows["ts-edge-2"]["tunnels_up"], rows["ts-edge-2"]["last_error"]) == (1, "routes: EPERM")
+    assert rows["ts-edge-2"]["generation_applied"] != rows["ts-edge-2"]["generation_wanted"]
+    assert 0 <= rows["ts-edge-2"]["status_age_s"] < 120
+
+    out = fabmesh("tunnels", "ts-edge-2", "--output", "json", *args)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert [(t["peer"], t["state"]) for t in shown["tunnels"]] == [("connector-1", "up"), ("ts-edge-1", "unresponsive")]
+    assert shown["paths"] == {"connector-1": "cloud (connector)", "ts-edge-1": "direct"}
+    table = fabmesh("tunnels", "ts-edge-2", *args)
+    assert "unresponsive" in table.stdout and "192.0.2.71:4500" in table.stdout, table.stdout
+
+    out = fabmesh("doctor", "--json", "--no-agent-pods", *args)
+    assert out.returncode == 1, out.stdout + out.stderr
+    found = {(c["name"], c["status"], c["message"]) for c in json.loads(out.stdout) if c["status"] != "PASS"}
+    assert ("tunnels-up", "FAIL", f"ts-edge-2: tunnel to ts-edge-1 is unresponsive since {now}") in found
+    assert ("tunnels-up", "FAIL", "ts-edge-2: routes: EPERM") in found
+    # Its ConfigMap was written just now: kubelet may still be projecting it, so no lag is claimed yet.
+    assert not any(name == "config-generation" for name, _, _ in found)
+
+    graph = fabmesh("graph", *args)
+    assert '"ts-edge-1" -- "ts-edge-2" [color=red, penwidth=2, fontcolor=red, label="unresponsive"];' in graph.stdout
