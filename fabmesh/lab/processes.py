@@ -64,7 +64,7 @@ def start_node_process(state: LabState, name: str) -> int:
               # The node identity's token as kubelet would project it (nodesim), over the lab's API path.
               "--status-token-file", str(base / "status" / "token"), "--status-server", API_SERVER,
               "--status-ca-file", str(Path(state.directory) / "controlplane" / "pki" / "ca.crt"),
-              "--status-namespace", state.operator_namespace]
+              "--status-namespace", state.operator_namespace, "--charon-conf", str(base / "strongswan.conf")]
     if state.backend is Backend.KERNEL:
         # Kernel ESP routes tunnel traffic into the uplink. A connector's peers have no endpoint (it
         # accepts them from anywhere) and lab hosts on the WAN have no default route, so it cannot be

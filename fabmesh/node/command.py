@@ -48,6 +48,9 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
                         "KUBERNETES_SERVICE_HOST/PORT)")
     parser.add_argument("--status-ca-file", type=Path, default=None,
                         help="CA bundle that signs the API server's certificate (default: the system's)")
+    parser.add_argument("--charon-conf", type=Path, default=None,
+                        help="the strongswan.conf charon runs with, to report its NAT keepalive interval "
+                        "(default: strongswan.conf next to --vici-socket, where `fabmesh charon` writes it)")
     parser.add_argument("--status-namespace", default="fabmesh-system",
                         help="namespace of the TunnelStatus objects (default: fabmesh-system)")
     if not edge:
@@ -77,7 +80,7 @@ def options(args: argparse.Namespace) -> NodeLoopOptions:
         state_dir=args.state_dir, cni_conf_dir=getattr(args, "cni_conf_dir", None),
         ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
-        node_name=getattr(args, "node_name", None), status=_status_target(args))
+        node_name=getattr(args, "node_name", None), status=_status_target(args), charon_conf=args.charon_conf)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,6 +57,7 @@ class NodeLoopOptions:
     metrics_port: int = 0  # 0: no metrics server (the CLI defaults to DEFAULT_METRICS_PORT)
     node_name: str | None = None  # a connector's own node: it stands by while mesh.yaml names another
     status: StatusTarget | None = None  # where to publish the TunnelStatus; None: nowhere
+    charon_conf: Path | None = None  # charon's strongswan.conf; None: next to the VICI socket
 
 
 class NodeLoop:
@@ -190,7 +191,7 @@ class NodeLoop:
     def _keepalive(self) -> int | None:
         """charon's NAT-T keepalive interval, from the strongswan.conf it runs with (next to its socket)."""
         try:
-            text = (self.options.vici_socket.parent / "strongswan.conf").read_text()
+            text = (self.options.charon_conf or self.options.vici_socket.parent / "strongswan.conf").read_text()
         except OSError:
             return None
         found = re.search(r"^\s*keep_alive\s*=\s*(\d+)s?\s*$", text, re.M)
