@@ -53,8 +53,9 @@ def differs(kind: str, current: Mapping[str, Any], body: Mapping[str, Any]) -> b
 
 
 class IdentitySync:
-    def __init__(self, kube: Kube, namespace: str, guarded: Guard) -> None:
-        self.kube, self.ns, self.guarded = kube, namespace, guarded
+    def __init__(self, kube: Kube, namespace: str, guarded: Guard, warned: set[str]) -> None:
+        """``warned`` outlives one pass: what was already logged once (a missing CRD) is not logged again."""
+        self.kube, self.ns, self.guarded, self.warned = kube, namespace, guarded, warned
 
     def _list(self, kind: str) -> dict[str, dict[str, Any]] | None:
         selector = f"{MANAGED_SELECTOR},{KIND_LABEL}={_LABEL_KIND[kind]}"
@@ -62,8 +63,10 @@ class IdentitySync:
             return {x["metadata"]["name"]: x for x in self.kube.list(kind, self.ns, selector)}
         except ApiError as exc:
             if exc.not_found and kind == "tunnelstatuses":
-                log.warning("the TunnelStatus CRD is not installed: nodes publish no tunnel state "
-                            "(install it with the chart)")
+                if "no-crd" not in self.warned:
+                    log.warning("the TunnelStatus CRD is not installed: nodes publish no tunnel state "
+                                "(install it with the chart)")
+                    self.warned.add("no-crd")
                 return None
             raise
 

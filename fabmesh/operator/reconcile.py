@@ -99,6 +99,7 @@ class Reconciler:
         self.clock = clock
         self.ns = settings.namespace
         self._emitted: OrderedDict[str, None] = OrderedDict()
+        self._warned: set[str] = set()
 
     # -- observe ---------------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class Reconciler:
                   **{n: (by_name[n].uid, "connector") for n in mesh.connectors
                      if n in expiry and mesh.connector is not None}}
         IdentitySync(self.kube, self.ns, lambda node, kind, name, write: self._guarded(
-            result, node, kind, name, write)).sync(served, seen.edge_names | seen.connector_names)
+            result, node, kind, name, write), self._warned).sync(served, seen.edge_names | seen.connector_names)
         if self.settings.agent_pods.enabled:
             self._sync_pods(result, {n: o.agent_pod(n, by_name[n].uid, self.settings)
                                      for n in mesh.edges if n in expiry}, seen.edge_names, seen.pods)

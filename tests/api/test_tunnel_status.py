@@ -114,7 +114,7 @@ def fabmesh(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_plugin_commands_read_what_each_node_wrote_with_its_own_identity(
-        operator_env: OperatorEnv, control_plane: ControlPlane) -> None:
+        operator_env: OperatorEnv, control_plane: ControlPlane, tmp_path: Path) -> None:
     env = operator_env
     arrange(env)
     agents = {n: Kube(load_api_client(str(control_plane.kubeconfig_for_token(f"ts-{n}-{env.namespace}",
@@ -159,6 +159,17 @@ def test_plugin_commands_read_what_each_node_wrote_with_its_own_identity(
     assert ("tunnels-up", "FAIL", "ts-edge-2: routes: EPERM") in found
     # Its ConfigMap was written just now: kubelet may still be projecting it, so no lag is claimed yet.
     assert not any(name == "config-generation" for name, _, _ in found)
+
+    screen = tmp_path / "watch.out"
+    with screen.open("w") as out:
+        watch = subprocess.Popen([sys.executable, "-m", "fabmesh.cli", "status", "--watch", "--interval", "0.5",
+                                  *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: screen.read_text().count("ts-edge-2 ") >= 2, timeout=60, what="two --watch refreshes")
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+    assert screen.read_text().count("Every 0.5s: kubectl fabmesh status") >= 2
 
     graph = fabmesh("graph", *args)
     assert '"ts-edge-1" -- "ts-edge-2" [color=red, penwidth=2, fontcolor=red, label="unresponsive"];' in graph.stdout
