@@ -173,3 +173,16 @@ def test_plugin_commands_read_what_each_node_wrote_with_its_own_identity(
 
     graph = fabmesh("graph", *args)
     assert '"ts-edge-1" -- "ts-edge-2" [color=red, penwidth=2, fontcolor=red, label="unresponsive"];' in graph.stdout
+
+
+def test_a_deleted_node_loses_its_identity_and_status_object(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    arrange(env)
+    gone = "ts-edge-2"
+    objects = [("serviceaccounts", o.node_account_name(gone)), ("roles", o.status_role_name(gone)),
+               ("rolebindings", o.status_role_name(gone)), (PLURAL, gone)]
+    assert all(env.kube.get(kind, name, env.namespace) for kind, name in objects)
+    env.kube.delete("nodes", gone)
+    wait_for(lambda: not any(env.kube.get(kind, name, env.namespace) for kind, name in objects), timeout=60,
+             what=f"{gone}'s ServiceAccount, Role, RoleBinding and TunnelStatus to be deleted")
+    assert env.kube.get(PLURAL, "ts-edge-1", env.namespace)  # the other node keeps its own
