@@ -199,7 +199,8 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
     mounts_common = [{"name": "run", "mountPath": "/var/run/fabmesh"}]
     main: dict[str, Any] = {
         "name": role, "image": images.image, "imagePullPolicy": images.image_pull_policy,
-        "args": [args[0], "--status-namespace", settings.namespace, *args[1:]],
+        "args": [args[0], "--status-namespace", settings.namespace,
+                 *(["--status-server", images.status_server] if images.status_server else []), *args[1:]],
         "securityContext": hardened(caps),
         "resources": images.resources.to_api(),
         "volumeMounts": [*mounts_common, {"name": "tmp", "mountPath": "/tmp"},

@@ -49,3 +49,10 @@ def test_an_object_read_back_unchanged_is_not_rewritten_and_a_changed_rule_is() 
     role = want["roles"]["fabmesh-status-edge-1"]
     widened = {**role, "rules": [{**role["rules"][0], "resourceNames": []}]}
     assert differs("roles", widened, role)
+
+
+def test_a_configured_status_server_reaches_the_agent_and_none_means_in_cluster() -> None:
+    named = o.agent_pod("edge-1", "u", OperatorSettings(agent_pods={"status_server": "https://203.0.113.1:6443"}))
+    args = named["spec"]["containers"][0]["args"]
+    assert args[args.index("--status-server") + 1] == "https://203.0.113.1:6443"
+    assert "--status-server" not in o.agent_pod("edge-1", "u", SETTINGS)["spec"]["containers"][0]["args"]
