@@ -66,6 +66,7 @@ class StatusWriter:
         self._kube: Kube | None = None
         self._token_mark: tuple[float, int] | None = None
         self._last_problem = ""
+        self._min_interval, self._heartbeat = 10.0, 300.0  # NodeSettings' defaults until set_limits
 
     def _client(self) -> Kube:
         st = self.target.token_file.stat()
@@ -110,9 +111,6 @@ class StatusWriter:
                      decision.reason, report.tunnels_up, report.tunnels_expected, report.config_generation)
         self.written, self.written_at = report, _parse_time(report.written_at)
         return True
-
-    _min_interval: float = 10.0
-    _heartbeat: float = 300.0
 
     def set_limits(self, min_interval_s: float, heartbeat_s: float) -> None:
         """From mesh.yaml's settings, which may change while the loop runs."""
