@@ -61,7 +61,9 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    group = {"leases": "/apis/coordination.k8s.io/v1"}.get(kind, "/api/v1")
+    group = {"leases": "/apis/coordination.k8s.io/v1", "tunnelstatuses": "/apis/fabmesh.io/v1alpha1",
+             "serviceaccounts": "/api/v1", "roles": "/apis/rbac.authorization.k8s.io/v1",
+             "rolebindings": "/apis/rbac.authorization.k8s.io/v1"}.get(kind, "/api/v1")
     path = group + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind}"
     if name:
         path += f"/{name}"
@@ -113,9 +115,9 @@ class Kube:
         return self._call("GET", _path(kind, namespace), query=query).get("items", [])
 
     def get(self, kind: str, name: str, namespace: str | None = None,
-            timeout: float | None = None) -> JSON | None:
+            timeout: float | None = None, sub: str | None = None) -> JSON | None:
         try:
-            return self._call("GET", _path(kind, namespace, name), timeout=timeout)
+            return self._call("GET", _path(kind, namespace, name, sub), timeout=timeout)
         except ApiError as exc:
             if exc.not_found:
                 return None
@@ -129,8 +131,10 @@ class Kube:
         return self._write("update", kind, "PUT", _path(kind, namespace, body["metadata"]["name"]), body,
                            timeout=timeout)
 
-    def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None) -> JSON:
-        return self._write("patch", kind, "PATCH", _path(kind, namespace, name), patch,
+    def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None,
+                    sub: str | None = None) -> JSON:
+        """JSON merge patch; ``sub`` names a subresource (``status``)."""
+        return self._write("patch", kind, "PATCH", _path(kind, namespace, name, sub), patch,
                            content_type="application/merge-patch+json")
 
     def delete(self, kind: str, name: str, namespace: str | None = None,

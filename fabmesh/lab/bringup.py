@@ -82,6 +82,8 @@ def operator_settings(topology: Topology, namespace: str, backend: Backend = Bac
         "resync_period_s": 10,
         "tunnel": {"backend": backend.value},
         "leader_election": {"lease_duration_s": 4, "renew_deadline_s": 3, "retry_period_s": 1},
+        # A lab is watched by a person: tunnel state in the API within seconds (docs/operator.md, Debugging).
+        "node": {"status_poll_s": 2, "status_min_interval_s": 2},
         # The lab runs agents and the connector as processes (no kubelet), so the operator's Pods are off.
         "agent_pods": {"enabled": False},
         "connector_pods": {"enabled": False},
@@ -136,6 +138,7 @@ def up_with_control_plane(topology: Topology, directory: Path, progress: Progres
     state.save()
     progress("starting the kubelet stand-in, charons, the connector, the agents and the route agents")
     spawn(state, "nodesim", [sys.executable, "-m", "fabmesh.lab.nodesim", "--dir", str(directory)])
+    spawn(state, "apiproxy", [sys.executable, "-m", "fabmesh.lab.apiproxy", "--dir", str(directory)])
     for h in state.hosts:
         if h.role != "cloud":
             start_charon(state, h.name)

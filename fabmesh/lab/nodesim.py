@@ -1,10 +1,14 @@
 """What kubelet would do on each lab host, driven by the real API server.
 
-kubelet's volume projection: each node's ConfigMap and Secret are written to
-``<host>/mesh`` and ``<host>/tls`` (on cloud hosts other than the connector,
-``fabmesh-cloud-routes`` to ``<host>/cloud``, for the route agent) the way
-kubelet does it: files in a timestamped directory, published by an atomic
-rename of the ``..data`` symlink, the stable names being links through ``..data``.
+* kubelet's volume projection: each node's ConfigMap and Secret are written to
+  ``<host>/mesh`` and ``<host>/tls`` (on cloud hosts other than the connector,
+  ``fabmesh-cloud-routes`` to ``<host>/cloud``, for the route agent) the way
+  kubelet does it: files in a timestamped directory, published by an atomic
+  rename of the ``..data`` symlink, the stable names being links through ``..data``.
+* kubelet's projected ServiceAccount token: each edge's and connector's node
+  identity (``fabmesh-node-<node>``, created by the operator) gets a token by
+  TokenRequest, written to ``<host>/status/token`` and renewed at 80% of its
+  life, which the node process reads to write its TunnelStatus.
 
 flannel is no longer imitated here: the lab runs real flanneld on cloud hosts
 (:func:`fabmesh.lab.bringup.up`, :mod:`fabmesh.testenv.flannel`).
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.lab.state import LabState
 from fabmesh.operator import objects as o
 
@@ -97,8 +101,37 @@ def project_all(kube: Kube, state: LabState) -> None:
             log.info("node=%s action=project secret", host.name)
 
 
+TOKEN_LIFETIME_S = 600
+
+
+def project_tokens(kube: Kube, state: LabState, now: float) -> None:
+    """A fresh token file per node identity once its file is missing or 80% through its life."""
+    ns = state.operator_namespace
+    for host in state.hosts:
+        if host.role == "cloud":
+            continue
+        token = Path(state.directory) / "hosts" / host.name / "status" / "token"
+        if token.exists() and now - token.stat().st_mtime < 0.8 * TOKEN_LIFETIME_S:
+            continue
+        try:
+            answer = kube._call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{o.node_account_name(host.name)}"
+                                "/token", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                           "spec": {"expirationSeconds": TOKEN_LIFETIME_S}})
+        except ApiError as exc:
+            if exc.not_found:
+                continue  # the operator has not created the node's identity yet
+            raise
+        token.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token.with_suffix(".tmp")
+        tmp.write_text(answer["status"]["token"])
+        tmp.chmod(0o400)
+        os.replace(tmp, token)
+        log.info("node=%s action=project token", host.name)
+
+
 def sync_once(kube: Kube, state: LabState) -> None:
     project_all(kube, state)
+    project_tokens(kube, state, time.time())
 
 
 def main() -> int:

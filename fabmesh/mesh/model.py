@@ -150,6 +150,12 @@ class NodeSettings(_Model):
     cni_conf_name: ConfFileName = "10-fabmesh.conflist"
     route_table: int = Field(default=2620, ge=1, le=2**31 - 1)
     resync_period_s: int = Field(default=30, ge=1)
+    # The node's TunnelStatus object (fabmesh/node/report.py): charon is polled every status_poll_s; a
+    # change is written no sooner than status_min_interval_s after the last write; an unchanged status
+    # is rewritten every status_heartbeat_s, so a node that stopped writing shows as stale.
+    status_poll_s: int = Field(default=5, ge=1, le=3600)
+    status_min_interval_s: int = Field(default=10, ge=1, le=3600)
+    status_heartbeat_s: int = Field(default=300, ge=10, le=86400)
 
 
 class Peer(_Model):

@@ -10,7 +10,8 @@ that matters for crash safety:
    operator killed after this step finds its allocation again on restart,
 3. per-node Secrets (issuing a leaf generates its key here), ConfigMaps, the connector's config,
 4. Node annotations and ``spec.podCIDR`` (guarded by the Node's resourceVersion),
-5. agent and connector Pods, then deletion of what belongs to Nodes that are gone
+5. each served node's ServiceAccount, Role, RoleBinding and TunnelStatus (``identity_sync.py``),
+   agent and connector Pods, then deletion of what belongs to Nodes that are gone
    (or lost their role label),
 6. Warning Events for every node that could not be planned or written.
 
@@ -44,6 +45,7 @@ from fabmesh.mesh.names import (
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
+from fabmesh.operator.identity_sync import IdentitySync
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, NodePatch, plan
 from fabmesh.operator.settings import OperatorSettings
@@ -97,6 +99,7 @@ class Reconciler:
         self.clock = clock
         self.ns = settings.namespace
         self._emitted: OrderedDict[str, None] = OrderedDict()
+        self._warned: set[str] = set()
 
     # -- observe ---------------------------------------------------------------------------------
 
@@ -213,6 +216,12 @@ class Reconciler:
 
         for name, patch in node_writes(mesh, by_name, expiry).items():
             self._patch_node(result, by_name[name], patch)
+        # Before the Pods, which name the ServiceAccount (admission refuses a Pod whose account is missing).
+        served = {**{n: (by_name[n].uid, "edge") for n in mesh.edges if n in expiry},
+                  **{n: (by_name[n].uid, "connector") for n in mesh.connectors
+                     if n in expiry and mesh.connector is not None}}
+        IdentitySync(self.kube, self.ns, lambda node, kind, name, write: self._guarded(
+            result, node, kind, name, write), self._warned).sync(served, seen.edge_names | seen.connector_names)
         if self.settings.agent_pods.enabled:
             self._sync_pods(result, {n: o.agent_pod(n, by_name[n].uid, self.settings)
                                      for n in mesh.edges if n in expiry}, seen.edge_names, seen.pods)

@@ -72,6 +72,13 @@ class NodePods(BaseModel):
     metrics_address: str = ""
     resources: Resources = Resources()
     strongswan_resources: Resources = Resources()
+    # Lifetime of the projected token the node loop writes its TunnelStatus with (kubelet renews it at
+    # 80%); 600 is the API server's minimum.
+    status_token_expiration_s: int = Field(default=600, ge=600, le=86400)
+    # The API server URL the node loop writes its TunnelStatus to ("": the in-cluster Service, from
+    # KUBERNETES_SERVICE_HOST). An edge reaches that ClusterIP only through its connector tunnel; name the
+    # API server's own address so an edge can still report while that tunnel is down.
+    status_server: str = Field(default="", pattern=r"^(https://\S+)?$")
 
 
 class AgentPods(NodePods):

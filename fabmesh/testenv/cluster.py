@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from fabmesh.testenv.controlplane import ControlPlane
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "fabmesh"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+CRD_KIND = "CustomResourceDefinition"
 _PLURAL = {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles",
            "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings",
-           "Namespace": "namespaces"}
+           "Namespace": "namespaces", CRD_KIND: "customresourcedefinitions"}
 _RBAC_GROUP = "/apis/rbac.authorization.k8s.io/v1"
 
 
@@ -38,6 +40,8 @@ def render_chart(helm: Path, namespace: str, values: dict[str, Any] | None = Non
 
 def _url(kind: str, namespace: str | None, name: str | None = None) -> str:
     base = _RBAC_GROUP if kind.startswith(("Cluster", "Role")) else "/api/v1"
+    if kind == CRD_KIND:
+        base = "/apis/apiextensions.k8s.io/v1"
     path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{_PLURAL[kind]}"
     return path + (f"/{name}" if name else "")
 
@@ -45,7 +49,7 @@ def _url(kind: str, namespace: str | None, name: str | None = None) -> str:
 def apply(kube: Kube, obj: dict[str, Any]) -> None:
     """Create, or replace when it exists (RBAC objects have no immutable fields that matter here)."""
     kind = obj["kind"]
-    namespace = obj["metadata"].get("namespace") if not kind.startswith("Cluster") else None
+    namespace = obj["metadata"].get("namespace") if not kind.startswith("Cluster") and kind != CRD_KIND else None
     try:
         kube._call("POST", _url(kind, namespace), obj)
     except ApiError as exc:
@@ -54,6 +58,18 @@ def apply(kube: Kube, obj: dict[str, Any]) -> None:
         current = kube._call("GET", _url(kind, namespace, obj["metadata"]["name"]))
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
         kube._call("PUT", _url(kind, namespace, obj["metadata"]["name"]), obj)
+
+
+def wait_established(kube: Kube, name: str, timeout: float = 30.0) -> None:
+    """Until the API server serves the CRD (its Established condition), as ``kubectl wait`` would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = kube._call("GET", _url(CRD_KIND, None, name))
+        if any(c.get("type") == "Established" and c.get("status") == "True"
+               for c in (crd.get("status") or {}).get("conditions") or []):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"CRD {name} not Established after {timeout}s")
 
 
 def ensure_namespace(kube: Kube, name: str) -> None:
@@ -69,8 +85,10 @@ def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
     assert cp.assets is not None
     ensure_namespace(kube, namespace)
     for obj in render_chart(cp.assets.helm, namespace):
-        if obj["kind"] in RBAC_KINDS:
+        if obj["kind"] in (*RBAC_KINDS, CRD_KIND):
             apply(kube, obj)
+        if obj["kind"] == CRD_KIND:
+            wait_established(kube, obj["metadata"]["name"])
     token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/fabmesh-operator/token",
                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                         "spec": {"audiences": ["https://kubernetes.default.svc"],

@@ -48,6 +48,7 @@ _COLLECTION = {
     "RoleBinding": _RBAC + "/namespaces/{ns}/rolebindings",
     "ClusterRole": _RBAC + "/clusterroles",
     "ClusterRoleBinding": _RBAC + "/clusterrolebindings",
+    "CustomResourceDefinition": "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
 }
 
 
@@ -372,6 +373,21 @@ RBAC_MATRIX = [
     ("operator-cannot-list-secrets-cluster-wide", "fabmesh-operator", "list", "", "secrets", None, False),
     ("operator-cannot-create-pods-in-default", "fabmesh-operator", "create", "", "pods", "default", False),
     ("operator-cannot-update-pods", "fabmesh-operator", "update", "", "pods", "own", False),
+    # Each node's identity (fabmesh-node-<node>, its Role and RoleBinding, its TunnelStatus): the operator
+    # holds what those Roles grant (tunnelstatuses/status) instead of "escalate" or "bind".
+    ("operator-creates-serviceaccounts", "fabmesh-operator", "create", "", "serviceaccounts", "own", True),
+    ("operator-creates-roles", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "roles", "own", True),
+    ("operator-creates-rolebindings", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "rolebindings",
+     "own", True),
+    ("operator-creates-tunnelstatuses", "fabmesh-operator", "create", "fabmesh.io", "tunnelstatuses", "own", True),
+    ("operator-patches-tunnelstatus-status", "fabmesh-operator", "patch", "fabmesh.io", "tunnelstatuses/status",
+     "own", True),
+    ("operator-cannot-escalate-roles", "fabmesh-operator", "escalate", "rbac.authorization.k8s.io", "roles", "own",
+     False),
+    ("operator-cannot-bind-roles", "fabmesh-operator", "bind", "rbac.authorization.k8s.io", "roles", "own", False),
+    ("operator-cannot-mint-tokens", "fabmesh-operator", "create", "", "serviceaccounts/token", "own", False),
+    ("operator-cannot-create-roles-in-default", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "roles",
+     "default", False),
     # Agent and connector Pods run as the namespace's "default" account (no token mounted): it may do nothing.
     ("node-pods-cannot-get-configmaps", "default", "get", "", "configmaps", "own", False),
     ("node-pods-cannot-get-secrets", "default", "get", "", "secrets", "own", False),
@@ -383,7 +399,8 @@ RBAC_MATRIX = [
 def may(admin: Kube, namespace: str, account: str, verb: str, group: str, resource: str,
         where: str | None) -> bool:
     """The API server's own answer (SubjectAccessReview) for that ServiceAccount, with its groups."""
-    attributes = {"verb": verb, "group": group, "resource": resource}
+    resource, _, subresource = resource.partition("/")
+    attributes = {"verb": verb, "group": group, "resource": resource, "subresource": subresource}
     if where is not None:
         attributes["namespace"] = namespace if where == "own" else where
     review = admin._call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
