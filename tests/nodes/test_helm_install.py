@@ -206,7 +206,7 @@ def test_operator_pod_runs_on_the_cloud_node_under_its_service_account(cluster: 
     assert pod["spec"]["nodeName"] == "cloud-1"
     assert pod["spec"]["serviceAccountName"] == "fabmesh-operator"
     assert any(v.get("projected") and v["name"].startswith("kube-api-access-") for v in pod["spec"]["volumes"])
-    assert pod["status"]["podIP"] in ipaddress.ip_network(CLOUD_POD_CIDR)
+    assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(CLOUD_POD_CIDR)
     lease = wait_for(lambda: admin.get("leases", "fabmesh-operator", NAMESPACE), timeout=60, interval=1,
                      what="the operator's Lease")
     assert lease["spec"]["holderIdentity"].startswith(pod["metadata"]["name"]), lease["spec"]
