@@ -8,11 +8,12 @@
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
-# strongSwan 5.9 (charon + VICI), the libipsec backend and AEAD (gcm) plugins; the tools the agent
-# and connector drive. The node's container runtime runs the CNI plugins, so they are not needed here.
+# strongSwan 5.9 (charon; its VICI plugin ships in strongswan-swanctl), the libipsec backend and AEAD
+# (gcm) plugins; the tools the agent and connector drive. The node's container runtime runs the CNI
+# plugins, so they are not needed here.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      strongswan-charon libcharon-extra-plugins libstrongswan-standard-plugins \
+      strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins \
       iproute2 iptables ipset \
  && rm -rf /var/lib/apt/lists/*
 

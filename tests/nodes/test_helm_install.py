@@ -117,6 +117,8 @@ def cluster(node_network: tuple[Network, NodeLink], control_plane: ControlPlane,
             started.append(node)
         wait_for(lambda: _ready(admin, "cloud-1") and _ready(admin, "conn-1"), timeout=240, interval=0.5,
                  what="cloud-1 and conn-1 Ready")
+        # The edge registers too, but stays NotReady until the agent Pod writes its conflist.
+        wait_for(lambda: admin.get("nodes", "edge-1"), timeout=120, interval=0.5, what="Node edge-1 registered")
         print(f"\n[measure] three nodes started (product image imported) to cloud nodes Ready: "
               f"{time.monotonic() - began:.1f}s")
         nodes.cloud.start_kube_proxy(control_plane, link, cluster_cidr="10.244.0.0/16")
@@ -250,3 +252,65 @@ def test_agent_pod_writes_the_edges_cni_config_and_the_edge_turns_ready(cluster:
     conflist = cluster.edge.paths.cni_conf_dir / "10-fabmesh.conflist"
     wait_for(conflist.exists, timeout=300, interval=1, what=f"{conflist} written by the agent Pod")
     wait_for(lambda: _ready(admin, "edge-1"), timeout=120, interval=1, what="edge-1 Ready")
+
+
+def _pod_netns(node: KubeNode, ip: str) -> str:
+    """The sandbox namespace (``cni-*``) of the Pod with ``ip`` on ``node``."""
+    for ns in node.sandbox_netns():
+        addresses = subprocess.run(["ip", "-n", ns, "-o", "-4", "addr", "show"], capture_output=True,
+                                   text=True).stdout
+        if f" {ip}/" in addresses:
+            return ns
+    raise AssertionError(f"no sandbox namespace on {node.name} holds {ip}: {node.sandbox_netns()}")
+
+
+def _ping(netns: str, dst: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "1", "-W", "2", dst],
+                          capture_output=True).returncode == 0
+
+
+def _pod(name: str, node: str, image: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}}
+
+
+def test_edge_pod_and_cloud_pod_talk_through_the_tunnel_of_the_agent_pod(
+        cluster: Cluster, release: float, admin: Kube, local_images: LocalImages,
+        node_network: tuple[Network, NodeLink]) -> None:
+    """A Pod on the edge (fabmesh's conflist, written by the agent Pod) and a Pod on the cloud node
+    ping each other through the IPsec tunnel between the agent Pod's and the connector Pod's charons.
+
+    No flanneld runs yet, so the cloud side routes as flannel's host-gw backend would, with the
+    FabEdge trick: the cloud node sends the edge pool to the connector, and the connector sends the
+    cloud node's pod range to it.
+    """
+    settings_pool = "10.233.0.0/16"
+    cluster.cloud.host.run("ip", "route", "replace", settings_pool, "via", cluster.connector.host.wan_ip)
+    cluster.connector.host.run("ip", "route", "replace", CLOUD_POD_CIDR, "via", cluster.cloud.host.wan_ip)
+    wait_for(lambda: _ready(admin, "edge-1"), timeout=300, interval=1, what="edge-1 Ready")
+    for name, node in (("edge-pod", "edge-1"), ("cloud-pod", "cloud-1")):
+        admin.create("pods", _pod(name, node, local_images.busybox), namespace="default")
+    try:
+        def ip_of(name: str) -> str | None:
+            pod = admin.get("pods", name, "default") or {}
+            return pod.get("status", {}).get("podIP") if pod.get("status", {}).get("phase") == "Running" else None
+
+        edge_ip = wait_for(lambda: ip_of("edge-pod"), timeout=120, interval=0.5, what="edge-pod Running")
+        cloud_ip = wait_for(lambda: ip_of("cloud-pod"), timeout=120, interval=0.5, what="cloud-pod Running")
+        assert ipaddress.ip_address(edge_ip) in ipaddress.ip_network(settings_pool), edge_ip
+        edge_ns, cloud_ns = _pod_netns(cluster.edge, edge_ip), _pod_netns(cluster.cloud, cloud_ip)
+        started = time.monotonic()
+        try:
+            wait_for(lambda: _ping(edge_ns, cloud_ip), timeout=180, interval=1,
+                     what=f"edge-pod {edge_ip} -> cloud-pod {cloud_ip}")
+        except TimeoutError:
+            sas = cluster.edge.host.run("ip", "-o", "link", "show", check=False).stdout
+            routes = cluster.edge.host.run("ip", "route", "show", "table", "all", check=False).stdout
+            raise AssertionError(f"edge links: {sas}\nedge routes: {routes}\n"
+                                 f"{_diagnose(admin, cluster, agent_pod_name('edge-1'))}") from None
+        print(f"\n[measure] edge pod Running to first ping through the tunnel: {time.monotonic() - started:.1f}s")
+        assert _ping(cloud_ns, edge_ip), f"cloud-pod {cloud_ip} -> edge-pod {edge_ip}"
+    finally:
+        for name in ("edge-pod", "cloud-pod"):
+            admin.delete("pods", name, "default", grace_period_s=0)
