@@ -318,6 +318,12 @@ def test_edge_pod_and_cloud_pod_talk_through_the_tunnel_of_the_agent_pod(
                                  f"{_diagnose(admin, cluster, agent_pod_name('edge-1'))}") from None
         print(f"\n[measure] edge pod Running to first ping through the tunnel: {time.monotonic() - started:.1f}s")
         assert _ping(cloud_ns, edge_ip), f"cloud-pod {cloud_ip} -> edge-pod {edge_ip}"
+        # What the node components complained about while running as Pods (capabilities, sysctls).
+        for node in (cluster.connector, cluster.edge):
+            for log in sorted(node.paths.pod_logs.glob(f"{NAMESPACE}_*/*/*.log")):
+                complaints = sorted({line.split(" ", 3)[-1][:200] for line in log.read_text().splitlines()
+                                     if " WARNING " in line or " ERROR " in line})
+                print(f"\n[observed] {log.parent.parent.name.split('_')[1]}/{log.parent.name}: {complaints[:6]}")
     finally:
         for name in ("edge-pod", "cloud-pod"):
             admin.delete("pods", name, "default", grace_period_s=0)
