@@ -282,18 +282,26 @@ def _pod(name: str, node: str, image: str) -> dict:
                 "name": "main", "image": image, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]}}
 
 
-def test_edge_pod_and_cloud_pod_talk_through_the_tunnel_of_the_agent_pod(
-        cluster: Cluster, release: float, admin: Kube, local_images: LocalImages,
-        node_network: tuple[Network, NodeLink]) -> None:
-    """A Pod on the edge (fabmesh's conflist, written by the agent Pod) and a Pod on the cloud node
-    ping each other through the IPsec tunnel between the agent Pod's and the connector Pod's charons.
+EDGE_POOL = "10.233.0.0/16"  # the chart's default operator.settings.edge_pod_pool
+
+
+@dataclass
+class Workload:
+    edge_ip: str
+    cloud_ip: str
+    edge_ns: str  # the Pods' sandbox namespaces, to ping from (no kubectl exec here)
+    cloud_ns: str
+
+
+@pytest.fixture(scope="module")
+def workload(cluster: Cluster, release: float, admin: Kube, local_images: LocalImages) -> Iterator[Workload]:
+    """A Pod on the edge (fabmesh's conflist, written by the agent Pod) and one on the cloud node.
 
     No flanneld runs yet, so the cloud side routes as flannel's host-gw backend would, with the
     FabEdge trick: the cloud node sends the edge pool to the connector, and the connector sends the
     cloud node's pod range to it.
     """
-    settings_pool = "10.233.0.0/16"
-    cluster.cloud.host.run("ip", "route", "replace", settings_pool, "via", cluster.connector.host.wan_ip)
+    cluster.cloud.host.run("ip", "route", "replace", EDGE_POOL, "via", cluster.connector.host.wan_ip)
     cluster.connector.host.run("ip", "route", "replace", CLOUD_POD_CIDR, "via", cluster.cloud.host.wan_ip)
     wait_for(lambda: _ready(admin, "edge-1"), timeout=300, interval=1, what="edge-1 Ready")
     for name, node in (("edge-pod", "edge-1"), ("cloud-pod", "cloud-1")):
@@ -305,28 +313,58 @@ def test_edge_pod_and_cloud_pod_talk_through_the_tunnel_of_the_agent_pod(
 
         edge_ip = wait_for(lambda: ip_of("edge-pod"), timeout=120, interval=0.5, what="edge-pod Running")
         cloud_ip = wait_for(lambda: ip_of("cloud-pod"), timeout=120, interval=0.5, what="cloud-pod Running")
-        assert ipaddress.ip_address(edge_ip) in ipaddress.ip_network(settings_pool), edge_ip
-        edge_ns, cloud_ns = _pod_netns(cluster.edge, edge_ip), _pod_netns(cluster.cloud, cloud_ip)
-        started = time.monotonic()
-        try:
-            wait_for(lambda: _ping(edge_ns, cloud_ip), timeout=180, interval=1,
-                     what=f"edge-pod {edge_ip} -> cloud-pod {cloud_ip}")
-        except TimeoutError:
-            sas = cluster.edge.host.run("ip", "-o", "link", "show", check=False).stdout
-            routes = cluster.edge.host.run("ip", "route", "show", "table", "all", check=False).stdout
-            raise AssertionError(f"edge links: {sas}\nedge routes: {routes}\n"
-                                 f"{_diagnose(admin, cluster, agent_pod_name('edge-1'))}") from None
-        print(f"\n[measure] edge pod Running to first ping through the tunnel: {time.monotonic() - started:.1f}s")
-        assert _ping(cloud_ns, edge_ip), f"cloud-pod {cloud_ip} -> edge-pod {edge_ip}"
-        # What the node components complained about while running as Pods (capabilities, sysctls).
-        for node in (cluster.connector, cluster.edge):
-            for log in sorted(node.paths.pod_logs.glob(f"{NAMESPACE}_*/*/*.log")):
-                complaints = sorted({line.split(" ", 3)[-1][:200] for line in log.read_text().splitlines()
-                                     if " WARNING " in line or " ERROR " in line})
-                print(f"\n[observed] {log.parent.parent.name.split('_')[1]}/{log.parent.name}: {complaints[:6]}")
+        assert ipaddress.ip_address(edge_ip) in ipaddress.ip_network(EDGE_POOL), edge_ip
+        yield Workload(edge_ip=edge_ip, cloud_ip=cloud_ip, edge_ns=_pod_netns(cluster.edge, edge_ip),
+                       cloud_ns=_pod_netns(cluster.cloud, cloud_ip))
     finally:
         for name in ("edge-pod", "cloud-pod"):
             admin.delete("pods", name, "default", grace_period_s=0)
+
+
+def _wait_for_ping(cluster: Cluster, admin: Kube, workload: Workload, what: str) -> float:
+    """Seconds until the edge Pod's ping reaches the cloud Pod; on timeout, the edge's links and routes."""
+    started = time.monotonic()
+    try:
+        wait_for(lambda: _ping(workload.edge_ns, workload.cloud_ip), timeout=180, interval=1,
+                 what=f"{what}: edge-pod {workload.edge_ip} -> cloud-pod {workload.cloud_ip}")
+    except TimeoutError:
+        links = cluster.edge.host.run("ip", "-o", "link", "show", check=False).stdout
+        routes = cluster.edge.host.run("ip", "route", "show", "table", "all", check=False).stdout
+        raise AssertionError(f"{what}: edge links: {links}\nedge routes: {routes}\n"
+                             f"{_diagnose(admin, cluster, agent_pod_name('edge-1'))}") from None
+    return time.monotonic() - started
+
+
+def test_edge_pod_and_cloud_pod_talk_through_the_tunnel_of_the_agent_pod(cluster: Cluster, admin: Kube,
+                                                                         workload: Workload) -> None:
+    """Both ways, through the IPsec tunnel between the agent Pod's and the connector Pod's charons."""
+    took = _wait_for_ping(cluster, admin, workload, "first ping")
+    print(f"\n[measure] edge pod Running to first ping through the tunnel: {took:.1f}s")
+    assert _ping(workload.cloud_ns, workload.edge_ip), f"cloud-pod {workload.cloud_ip} -> edge-pod {workload.edge_ip}"
+    # What the node components complained about while running as Pods (capabilities, sysctls).
+    for node in (cluster.connector, cluster.edge):
+        for log in sorted(node.paths.pod_logs.glob(f"{NAMESPACE}_*/*/*.log")):
+            complaints = sorted({line.split(" ", 3)[-1][:200] for line in log.read_text().splitlines()
+                                 if " WARNING " in line or " ERROR " in line})
+            print(f"\n[observed] {log.parent.parent.name.split('_')[1]}/{log.parent.name}: {complaints[:6]}")
+
+
+def test_deleted_agent_pod_is_recreated_by_the_operator_and_traffic_resumes(cluster: Cluster, admin: Kube,
+                                                                            workload: Workload) -> None:
+    _wait_for_ping(cluster, admin, workload, "before the delete")
+    name = agent_pod_name("edge-1")
+    old_uid = admin.get("pods", name, NAMESPACE)["metadata"]["uid"]  # type: ignore[index]
+    started = time.monotonic()
+    admin.delete("pods", name, NAMESPACE)
+    try:
+        wait_for(lambda: (p := _running(admin, name)) is not None and p["metadata"]["uid"] != old_uid,
+                 timeout=240, interval=1, what=f"a new {name} Ready")
+    except TimeoutError:
+        raise AssertionError(_diagnose(admin, cluster, name)) from None
+    recreated = time.monotonic() - started
+    took = _wait_for_ping(cluster, admin, workload, "after the agent Pod was recreated")
+    print(f"\n[measure] agent Pod deleted to its successor Ready: {recreated:.1f}s; then to a ping: {took:.1f}s")
+    assert _ping(workload.cloud_ns, workload.edge_ip)
 
 
 def test_helm_uninstall_removes_the_charts_objects(cluster: Cluster, release: float, helm: Helm,
