@@ -367,6 +367,51 @@ def test_deleted_agent_pod_is_recreated_by_the_operator_and_traffic_resumes(clus
     assert _ping(workload.cloud_ns, workload.edge_ip)
 
 
+def test_helm_upgrade_rolls_the_operator_and_the_agent_and_traffic_resumes(
+        cluster: Cluster, admin: Kube, helm: Helm, product_image: ProductImage, workload: Workload) -> None:
+    """A changed agent setting: the chart's settings hash rolls the operator Deployment, the new
+    operator replaces the agent Pod (its spec hash changed), and the edge reaches the cloud again.
+    The ping runs through the whole rollout; how many replies were lost is printed, not asserted
+    (with libipsec the TUN device goes with the old charon)."""
+    _wait_for_ping(cluster, admin, workload, "before the upgrade")
+    operator_pods = {p["metadata"]["uid"] for p in admin.list("pods", NAMESPACE,
+                                                              labels="app.kubernetes.io/component=operator")}
+    agent = agent_pod_name("edge-1")
+    old_agent = admin.get("pods", agent, NAMESPACE)["metadata"]["uid"]  # type: ignore[index]
+    ping = subprocess.Popen(["ip", "netns", "exec", workload.edge_ns, "ping", "-n", "-i", "0.2", "-W", "1",
+                             workload.cloud_ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = time.monotonic()
+    try:
+        done = helm.cluster("upgrade", "fabmesh", str(CHART), "--namespace", NAMESPACE, "--reuse-values",
+                            "--set", "operator.settings.agent_pods.resources.limits.memory=300Mi")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        def rolled() -> bool:
+            pods = admin.list("pods", NAMESPACE, labels="app.kubernetes.io/component=operator")
+            new = [p for p in pods if p["metadata"]["uid"] not in operator_pods]
+            return len(pods) == 1 and bool(new) and _running(admin, new[0]["metadata"]["name"]) is not None
+
+        try:
+            wait_for(rolled, timeout=240, interval=1, what="the operator Deployment rolled out")
+            pod = wait_for(lambda: (p := _running(admin, agent)) is not None
+                           and p["metadata"]["uid"] != old_agent and p, timeout=240, interval=1,
+                           what=f"a new {agent} Ready")
+        except TimeoutError:
+            raise AssertionError(_diagnose(admin, cluster, agent)) from None
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["memory"] == "300Mi", limits
+        rolled_s = time.monotonic() - started
+        took = _wait_for_ping(cluster, admin, workload, "after the upgrade")
+        time.sleep(2)
+    finally:
+        ping.send_signal(2)  # SIGINT: ping prints its summary
+        out = ping.communicate(timeout=10)[0]
+    summary = next((line for line in out.splitlines() if "packets transmitted" in line), out[-300:])
+    print(f"\n[measure] helm upgrade to the new agent Pod Ready: {rolled_s:.1f}s; then to a ping: {took:.1f}s; "
+          f"ping every 0.2 s through it: {summary}")
+    assert _ping(workload.cloud_ns, workload.edge_ip)
+
+
 def test_helm_uninstall_removes_the_charts_objects(cluster: Cluster, release: float, helm: Helm,
                                                   admin: Kube) -> None:
     """Runs last in this module: it uninstalls the release."""
