@@ -13,9 +13,13 @@ references and no controller creates a namespace's ``default`` ServiceAccount.
 The ``ServiceAccount`` admission plugin is therefore off (as in
 controller-runtime's envtest), and fabmesh deletes what it owns explicitly
 instead of relying on GC. Real-node tests add kube-controller-manager and
-kube-scheduler with :meth:`ControlPlane.start_controllers`. The API server
-reaches kubelets at their InternalIP with a ``kubelet-client`` certificate;
-from the box's loopback it has no route into the lab.
+kube-scheduler with :meth:`ControlPlane.start_controllers`; a control plane made
+with ``service_accounts=True`` keeps the ``ServiceAccount`` admission plugin on, so
+Pods get their projected token and ``kube-root-ca.crt`` (what ``helm install`` of
+the chart on real nodes needs), and its serving certificate also names the
+``kubernetes`` Service's ClusterIP, as kubeadm's does. The API server reaches
+kubelets at their InternalIP with a ``kubelet-client`` certificate; from the
+box's loopback it has no route into the lab.
 
 With ``netns`` set (a lab host's namespace, e.g. a cloud node that is not the
 connector) etcd and kube-apiserver run *inside* it (``nsenter --net``): the API
@@ -33,6 +37,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -74,6 +79,9 @@ class ControlPlane:
     # How long etcd and kube-apiserver may take to become ready: 90 s on a loaded 2-core host; several
     # minutes under software emulation (the kernel tier's VM, where the lab passes its own timeout).
     ready_timeout: float = 90.0
+    # Keep the ServiceAccount admission plugin on (Pods get tokens); needs kube-controller-manager,
+    # which creates each namespace's default ServiceAccount, or Pods using it are refused.
+    service_accounts: bool = False
     pids: list[int] = field(default_factory=list)
     url: str = ""
     token: str = ""
@@ -140,8 +148,10 @@ class ControlPlane:
         assert self.assets
         now = datetime.datetime.now(datetime.UTC)
         ca = self.ca = new_ca("fabmesh-testenv-ca", now=now)
-        serving = issue_leaf(ca, name="localhost", addresses=["127.0.0.1", *filter(None, [self.host_address])],
-                             now=now)
+        # In-cluster clients dial the kubernetes Service's ClusterIP (the first address of the range).
+        service_ip = str(ipaddress.ip_network(SERVICE_CIDR).network_address + 1)
+        serving = issue_leaf(ca, name="localhost",
+                             addresses=["127.0.0.1", service_ip, *filter(None, [self.host_address])], now=now)
         certs = self.directory / "pki"
         certs.mkdir(exist_ok=True)
         (certs / "ca.crt").write_text(ca.cert_pem)
@@ -186,7 +196,7 @@ class ControlPlane:
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--service-account-key-file", str(certs / "sa.pub"),
             "--service-account-signing-key-file", str(certs / "sa.key"),
-            "--disable-admission-plugins", "ServiceAccount",
+            *([] if self.service_accounts else ["--disable-admission-plugins", "ServiceAccount"]),
             "--allow-privileged=true",
             # Loopback may not be published as the kubernetes Service endpoint; nothing here needs it.
             "--endpoint-reconciler-type", "none",
