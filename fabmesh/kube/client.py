@@ -16,6 +16,7 @@ elector's fence plugs in there, so no write path can forget it.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,19 @@ def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | 
     return path
 
 
+TOO_MANY_REQUESTS_RETRIES = 3
+MAX_RETRY_AFTER_S = 2.0
+
+
+def _retry_after(text: str) -> float:
+    """The pause a 429 asks for (``details.retryAfterSeconds``), at most ``MAX_RETRY_AFTER_S``."""
+    try:
+        seconds = float(json.loads(text).get("details", {}).get("retryAfterSeconds", 1))
+    except (ValueError, AttributeError):
+        seconds = 1.0
+    return min(max(seconds, 0.1), MAX_RETRY_AFTER_S)
+
+
 class Kube:
     def __init__(self, api: client.ApiClient, timeout: float = 30.0, field_manager: str | None = None,
                  write_guard: Callable[[], float] | None = None) -> None:
@@ -91,13 +105,21 @@ class Kube:
         _, url, headers, payload, _ = self.api.param_serialize(
             method=method, resource_path=path, header_params=headers,
             body=body, auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=payload,
-                                     _request_timeout=self.timeout if timeout is None else min(self.timeout, timeout))
-        response.read()
-        text = response.data.decode() if response.data else ""
-        if not 200 <= response.status < 300:
-            raise ApiError(response.status, response.reason or "", text)
-        return json.loads(text) if text else {}
+        for attempt in range(TOO_MANY_REQUESTS_RETRIES + 1):
+            response = self.api.call_api(method, url, header_params=headers, body=payload,
+                                         _request_timeout=self.timeout if timeout is None
+                                         else min(self.timeout, timeout))
+            response.read()
+            text = response.data.decode() if response.data else ""
+            if response.status == 429 and attempt < TOO_MANY_REQUESTS_RETRIES:
+                # Not processed (API priority and fairness, or a new CRD's storage still initialising):
+                # safe to send again after the pause the server asks for, as client-go does.
+                time.sleep(_retry_after(text))
+                continue
+            if not 200 <= response.status < 300:
+                raise ApiError(response.status, response.reason or "", text)
+            return json.loads(text) if text else {}
+        raise AssertionError("unreachable")
 
     def _write(self, verb: str, kind: str, method: str, path: str, body: Any = None,
                query: dict[str, str] | None = None, content_type: str = "application/json",
