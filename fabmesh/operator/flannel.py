@@ -112,7 +112,7 @@ def strippable(annotations: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[s
     present = [k for k in (*MARKERS, *COPIED) if k in annotations]
     foreign = [k for k in COPIED if k in annotations and record.get(k.removeprefix(FLANNEL_PREFIX)) != annotations[k]]
     if foreign or not record:
-        return (FLANNEL_COPY_ANNOTATION,), tuple(present)
+        return (FLANNEL_COPY_ANNOTATION,), tuple(sorted(present))
     return tuple(sorted({FLANNEL_COPY_ANNOTATION, *present})), ()
 
 
