@@ -136,7 +136,7 @@ def test_real_flanneld_sends_the_edge_pod_cidr_to_the_connectors_vtep(
     sh("iptables", "-t", "raw", "-D", "PREROUTING", *rule, ns=connector.netns)
 
 
-def test_deleting_an_edge_node_leaves_every_cloud_nodes_fdb_entry_to_the_connector(
+def test_deleting_an_edge_node_keeps_the_cloud_nodes_fdb_entry_and_path_to_the_connector(
         cloud: dict[str, Host], reconciler: Reconciler, admin: Kube) -> None:
     """flanneld turns the deletion of a marked Node into a lease removal that deletes the FDB entry of its
     VtepMAC: for an edge, the connector's, shared by every edge. The operator's finalizer holds the Node
