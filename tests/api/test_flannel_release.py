@@ -15,6 +15,8 @@ from typing import Any
 from kubernetes import client, watch
 
 from fabmesh.mesh.names import FLANNEL_COPY_ANNOTATION, FLANNEL_FINALIZER
+from fabmesh.testenv.cluster import install_release_hook_rbac
+from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import stop_pid, wait_for
 from tests.api.conftest import OperatorEnv
 from tests.api.operator_helpers import EDGE, FLANNEL, cloud_nodes, create_nodes, edge, nodes, wait_converged
@@ -122,15 +124,18 @@ def test_an_edge_turned_cloud_node_keeps_what_its_own_flanneld_wrote(operator_en
     assert not set(COPIED) & set(e2), e2
 
 
-def test_release_for_an_uninstall_frees_every_node_once_the_operator_is_gone(operator_env: OperatorEnv) -> None:
+def test_release_for_an_uninstall_frees_every_node_once_the_operator_is_gone(
+        operator_env: OperatorEnv, control_plane: ControlPlane) -> None:
+    """Run as the chart's post-delete hook runs it: with that hook's own ServiceAccount and RBAC."""
     env = operator_env
+    hook = install_release_hook_rbac(control_plane, env.kube, env.namespace)
     create_nodes(env.kube, [*cloud_nodes(), edge("e1", "192.0.2.1"), edge("e2", "192.0.2.2")])
     operator = env.start()
     wait_converged(env, {"e1", "e2"})
     wait_for(lambda: all(_held(nodes(env)[n]) for n in ("e1", "e2")), timeout=30, what="both edges held")
     stop_pid(operator.pid)  # its Lease is still fresh: the release waits for it to lapse
     done = subprocess.run([sys.executable, "-m", "fabmesh.cli", "operator", "--release", "--kubeconfig",
-                           str(env.kubeconfig), "--config", str(env.settings_file), "--release-wait", "60"],
+                           str(hook), "--config", str(env.settings_file), "--release-wait", "60"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for name in ("e1", "e2"):
