@@ -92,7 +92,7 @@ def read_hold(obj: Mapping[str, Any], edge_label: str) -> FlannelHold:
     meta = obj.get("metadata") or {}
     return FlannelHold(name=meta.get("name", ""), resource_version=meta.get("resourceVersion", ""),
                        edge=edge_label in (meta.get("labels") or {}), deleting=bool(meta.get("deletionTimestamp")),
-                       finalizers=tuple(meta.get("finalizers") or ()), annotations=dict(meta.get("annotations") or {}))
+                       finalizers=tuple(meta.get("finalizers") or ()), annotations=meta.get("annotations") or {})
 
 
 def strippable(annotations: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
