@@ -11,6 +11,7 @@ from fabmesh.operator.flannel import FlannelHold, Release, Step, Why, copy_recor
 from fabmesh.operator.inventory import read_node
 from fabmesh.operator.plan import plan
 from fabmesh.operator.settings import OperatorSettings
+from fabmesh.operator.status import node_writes
 
 P = "flannel.alpha.coreos.com/"
 CONNECTOR_KEYS = {P + "backend-type": "vxlan", P + "backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
@@ -144,3 +145,14 @@ def test_a_connector_change_repoints_the_keys_and_the_record_and_keeps_the_final
     patch = result.node_patches["e1"]
     assert patch.annotations == {P + "public-ip": "198.51.100.9", FLANNEL_COPY_ANNOTATION: copy_record(moved)}
     assert patch.finalizers is None
+
+
+def test_a_deleting_edge_gets_no_status_write_and_a_held_one_keeps_its_finalizer_in_the_status_patch() -> None:
+    edges = {name: _node(name, {SETTINGS.edge_label: ""}, {}, ip, **meta) for name, ip, meta in (
+        ("e1", "192.0.2.1", {"deletionTimestamp": "2026-12-02T01:00:00Z", "finalizers": [FLANNEL_FINALIZER]}),
+        ("e2", "192.0.2.2", {}))}
+    infos = {o["metadata"]["name"]: read_node(o, SETTINGS) for o in (CONNECTOR, *edges.values())}
+    result = plan(list(infos.values()), SETTINGS, "CA")  # type: ignore[arg-type]
+    writes = node_writes(result, infos, {})  # type: ignore[arg-type]
+    assert set(writes) == {"e2"}
+    assert writes["e2"].finalizers == (FLANNEL_FINALIZER,) and "fabmesh.io/status" in writes["e2"].annotations
