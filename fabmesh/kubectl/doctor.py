@@ -19,6 +19,8 @@ from fabmesh.kubectl import cluster
 from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import MeshConfigError, Role
 from fabmesh.mesh.names import (
+    FLANNEL_COPY_ANNOTATION,
+    FLANNEL_FINALIZER,
     FLANNEL_KEYS,
     FLANNEL_LEASE_MARKER,
     FLANNEL_PREFIX,
@@ -37,6 +39,8 @@ CLOCK_SKEW_WARNING = timedelta(seconds=30)
 CLOCK_SKEW_FAILURE = timedelta(minutes=5)
 # kubelet projects a changed ConfigMap within its sync period plus its cache TTL (about a minute each).
 GENERATION_GRACE = timedelta(minutes=3)
+# The operator releases a deleting edge within two passes (seconds); a deletion held longer waits for it.
+RELEASE_STUCK = timedelta(minutes=1)
 
 
 class Status(StrEnum):
@@ -52,6 +56,7 @@ class CheckName(StrEnum):
     AGENT_PODS = "agent-pods"
     AGENTS_RUNNING = "agents-running"
     FLANNEL = "flannel-annotations"
+    FLANNEL_RELEASE = "flannel-release"
     CONNECTOR = "connector"
     LEADER = "operator-leader"
     CLOCK = "clock-skew"
@@ -230,7 +235,9 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
     # flanneld ignores a Node without its kube-subnet-manager marker, whatever else it carries.
     wanted |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
     problems = []
-    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
+    # A deleting edge has its flannel keys taken off on purpose (flannel-release reports a stuck one).
+    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE
+             and not (n.get("metadata") or {}).get("deletionTimestamp")]
     for node in edges:
         have = cluster.annotations_of(node)
         absent = [k.removeprefix(FLANNEL_PREFIX) for k in wanted if k not in have]
@@ -246,6 +253,38 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
                                   f"(differ from {name_of(connector)})", hint))
     return problems or [Check(CheckName.FLANNEL, Status.PASS,
                               f"all {len(edges)} edge node(s) carry {name_of(connector)}'s flannel annotations")]
+
+
+def check_flannel_release(nodes: Sequence[Obj], now: datetime, settings: OperatorSettings) -> list[Check]:
+    """Nodes whose deletion waits for the operator's flannel finalizer, and non-edges it has not let go of.
+
+    The finalizer holds a deleting edge until the operator has taken the flannel marker off
+    (fabmesh/operator/flannel.py): with no operator running, such a Node stays Terminating.
+    """
+    problems = []
+    hint = ("is the operator running (operator-leader)? after an uninstall, run "
+            "`fabmesh operator --release` (docs/operator.md, Flannel on cloud nodes)")
+    for node in sorted(nodes, key=name_of):
+        meta = node.get("metadata") or {}
+        if FLANNEL_FINALIZER not in (meta.get("finalizers") or ()):
+            continue
+        deleting = meta.get("deletionTimestamp")
+        if deleting:
+            try:
+                since = datetime.fromisoformat(deleting.replace("Z", "+00:00"))
+            except ValueError:
+                since = now - RELEASE_STUCK
+            if now - since >= RELEASE_STUCK:
+                problems.append(Check(CheckName.FLANNEL_RELEASE, Status.FAIL,
+                                      f"{name_of(node)}: deletion waits for finalizer {FLANNEL_FINALIZER} "
+                                      f"since {deleting}", hint))
+        elif role_of(node, settings) is not Role.EDGE:
+            problems.append(Check(CheckName.FLANNEL_RELEASE, Status.WARN,
+                                  f"{name_of(node)}: not an edge but still holds finalizer {FLANNEL_FINALIZER}"
+                                  + (f" and {FLANNEL_COPY_ANNOTATION}" if FLANNEL_COPY_ANNOTATION in
+                                     (meta.get("annotations") or {}) else ""), hint))
+    return problems or [Check(CheckName.FLANNEL_RELEASE, Status.PASS,
+                              "no Node waits for the operator to release its flannel annotations")]
 
 
 def check_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
@@ -496,6 +535,7 @@ def run_checks(state: ClusterState, agent_pods: bool = True) -> list[Check]:
         *(check_agent_pods(s.nodes, s.pods, s.settings) if agent_pods else []),
         *check_agents_running(s.pods),
         *check_flannel(s.nodes, s.settings),
+        *check_flannel_release(s.nodes, s.now, s.settings),
         *check_clock_skew(s.server_date, s.now),
         *check_invalid_node_events(s.events, s.nodes),
     ]

@@ -44,9 +44,17 @@ from dataclasses import dataclass, field
 
 from fabmesh.mesh.cloud import ActiveConnector, CloudRoutes, CloudRouteSettings
 from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
-from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_LEASE_MARKER, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
+from fabmesh.mesh.names import (
+    FLANNEL_COPY_ANNOTATION,
+    FLANNEL_FINALIZER,
+    FLANNEL_KEYS,
+    FLANNEL_LEASE_MARKER,
+    FLANNEL_PREFIX,
+    POD_CIDR_ANNOTATION,
+)
 from fabmesh.mesh.topology import active_connector, community_members, community_peers_of, shares_community
 from fabmesh.operator.addresses import EdgeAddresses, vet_edges
+from fabmesh.operator.flannel import copy_record
 from fabmesh.operator.inventory import InvalidNode, NodeInfo
 from fabmesh.operator.ipam import ANNOTATION_FIELD, Claim, plan_cidrs
 from fabmesh.operator.settings import OperatorSettings
@@ -58,6 +66,7 @@ class NodePatch:
 
     annotations: dict[str, str] = field(default_factory=dict)
     spec_pod_cidr: str | None = None
+    finalizers: tuple[str, ...] | None = None  # the whole new list, when it must change
 
 
 @dataclass
@@ -188,6 +197,8 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             # Node), and spec.podCIDR (the lease's subnet; set below when empty).
             flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
             flannel |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
+            # The record of what was copied, so a release strips only these values (fabmesh/operator/flannel.py).
+            flannel[FLANNEL_COPY_ANNOTATION] = copy_record(flannel)
 
     # Built once and shared: every edge that lists Y holds the same two Peer objects for Y (one per
     # initiate flag; the lower name initiates), so planning is O(edges + peer references) and
@@ -228,11 +239,17 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             local_subnets=own[node.name], mesh_cidrs=mesh_cidrs, peers=tuple(peers),
             ca_cert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
+        if node.deleting:
+            continue  # going away: the release (fabmesh/operator/flannel.py) strips it, nothing is added
         annotations = {POD_CIDR_ANNOTATION: cidr, **flannel}
+        # The finalizer comes in the same write as the copied keys: no moment where a deletion would
+        # reach flanneld with the marker on (fabmesh/operator/flannel.py says why).
+        held = not flannel or FLANNEL_FINALIZER in node.finalizers
         patch = NodePatch(
             annotations={k: v for k, v in annotations.items() if node.annotations.get(k) != v},
-            spec_pod_cidr=cidr if not node.spec_pod_cidr else None)
-        if patch.annotations or patch.spec_pod_cidr:
+            spec_pod_cidr=cidr if not node.spec_pod_cidr else None,
+            finalizers=None if held else (*node.finalizers, FLANNEL_FINALIZER))
+        if patch.annotations or patch.spec_pod_cidr or patch.finalizers:
             result.node_patches[node.name] = patch
 
     result.connectors = tuple(n.name for n in connectors)

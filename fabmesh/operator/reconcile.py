@@ -9,7 +9,9 @@ that matters for crash safety:
    *before* any CIDR is used anywhere: of two writers only one can win, and an
    operator killed after this step finds its allocation again on restart,
 3. per-node Secrets (issuing a leaf generates its key here), ConfigMaps, the connector's config,
-4. Node annotations and ``spec.podCIDR`` (guarded by the Node's resourceVersion),
+4. Node annotations, ``spec.podCIDR`` and the flannel finalizer (guarded by the Node's resourceVersion),
+   and the flannel release of Nodes being deleted or no longer edges (``flannel.py``: strip, then,
+   in a later pass, remove the finalizer),
 5. each served node's ServiceAccount, Role, RoleBinding and TunnelStatus (``identity_sync.py``),
    agent and connector Pods, then deletion of what belongs to Nodes that are gone
    (or lost their role label),
@@ -45,6 +47,7 @@ from fabmesh.mesh.names import (
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
+from fabmesh.operator.flannel import FlannelHold, Release, Step, plan_release, read_hold
 from fabmesh.operator.identity_sync import IdentitySync
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, NodePatch, plan
@@ -83,6 +86,7 @@ class Observed:
     configmaps: dict[str, dict[str, Any]]
     pods: dict[str | None, dict[str, Any]]  # agent Pods by their node label
     connector_pods: dict[str | None, dict[str, Any]]  # connector Pods by their node label
+    holds: list[FlannelHold] = field(default_factory=list)  # every Node, as the flannel release reads it
 
 
 @dataclass
@@ -108,7 +112,9 @@ class Reconciler:
         invalid: list[InvalidNode] = []
         edge_names: set[str] = set()
         connector_names: set[str] = set()
+        holds: list[FlannelHold] = []
         for obj in self.kube.list("nodes"):
+            holds.append(read_hold(obj, self.settings.edge_label))
             labels = obj["metadata"].get("labels") or {}
             # A node with both labels is in error (an Event says so) and keeps what it has under either role:
             # a bad label must not tear down a working node.
@@ -128,7 +134,7 @@ class Reconciler:
             secrets={s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)},
             configmaps={c["metadata"]["name"]: c for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)},
             pods=self._pods(self.settings.agent_pods.enabled, AGENT_SELECTOR),
-            connector_pods=self._pods(self.settings.connector_pods.enabled, CONNECTOR_SELECTOR))
+            connector_pods=self._pods(self.settings.connector_pods.enabled, CONNECTOR_SELECTOR), holds=holds)
 
     def _pods(self, enabled: bool, selector: str) -> dict[str | None, dict[str, Any]]:
         if not enabled:
@@ -216,6 +222,8 @@ class Reconciler:
 
         for name, patch in node_writes(mesh, by_name, expiry).items():
             self._patch_node(result, by_name[name], patch)
+        for release in plan_release(seen.holds):
+            self.release_flannel(result, release)
         # Before the Pods, which name the ServiceAccount (admission refuses a Pod whose account is missing).
         served = {**{n: (by_name[n].uid, "edge") for n in mesh.edges if n in expiry},
                   **{n: (by_name[n].uid, "connector") for n in mesh.connectors
@@ -363,6 +371,8 @@ class Reconciler:
             body["metadata"]["annotations"] = dict(patch.annotations)
         if patch.spec_pod_cidr:
             body["spec"] = {"podCIDR": patch.spec_pod_cidr, "podCIDRs": [patch.spec_pod_cidr]}
+        if patch.finalizers:
+            body["metadata"]["finalizers"] = list(patch.finalizers)  # a merge patch replaces the whole list
 
         def write() -> None:
             try:
@@ -372,10 +382,39 @@ class Reconciler:
                     raise
                 result.retry = True  # the Node changed under us; the next pass sees the new version
                 return
-            log.info("node=%s action=annotate keys=%s%s", node.name, ",".join(sorted(patch.annotations)),
-                     " spec.podCIDR=" + patch.spec_pod_cidr if patch.spec_pod_cidr else "")
+            log.info("node=%s action=annotate keys=%s%s%s", node.name, ",".join(sorted(patch.annotations)),
+                     " spec.podCIDR=" + patch.spec_pod_cidr if patch.spec_pod_cidr else "",
+                     " finalizers=" + ",".join(patch.finalizers) if patch.finalizers else "")
 
         self._guarded(result, node.name, "nodes", node.name, write)
+
+    def release_flannel(self, result: PassResult, release: Release) -> None:
+        """One step of letting go of a Node's copied flannel keys (``flannel.py``), guarded by resourceVersion.
+
+        A conflict means the Node changed: the next pass plans again from what is there. After a strip,
+        the Node watch brings that pass, and it removes the finalizer.
+        """
+        body: dict[str, Any] = {"metadata": {"resourceVersion": release.resource_version}}
+        if release.step is Step.STRIP:
+            body["metadata"]["annotations"] = dict.fromkeys(release.remove)  # null deletes a key
+        else:
+            body["metadata"]["finalizers"] = list(release.finalizers) or None
+
+        def write() -> None:
+            try:
+                self.kube.merge_patch("nodes", release.node, body)
+            except ApiError as exc:
+                if exc.not_found:
+                    return
+                if not exc.conflict:
+                    raise
+                result.retry = True
+                return
+            log.info("node=%s action=%s reason=%s%s%s", release.node, release.step.value, release.why.value,
+                     " keys=" + ",".join(release.remove) if release.remove else "",
+                     " kept=" + ",".join(release.kept) if release.kept else "")
+
+        self._guarded(result, release.node, "nodes", release.node, write)
 
     def _sync_pods(self, result: PassResult, want: dict[str, dict[str, Any]], role_names: set[str],
                    pods: dict[str | None, dict[str, Any]]) -> None:

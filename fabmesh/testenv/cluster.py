@@ -30,8 +30,11 @@ _RBAC_GROUP = "/apis/rbac.authorization.k8s.io/v1"
 
 
 def render_chart(helm: Path, namespace: str, values: dict[str, Any] | None = None,
-                 chart: Path = CHART) -> list[dict[str, Any]]:
+                 chart: Path = CHART, hooks: bool = False) -> list[dict[str, Any]]:
+    """What ``helm install`` creates; with ``hooks``, also the hook objects (created only at their hook)."""
     cmd = [str(helm), "template", "fabmesh", str(chart), "--namespace", namespace]
+    if not hooks:
+        cmd.append("--no-hooks")
     if values:
         cmd += ["--values", "-"]
     out = subprocess.run(cmd, input=yaml.safe_dump(values or {}), capture_output=True, text=True, check=True)
@@ -89,11 +92,26 @@ def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
             apply(kube, obj)
         if obj["kind"] == CRD_KIND:
             wait_established(kube, obj["metadata"]["name"])
-    token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/fabmesh-operator/token",
+    return service_account_kubeconfig(cp, kube, namespace, "fabmesh-operator")
+
+
+def install_release_hook_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
+    """Apply the RBAC of the chart's uninstall hook (``fabmesh operator --release``) and return its kubeconfig."""
+    assert cp.assets is not None
+    ensure_namespace(kube, namespace)
+    for obj in render_chart(cp.assets.helm, namespace, hooks=True):
+        if obj["kind"] in RBAC_KINDS and "helm.sh/hook" in (obj["metadata"].get("annotations") or {}):
+            apply(kube, obj)
+    return service_account_kubeconfig(cp, kube, namespace, "fabmesh-release")
+
+
+def service_account_kubeconfig(cp: ControlPlane, kube: Kube, namespace: str, account: str) -> Path:
+    token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                         "spec": {"audiences": ["https://kubernetes.default.svc"],
                                  "expirationSeconds": 86400}})["status"]["token"]
-    return cp.kubeconfig_for_token(f"operator-{namespace}", token, namespace)
+    suffix = "" if account == "fabmesh-operator" else f"-{account}"
+    return cp.kubeconfig_for_token(f"operator-{namespace}{suffix}", token, namespace)
 
 
 def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path,

@@ -29,7 +29,7 @@ from fabmesh.operator.objects import (
     connector_shard_name,
 )
 from fabmesh.operator.settings import OperatorSettings
-from fabmesh.testenv.cluster import CHART, render_chart
+from fabmesh.testenv.cluster import CHART, install_release_hook_rbac, render_chart
 from fabmesh.testenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.api
@@ -320,7 +320,8 @@ def installed(helm: Helm, admin: Kube) -> Iterator[tuple[str, list[Obj], str]]:
     try:
         yield namespace, objects, result.stdout
     finally:
-        gone = helm.cluster("uninstall", RELEASE, "-n", namespace)
+        # No kubelet here would ever run the post-delete Job (test_uninstall_hook_... checks what it renders).
+        gone = helm.cluster("uninstall", RELEASE, "-n", namespace, "--no-hooks")
         assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
@@ -346,6 +347,32 @@ def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]
                  "community.fabmesh.io/<name>=", "kubectl fabmesh doctor", "kubectl fabmesh status",
                  f"kubectl -n {namespace} get cm -l app.kubernetes.io/managed-by=fabmesh"):
         assert step in output, output
+
+
+def test_uninstall_hook_runs_the_release_as_its_own_locked_down_account(helm: Helm) -> None:
+    hooks = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", hooks=True)
+             if "helm.sh/hook" in (o["metadata"].get("annotations") or {})}
+    assert set(hooks) == {(k, "fabmesh-release") for k in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                                           "Role", "RoleBinding", "Job")} | {
+        ("ConfigMap", "fabmesh-release-settings")}
+    for obj in hooks.values():  # after the operator and its RBAC are gone; deleted once it has succeeded
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-delete"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    spec = hooks[("Job", "fabmesh-release")]["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "fabmesh-release" and spec["restartPolicy"] == "Never"
+    (release,) = spec["containers"]
+    args = build_parser().parse_args(release["args"])
+    assert (args.command, args.release, str(args.config)) == ("operator", True, "/etc/fabmesh/operator.yaml")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert release["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                          "capabilities": {"drop": ["ALL"]}}
+    assert set(release["resources"]["requests"]) == {"cpu", "memory"} == set(release["resources"]["limits"])
+    settings = OperatorSettings.model_validate(yaml.safe_load(
+        hooks[("ConfigMap", "fabmesh-release-settings")]["data"]["operator.yaml"]))
+    assert settings.namespace == "fm-render"
+    off = render_chart(helm.binary, "fm-render", {"operator": {"releaseOnUninstall": False}}, hooks=True)
+    assert not [o for o in off if "helm.sh/hook" in (o["metadata"].get("annotations") or {})]
 
 
 # (id, ServiceAccount, verb, API group, resource, namespace: "own" = the release's, None = cluster-wide, allowed)
@@ -417,3 +444,42 @@ def test_installed_rbac_is_least_privilege(installed: tuple[str, list[Obj], str]
                                            verb: str, group: str, resource: str, where: str | None,
                                            expected: bool) -> None:
     assert may(admin, installed[0], account, verb, group, resource, where) is expected
+
+
+# The uninstall hook's account, applied as helm applies it at post-delete: (id, verb, group, resource, namespace,
+# object name, allowed).
+RELEASE_RBAC = [
+    ("release-lists-nodes", "list", "", "nodes", None, None, True),
+    ("release-patches-nodes", "patch", "", "nodes", None, None, True),
+    ("release-gets-the-operator-lease", "get", "coordination.k8s.io", "leases", "own", "fabmesh-operator", True),
+    ("release-cannot-get-another-lease", "get", "coordination.k8s.io", "leases", "own", "other", False),
+    ("release-cannot-update-the-lease", "update", "coordination.k8s.io", "leases", "own", "fabmesh-operator", False),
+    ("release-cannot-update-nodes", "update", "", "nodes", None, None, False),
+    ("release-cannot-delete-nodes", "delete", "", "nodes", None, None, False),
+    ("release-cannot-get-secrets", "get", "", "secrets", "own", None, False),
+    ("release-cannot-list-configmaps", "list", "", "configmaps", "own", None, False),
+]
+
+
+@pytest.fixture(scope="module")
+def release_hook_namespace(control_plane: ControlPlane, admin: Kube) -> str:
+    namespace = f"fm-hook-{uuid.uuid4().hex[:6]}"
+    install_release_hook_rbac(control_plane, admin, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize(("verb", "group", "resource", "where", "name", "expected"),
+                         [pytest.param(*case[1:], id=case[0]) for case in RELEASE_RBAC])
+def test_uninstall_hook_rbac_is_least_privilege(release_hook_namespace: str, admin: Kube, verb: str, group: str,
+                                                resource: str, where: str | None, name: str | None,
+                                                expected: bool) -> None:
+    attributes = {"verb": verb, "group": group, "resource": resource, **({"name": name} if name else {})}
+    if where is not None:
+        attributes["namespace"] = release_hook_namespace
+    review = admin._call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": f"system:serviceaccount:{release_hook_namespace}:fabmesh-release",
+                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{release_hook_namespace}",
+                            "system:authenticated"],
+                 "resourceAttributes": attributes}})
+    assert bool(review["status"].get("allowed")) is expected

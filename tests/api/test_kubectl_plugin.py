@@ -107,7 +107,7 @@ def test_doctor_passes_a_healthy_mesh_then_fails_naming_an_overlapping_pod_cidr(
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "FAIL " not in healthy.stdout
     for check in ("connector", "operator-leader", "pod-cidrs", "certificates", "edge-configmaps",
-                  "flannel-annotations", "clock-skew", "invalid-node-events"):
+                  "flannel-annotations", "flannel-release", "clock-skew", "invalid-node-events"):
         assert f"PASS  {check} " in healthy.stdout, healthy.stdout
     assert "WARN  agents-running" in healthy.stdout and "is Pending" in healthy.stdout
 

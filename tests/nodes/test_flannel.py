@@ -70,8 +70,10 @@ def cloud(node_network: tuple[Network, NodeLink], control_plane: ControlPlane, a
     finally:
         for daemon in daemons:
             daemon.stop()
-        for name in (*PODS, EDGE):
-            admin.delete("nodes", name)
+        for node in admin.list("nodes"):  # no operator runs any more: nothing else would release its finalizer
+            if node["metadata"].get("finalizers"):
+                admin.merge_patch("nodes", node["metadata"]["name"], {"metadata": {"finalizers": None}})
+            admin.delete("nodes", node["metadata"]["name"])
 
 
 def _route(host: Host, cidr: str) -> dict | None:
@@ -79,8 +81,23 @@ def _route(host: Host, cidr: str) -> dict | None:
     return routes[0] if routes else None
 
 
+def _fdb(host: Host) -> dict[str, str | None]:
+    return {e["mac"]: e.get("dst") for e in _json(host, "bridge", "-j", "fdb", "show", "dev", "flannel.1")}
+
+
+@pytest.fixture(scope="module")
+def reconciler(control_plane: ControlPlane, admin: Kube) -> Reconciler:
+    """The real reconciler, with the chart's RBAC, run pass by pass by the tests."""
+    namespace = "fabmesh-flannel"
+    operator = Kube(load_api_client(str(install_operator_rbac(control_plane, admin, namespace))))
+    settings = OperatorSettings.model_validate({"namespace": namespace, "cloud_pod_cidrs": [CLOUD_NETWORK],
+                                                "agent_pods": {"enabled": False},
+                                                "connector_pods": {"enabled": False}})
+    return Reconciler(operator, settings)
+
+
 def test_real_flanneld_sends_the_edge_pod_cidr_to_the_connectors_vtep(
-        cloud: dict[str, Host], control_plane: ControlPlane, admin: Kube) -> None:
+        cloud: dict[str, Host], reconciler: Reconciler, admin: Kube) -> None:
     connector, other = cloud["cloud-a"], cloud["cloud-b"]
     # flanneld on the connector published its VTEP on its Node; that is what the operator copies.
     annotations = admin.get("nodes", "cloud-a")["metadata"]["annotations"]
@@ -88,12 +105,7 @@ def test_real_flanneld_sends_the_edge_pod_cidr_to_the_connectors_vtep(
     assert vtep_mac == _json(connector, "ip", "-j", "link", "show", "flannel.1")[0]["address"]
     assert annotations[FLANNEL_PREFIX + "public-ip"] == connector.wan_ip
 
-    namespace = "fabmesh-flannel"
-    operator = Kube(load_api_client(str(install_operator_rbac(control_plane, admin, namespace))))
-    settings = OperatorSettings.model_validate({"namespace": namespace, "cloud_pod_cidrs": [CLOUD_NETWORK],
-                                                "agent_pods": {"enabled": False},
-                                                "connector_pods": {"enabled": False}})
-    reconciler = Reconciler(operator, settings)
+    settings = reconciler.settings
     wait_for(lambda: reconciler.run_once() is not None and bool(
         (admin.get("nodes", EDGE).get("spec") or {}).get("podCIDR")), timeout=30, interval=1,
         what=f"the operator giving {EDGE} a pod CIDR")
@@ -108,7 +120,7 @@ def test_real_flanneld_sends_the_edge_pod_cidr_to_the_connectors_vtep(
     assert (route["dev"], route["gateway"], "onlink" in route.get("flags", [])) == ("flannel.1", vtep, True), route
     neighbours = {n["dst"]: n for n in _json(other, "ip", "-j", "neigh", "show", "dev", "flannel.1")}
     assert neighbours[vtep]["lladdr"] == vtep_mac, neighbours
-    fdb = {e["mac"]: e.get("dst") for e in _json(other, "bridge", "-j", "fdb", "show", "dev", "flannel.1")}
+    fdb = _fdb(other)
     assert fdb[vtep_mac] == connector.wan_ip, fdb
 
     # A packet from cloud-b into the edge pod CIDR comes out of the connector's flannel.1. It leaves cloud-b
@@ -122,3 +134,43 @@ def test_real_flanneld_sends_the_edge_pod_cidr_to_the_connectors_vtep(
     hits = [line.split() for line in counters.splitlines() if target in line and source in line]
     assert hits and int(hits[0][0]) >= 1, counters
     sh("iptables", "-t", "raw", "-D", "PREROUTING", *rule, ns=connector.netns)
+
+
+def test_deleting_an_edge_node_keeps_the_cloud_nodes_fdb_entry_and_path_to_the_connector(
+        cloud: dict[str, Host], reconciler: Reconciler, admin: Kube) -> None:
+    """flanneld turns the deletion of a marked Node into a lease removal that deletes the FDB entry of its
+    VtepMAC: for an edge, the connector's, shared by every edge. The operator's finalizer holds the Node
+    until the marker is gone (fabmesh/operator/flannel.py), so flanneld ignores the deletion."""
+    connector, other = cloud["cloud-a"], cloud["cloud-b"]
+    vtep_mac = json.loads(admin.get("nodes", "cloud-a")["metadata"]["annotations"][FLANNEL_PREFIX + "backend-data"])[
+        "VtepMAC"]
+    gone = "edge-2"
+    admin.create("nodes", _node(gone, "192.0.2.20", {EDGE_LABEL: ""}, None))
+    wait_for(lambda: reconciler.run_once() is not None and bool(
+        (admin.get("nodes", gone).get("spec") or {}).get("podCIDR")), timeout=30, interval=1,
+        what=f"the operator giving {gone} a pod CIDR")
+    cidr = admin.get("nodes", gone)["spec"]["podCIDR"]
+    wait_for(lambda: _route(other, cidr) is not None, timeout=60, interval=0.5,
+             what=f"flanneld on cloud-b routing {gone}'s {cidr}")
+    assert _fdb(other).get(vtep_mac) == connector.wan_ip
+
+    admin.delete("nodes", gone)
+    wait_for(lambda: reconciler.run_once() is not None and admin.get("nodes", gone) is None, timeout=60,
+             interval=1, what=f"the operator releasing {gone} and the API server deleting it")
+    # flanneld handles Node events in order: once it has programmed a Node added after the deletion, it has
+    # handled the deletion too. This probe is a flannel node of its own (its own VtepMAC and public-ip).
+    probe_mac, probe_ip = "0a:58:0a:f4:63:63", "203.0.113.238"
+    probe = _node("probe", probe_ip, {}, "10.244.99.0/24")
+    probe["metadata"]["annotations"].update({
+        FLANNEL_PREFIX + "kube-subnet-manager": "true", FLANNEL_PREFIX + "backend-type": "vxlan",
+        FLANNEL_PREFIX + "backend-data": json.dumps({"VNI": 1, "VtepMAC": probe_mac}),
+        FLANNEL_PREFIX + "public-ip": probe_ip})
+    admin.create("nodes", probe)
+    wait_for(lambda: _fdb(other).get(probe_mac) == probe_ip, timeout=60, interval=0.5,
+             what="flanneld on cloud-b programming the probe Node added after the deletion")
+
+    assert _fdb(other).get(vtep_mac) == connector.wan_ip, _fdb(other)
+    # ...and the connector is still reachable over flannel.1: cloud-b to the connector's flannel.1 address.
+    target = str(ipaddress.ip_network(PODS["cloud-a"]).network_address)
+    ping = other.run("ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-I", "flannel.1", target, check=False)
+    assert ping.returncode == 0, ping.stdout

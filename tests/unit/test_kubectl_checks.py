@@ -339,6 +339,38 @@ def test_flannel_annotations(nodes: list[dict[str, Any]], expected: list[tuple[S
     assert_matches(c.check_flannel(nodes, SETTINGS), expected)
 
 
+def held(obj: dict[str, Any], deleting: timedelta | None = None) -> dict[str, Any]:
+    """``obj`` with the operator's flannel finalizer, and deleting for ``deleting`` before NOW."""
+    meta = {**obj["metadata"], "finalizers": ["fabmesh.io/flannel-release"]}
+    if deleting is not None:
+        meta["deletionTimestamp"] = (NOW - deleting).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {**obj, "metadata": meta}
+
+
+RELEASE_CASES = {
+    "held-edges-pass": ([connector(), held(edge("e1", "192.0.2.1"))],
+                        [(Status.PASS, "no Node waits for the operator to release its flannel annotations")]),
+    "deletion-in-progress-passes": ([held(edge("e1", "192.0.2.1"), timedelta(seconds=5))],
+                                    [(Status.PASS, "no Node waits")]),
+    "deletion-held-for-minutes-fails": ([held(edge("e1", "192.0.2.1"), timedelta(minutes=5))],
+                                        [(Status.FAIL, "e1: deletion waits for finalizer fabmesh.io/flannel-release "
+                                                       "since 2030-06-01T11:55:00Z")]),
+    "unlabelled-node-still-held-warns": ([held(node("x1", annotations={"fabmesh.io/flannel-copy": "{}"}))],
+                                         [(Status.WARN, "x1: not an edge but still holds finalizer "
+                                                        "fabmesh.io/flannel-release and fabmesh.io/flannel-copy")]),
+}
+
+
+@pytest.mark.parametrize(("nodes", "expected"), RELEASE_CASES.values(), ids=RELEASE_CASES.keys())
+def test_flannel_release(nodes: list[dict[str, Any]], expected: list[tuple[Status, str]]) -> None:
+    assert_matches(c.check_flannel_release(nodes, NOW, SETTINGS), expected)
+
+
+def test_a_deleting_edge_without_flannel_keys_is_not_reported_missing_them() -> None:
+    stripped = held(node("e1", "192.0.2.1", {SETTINGS.edge_label: ""}), timedelta(seconds=5))
+    assert [x.status for x in c.check_flannel([connector(), stripped], SETTINGS)] == [Status.PASS]
+
+
 CONNECTOR_CASES = {
     "none-fails": ([CLOUD, edge("e1", "192.0.2.1")], [(Status.FAIL, "no connector node")]),
     "one-pass": ([CLOUD, connector()], [(Status.PASS, "conn is the active connector")]),
