@@ -71,7 +71,7 @@ class NodeLoopOptions:
 class NodeLoop:
     def __init__(self, options: NodeLoopOptions) -> None:
         self.options = options
-        self.metrics = Metrics()
+        self.metrics = Metrics(self._list_ike_sas)
         self.stop = threading.Event()
         self.last_good: NodeConfig | None = None
         self.applier: NodeApplier | None = None
@@ -112,6 +112,14 @@ class NodeLoop:
                 return charon.sas()
         except ViciError:
             return {}
+
+    def _list_ike_sas(self) -> list[tuple[str, dict]]:
+        """Every IKE_SA for a scrape of ``fabmesh_sa_packets`` (the metrics server's thread: its own session)."""
+        try:
+            with Charon(self.options.vici_socket, timeout=5) as charon:
+                return charon.ike_sas()
+        except ViciError:
+            return []
 
     def _active_elsewhere(self) -> str | None:
         """The active connector's name when it is not this node (``--node-name``); else None."""
