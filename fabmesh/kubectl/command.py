@@ -33,6 +33,7 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException
 from kubernetes.stream import stream
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from websocket import WebSocketException
 
@@ -117,6 +118,8 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
         parser.add_argument("--count", type=int, default=3, help="echo requests to send (default: 3)")
         parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                             help=f"the agents' and connector's --metrics-port (default: {DEFAULT_METRICS_PORT})")
+        parser.add_argument("--metrics-timeout", type=float, default=5.0,
+                            help="seconds to wait for one node's metrics through the node proxy (default: 5)")
         parser.add_argument("--output", "-o", choices=["text", "json"], default="text",
                             help="text (default) or json (schema in docs/operator.md, \"Debugging\")")
     else:
@@ -382,23 +385,26 @@ def _get_raw(kube: Kube, path: str, accept: str = "text/plain") -> str:
     return text
 
 
-def _read_counters(kube: Kube, hosts: list[str], port: int) -> tuple[Counters, list[str]]:
+def _read_counters(kube: Kube, hosts: list[str], port: int) -> tuple[Counters, dict[str, str]]:
     """The hosts' CHILD_SA counters, one after the other in the given order; and the hosts not read, with why."""
     found: Counters = {}
-    unread = []
+    unread = {}
     for host in hosts:
         try:
             text = _get_raw(kube, f"/api/v1/nodes/{host}:{port}/proxy/metrics")
             counters = ping.counters_from_metrics(host, text)
         except ApiError as exc:
-            unread.append(f"{host} ({exc.status} {exc.reason}: {exc.body.strip()[:120]})")
+            unread[host] = f"{host} ({exc.status} {exc.reason}: {exc.body.strip()[:120]})"
+            continue
+        except (TimeoutError, ReadTimeoutError, ConnectTimeoutError):
+            unread[host] = f"{host} (no answer through the API server's node proxy within {kube.timeout:g}s)"
             continue
         except (Urllib3Error, OSError, ValueError) as exc:
-            unread.append(f"{host} ({exc})")
+            unread[host] = f"{host} ({exc})"
             continue
         if not counters and not any(line.startswith(f"# TYPE {ping.SA_PACKETS_SAMPLE[:-6]} ") for line in
                                     text.splitlines()):
-            unread.append(f"{host} (its metrics have no {ping.SA_PACKETS_SAMPLE}: an older agent?)")
+            unread[host] = f"{host} (its metrics have no {ping.SA_PACKETS_SAMPLE}: an older agent?)"
         found.update(counters)
     return found, unread
 
@@ -487,15 +493,16 @@ def run_ping(args: argparse.Namespace) -> int:
         raise CannotRun(str(exc)) from exc
     kube = _kube(args)
     nodes = _read("nodes", lambda: kube.list("nodes"))
+    metrics = Kube(kube.api, timeout=args.metrics_timeout)
     source, pod = _resolve(kube, src_ref, nodes, "SRC")
     destination, _ = _resolve(kube, dst_ref, nodes, "DST")
     mesh = ping.mesh_of(nodes, settings)
     hosts = ping.tunnel_hosts(source.node, destination.node, mesh)
-    before, unread = _read_counters(kube, hosts, args.metrics_port)
+    before, unread = _read_counters(metrics, hosts, args.metrics_port)
     output = _exec(kube, pod, args.container, ping.ping_argv(destination.ip, args.count), timeout=args.count + 15)
-    after, unread_after = _read_counters(kube, list(reversed(hosts)), args.metrics_port)
+    after, unread_after = _read_counters(metrics, list(reversed(hosts)), args.metrics_port)
     result = ping.verdict(source, destination, mesh, ping.parse_ping(output), counted(before, after),
-                          sorted(set(unread) | set(unread_after)), output)
+                          [{**unread_after, **unread}[h] for h in hosts if h in unread or h in unread_after], output)
     if args.output == "json":
         print(json.dumps(result.as_json(), indent=2))
     else:
