@@ -409,6 +409,18 @@ def _read_counters(kube: Kube, hosts: list[str], port: int) -> tuple[Counters, d
     return found, unread
 
 
+def _exec_refusal(exc: ApiException) -> str:
+    """The API server's words from a refused exec: the WebSocket client packs status, headers and body into
+    ``reason`` (``Handshake status 403 Forbidden -+-+- {headers} -+-+- {body}``)."""
+    parts = str(exc.reason or "").split(" -+-+- ")
+    status_line = parts[0].removeprefix("Handshake status ").strip()
+    try:
+        message = json.loads(parts[-1]).get("message", "") if len(parts) > 1 else ""
+    except ValueError:
+        message = ""
+    return f"{status_line or exc.status}" + (f": {message}" if message else "")
+
+
 def _exec(kube: Kube, pod: dict[str, Any], container: str | None, argv: list[str], timeout: float) -> str:
     """Run ``argv`` in the Pod through the pods/exec API; its stdout and stderr together."""
     meta = pod["metadata"]
@@ -418,8 +430,8 @@ def _exec(kube: Kube, pod: dict[str, Any], container: str | None, argv: list[str
                     container=container, command=argv, stdin=False, stdout=True, stderr=True, tty=False,
                     _preload_content=False, _request_timeout=timeout)
     except ApiException as exc:
-        raise CannotRun(f"cannot exec in Pod {meta['namespace']}/{meta['name']} ({exc.status} {exc.reason}): "
-                        "is its node reachable from the API server (kubectl logs works?), and may you create "
+        raise CannotRun(f"cannot exec in Pod {meta['namespace']}/{meta['name']}: {_exec_refusal(exc)}; "
+                        "is its node reachable from the API server (kubectl logs works?), and may you use "
                         "pods/exec?") from exc
     except (Urllib3Error, OSError, WebSocketException) as exc:
         raise CannotRun(f"cannot exec in Pod {meta['namespace']}/{meta['name']}: {exc}") from exc

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
 
 from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab import bringup, faults, probe, processes, teardown
@@ -57,12 +58,16 @@ class PingWorld:
     def pod_ip(self, node: str) -> str:
         return next(p.ip for p in self.state.pods if p.node == node)
 
-    def kubectl_fabmesh_ping(self, src: str, dst: str, *extra: str) -> tuple[int, dict[str, Any]]:
-        """``kubectl fabmesh ping SRC DST --output json`` with the admin kubeconfig: (exit code, report)."""
-        done = subprocess.run([sys.executable, "-c", "import sys; from fabmesh.cli import kubectl_plugin; "
-                               "sys.exit(kubectl_plugin())", "ping", src, dst, "--output", "json",
-                               "--kubeconfig", str(self.control_plane.kubeconfig), "--settings", str(self.settings),
-                               *extra], capture_output=True, text=True, timeout=120)
+    def run_plugin(self, *args: str, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """``kubectl fabmesh ARGS`` (admin kubeconfig unless another is given)."""
+        return subprocess.run([sys.executable, "-c", "import sys; from fabmesh.cli import kubectl_plugin; "
+                               "sys.exit(kubectl_plugin())", *args,
+                               "--kubeconfig", str(kubeconfig or self.control_plane.kubeconfig),
+                               "--settings", str(self.settings)], capture_output=True, text=True, timeout=120)
+
+    def kubectl_fabmesh_ping(self, src: str, dst: str, kubeconfig: Path | None = None) -> tuple[int, dict[str, Any]]:
+        """``kubectl fabmesh ping SRC DST --output json``: (exit code, report)."""
+        done = self.run_plugin("ping", src, dst, "--output", "json", kubeconfig=kubeconfig)
         assert done.returncode in (0, 1), done.stderr
         return done.returncode, json.loads(done.stdout)
 
@@ -171,3 +176,45 @@ def test_with_the_destination_cut_off_ping_fails_clearly_instead_of_naming_a_pat
         faults.heal(state, "edge-2")
     wait_for(lambda: probe.observe_pair(state, EDGE, "edge-2")[0], timeout=120, interval=1,
              what="edge-2 reachable again after the heal")
+
+
+# docs/operator.md, "Which way does it go": what a user needs, and nothing else.
+PING_RULES = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["get", "create"]},
+]
+
+
+def _user_with(world: PingWorld, name: str, rules: list[dict[str, Any]]) -> Path:
+    """A ServiceAccount bound to a ClusterRole with just ``rules``; its kubeconfig."""
+    admin = world.admin
+    admin.create("serviceaccounts", {"apiVersion": "v1", "kind": "ServiceAccount",
+                                     "metadata": {"name": name, "namespace": "default"}}, namespace="default")
+    rbac = RbacAuthorizationV1Api(admin.api)
+    rbac.create_cluster_role({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                              "metadata": {"name": name}, "rules": rules})
+    rbac.create_cluster_role_binding({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}]})
+    token = CoreV1Api(admin.api).create_namespaced_service_account_token(
+        name, "default", {"spec": {"expirationSeconds": 3600}}).status.token
+    return world.control_plane.kubeconfig_for_token(name, token)
+
+
+def test_the_documented_rbac_is_enough_and_without_nodes_proxy_the_counters_are_refused(world: PingWorld) -> None:
+    kubeconfig = _user_with(world, "fabmesh-ping", PING_RULES)
+    code, report = world.kubectl_fabmesh_ping(POD, world.pod_ip("edge-2"), kubeconfig=kubeconfig)
+    assert code == 0 and report["path"] == "direct" and report["unread"] == [], report
+    no_proxy = _user_with(world, "fabmesh-ping-no-proxy", [r for r in PING_RULES if r["resources"] != ["nodes/proxy"]])
+    code, report = world.kubectl_fabmesh_ping(POD, world.pod_ip("edge-2"), kubeconfig=no_proxy)
+    assert code == 1 and report["path"] == "none" and report["received"] == 3, report
+    assert len(report["unread"]) == 3 and all("403" in u for u in report["unread"]), report
+    no_exec = _user_with(world, "fabmesh-ping-no-exec", [r for r in PING_RULES if r["resources"] != ["pods/exec"]])
+    done = world.run_plugin("ping", POD, world.pod_ip("edge-2"), kubeconfig=no_exec)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("fabmesh ping: cannot exec in Pod default/prober: 403 Forbidden: pods \"prober\" "
+                                  "is forbidden: User \"system:serviceaccount:default:fabmesh-ping-no-exec\""), \
+        done.stderr
