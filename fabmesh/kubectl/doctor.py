@@ -486,9 +486,14 @@ def check_nat_keepalive(observed: Mapping[str, cluster.Observed]) -> list[Check]
 
 def check_relayed_pairs(nodes: Sequence[Obj], observed: Mapping[str, cluster.Observed],
                         settings: OperatorSettings) -> list[Check]:
-    """Edges that share a community and yet have no direct tunnel in either one's status: they are relayed."""
+    """Edges that share a community and yet have no direct tunnel up between them: they are relayed.
+
+    Either neither lists the other (no direct tunnel was planned), or it is listed and one end reports it
+    not up (the agents drop a dead direct tunnel and relay the pair; while it is ``unresponsive`` packets
+    between them are lost until they do).
+    """
     edges = {name_of(n): cluster.communities_of(n, settings) for n in nodes if role_of(n, settings) is Role.EDGE}
-    peers = {name: {t.peer for t in seen.report.tunnels} for name, seen in observed.items()
+    peers = {name: {t.peer: t.state for t in seen.report.tunnels} for name, seen in observed.items()
              if not seen.report.truncated}
     problems, pairs = [], 0
     for a, b in combinations(sorted(edges), 2):
@@ -502,6 +507,17 @@ def check_relayed_pairs(nodes: Sequence[Obj], observed: Mapping[str, cluster.Obs
                                   "their traffic is relayed through the connector",
                                   f"kubectl describe node {a} {b} (FabmeshInvalidNode events: no usable endpoint?); "
                                   "behind NAT on both sides, hole punching may have failed"))
+            continue
+        states = [s for s in (peers[a].get(b), peers[b].get(a)) if s is not None]
+        worst = next((s for s in states if s is not TunnelState.UP), None)
+        if worst is not None:
+            problems.append(Check(CheckName.RELAYED, Status.WARN,
+                                  f"{a} and {b} share community {shared[0]} but their direct tunnel is "
+                                  f"{worst.value}: their traffic is relayed through the connector"
+                                  + (" once the agents drop it" if worst is TunnelState.UNRESPONSIVE else ""),
+                                  f"kubectl fabmesh ping a pod on {a} to one on {b} shows the path; kubectl fabmesh "
+                                  f"tunnels {a}: can they reach each other on UDP 500/4500 (NAT, firewall)? hole "
+                                  "punching may have failed"))
     return problems or [Check(CheckName.RELAYED, Status.PASS,
                               f"{pairs} community pair(s) with a direct tunnel")]
 

@@ -496,6 +496,11 @@ LIVE_CASES = {
                                                   tunnel_status("e2", ("conn", "up")), HEALTHY_STATUSES[2]],
                                                  {(CheckName.RELAYED, Status.WARN),
                                                   (CheckName.GENERATION, Status.FAIL)}),
+    # hole punching failed (or the path between them died): both list the tunnel, it is not up
+    "community-pair-whose-direct-tunnel-is-down-is-relayed": (
+        [tunnel_status("e1", ("conn", "up"), ("e2", "connecting"), cms=HEALTHY_CMS),
+         tunnel_status("e2", ("conn", "up"), ("e1", "down"), cms=HEALTHY_CMS), HEALTHY_STATUSES[2]],
+        {(CheckName.RELAYED, Status.WARN), (CheckName.TUNNELS_UP, Status.FAIL)}),
 }
 
 
@@ -504,6 +509,15 @@ def test_doctor_learns_from_live_state(statuses: list[dict[str, Any]],
                                        not_pass: set[tuple[CheckName, Status]]) -> None:
     found = c.run_checks(healthy_state(statuses=statuses))
     assert {(x.name, x.status) for x in found if x.status is not Status.PASS} == not_pass
+
+
+def test_a_relayed_community_pair_names_the_state_of_its_direct_tunnel() -> None:
+    nodes = healthy_state().nodes
+    found = c.check_relayed_pairs(nodes, observed(tunnel_status("e1", ("conn", "up"), ("e2", "unresponsive")),
+                                                  tunnel_status("e2", ("conn", "up"), ("e1", "up"))), SETTINGS)
+    assert [(x.status, x.message) for x in found] == [(Status.WARN, (
+        "e1 and e2 share community a but their direct tunnel is unresponsive: their traffic is relayed through "
+        "the connector once the agents drop it"))]
 
 
 def test_an_unlistable_status_warns_once_and_skips_the_live_checks() -> None:
