@@ -40,7 +40,7 @@ from websocket import WebSocketException
 from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.kubectl import cluster, doctor, ping, status
 from fabmesh.kubectl.cluster import format_time
-from fabmesh.kubectl.graph import mesh_dot
+from fabmesh.kubectl.graph import mesh_dot, mesh_json
 from fabmesh.kubectl.tunnels import tunnel_rows
 from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
@@ -58,7 +58,8 @@ DESCRIPTIONS = {
               "Exits 1 when any check FAILs, else 0.",
     "graph": "Print the mesh as Graphviz DOT: communities as clusters, tunnels as solid edges coloured by the "
              "state the nodes report (green up, red not up), pairs relayed through the connector as dashed edges "
-             "(orange when they share a community and should be direct). --output renders it with Graphviz's dot.",
+             "(orange when they share a community and should be direct). --output renders it with Graphviz's dot; "
+             "--output json prints the nodes and edges as JSON.",
     "ping": "Ping DST from SRC's Pod (pods/exec) and name the path the tunnels observed: direct, relayed or "
             "cloud, from the CHILD_SA packet counters of the source's node, the destination's node and the "
             "active connector, read through the API server's node proxy before and after the probe. "
@@ -123,8 +124,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
         parser.add_argument("--output", "-o", choices=["text", "json"], default="text",
                             help="text (default) or json (schema in docs/operator.md, \"Debugging\")")
     else:
-        parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png",
-                            help="render to this file with Graphviz's dot instead of printing DOT")
+        parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png|json",
+                            help="render to this file with Graphviz's dot instead of printing DOT; json: print "
+                                 "the nodes and edges as JSON")
     parser.set_defaults(func=_guarded(RUNNERS[name]))
 
 
@@ -326,7 +328,8 @@ def _render(dot_text: str, output: Path, dot: str) -> None:
 
 def run_graph(args: argparse.Namespace) -> int:
     dot = None
-    if args.output is not None:
+    as_json = args.output is not None and str(args.output) == "json"
+    if args.output is not None and not as_json:
         if args.output.suffix.lower().lstrip(".") not in RENDER_FORMATS:
             raise CannotRun(f"--output {args.output}: the file name must end in .svg or .png")
         dot = shutil.which("dot")
@@ -337,7 +340,11 @@ def run_graph(args: argparse.Namespace) -> int:
     kube = _kube(args)
     nodes = _read("nodes", lambda: kube.list("nodes"))
     configmaps = _read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns))
-    text = mesh_dot(nodes, configmaps, settings, cluster.observed_by_node(_statuses(kube, ns)))
+    observed = cluster.observed_by_node(_statuses(kube, ns))
+    if as_json:
+        print(json.dumps(mesh_json(nodes, configmaps, settings, observed), indent=2))
+        return 0
+    text = mesh_dot(nodes, configmaps, settings, observed)
     if dot is None:
         sys.stdout.write(text)
     else:

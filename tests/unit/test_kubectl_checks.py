@@ -13,7 +13,7 @@ from fabmesh.kubectl import cluster
 from fabmesh.kubectl import doctor as c
 from fabmesh.kubectl import status as st
 from fabmesh.kubectl.doctor import Check, CheckName, ClusterState, Status
-from fabmesh.kubectl.graph import mesh_dot, quote
+from fabmesh.kubectl.graph import mesh_dot, mesh_json, quote
 from fabmesh.mesh import tunnelstatus
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, PeerShard, Role, dump_yaml
 from fabmesh.mesh.tunnelstatus import NodeReport, Tunnel, TunnelState
@@ -544,6 +544,24 @@ def test_status_rows_show_live_state_and_generation() -> None:
     assert e1.generation_applied == e1.generation_wanted
     assert e2.generation_applied == "0ld" != e2.generation_wanted
     assert rows["conn"].generation_applied is None  # it has published no status
+
+
+def test_graph_json_has_the_edges_the_dot_draws() -> None:
+    nodes = healthy_state().nodes
+    e3 = edge("e3", "192.0.2.3", "b")
+    cms = [mesh_cm("e1", "conn"), mesh_cm("e2", "conn"), mesh_cm("e3", "conn")]
+    got = mesh_json([*nodes, e3], cms, SETTINGS, observed(tunnel_status("e1", ("conn", "unresponsive"))))
+    assert got["nodes"][:2] == [{"name": "cloud", "role": "cloud", "communities": []},
+                                {"name": "conn", "role": "connector", "communities": []}]
+    assert got["edges"] == [
+        {"a": "conn", "b": "e1", "kind": "tunnel", "state": "unresponsive", "via": None, "insteadOfDirect": False},
+        {"a": "conn", "b": "e2", "kind": "tunnel", "state": None, "via": None, "insteadOfDirect": False},
+        {"a": "conn", "b": "e3", "kind": "tunnel", "state": None, "via": None, "insteadOfDirect": False},
+        {"a": "e1", "b": "e2", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": True},
+        {"a": "e1", "b": "e3", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": False},
+        {"a": "e2", "b": "e3", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": False}]
+    dot = mesh_dot([*nodes, e3], cms, SETTINGS)
+    assert dot.count(" -- ") == len(got["edges"])
 
 
 def test_graph_colours_tunnels_by_what_the_nodes_report() -> None:
