@@ -409,9 +409,9 @@ def _read_counters(kube: Kube, hosts: list[str], port: int) -> tuple[Counters, d
         except (Urllib3Error, OSError, ValueError) as exc:
             unread[host] = f"{host} ({exc})"
             continue
-        if not counters and not any(line.startswith(f"# TYPE {ping.SA_PACKETS_SAMPLE[:-6]} ") for line in
-                                    text.splitlines()):
+        if counters is None:
             unread[host] = f"{host} (its metrics have no {ping.SA_PACKETS_SAMPLE}: an older agent?)"
+            continue
         found.update(counters)
     return found, unread
 

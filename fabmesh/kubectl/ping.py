@@ -52,7 +52,8 @@ from fabmesh.mesh.names import KIND_LABEL
 from fabmesh.mesh.probepath import Counted, Counters, Observed, observed_path
 from fabmesh.operator.settings import OperatorSettings
 
-SA_PACKETS_SAMPLE = "fabmesh_sa_packets_total"
+SA_PACKETS_FAMILY = "fabmesh_sa_packets"
+SA_PACKETS_SAMPLE = f"{SA_PACKETS_FAMILY}_total"
 SCHEMA_VERSION = 1
 _SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
@@ -197,15 +198,20 @@ def tunnel_hosts(src: str | None, dst: str | None, mesh: Mesh) -> list[str]:
     return edges + ([mesh.connector] if needs_connector and mesh.connector not in edges else [])
 
 
-def counters_from_metrics(host: str, text: str) -> Counters:
-    """One node's CHILD_SA counters from its Prometheus text; ValueError when it is not that."""
+def counters_from_metrics(host: str, text: str) -> Counters | None:
+    """One node's CHILD_SA counters from its Prometheus text; None when it serves no such series (an agent
+    older than the metric); ValueError when it is not Prometheus text."""
     rows: dict[tuple[str, str], dict[str, int]] = {}
+    served = False
     for family in text_string_to_metric_families(text):
+        served = served or family.name == SA_PACKETS_FAMILY
         for sample in family.samples:
             if sample.name != SA_PACKETS_SAMPLE:
                 continue
             key = (sample.labels.get("peer", ""), sample.labels.get("child", ""))
             rows.setdefault(key, {})[sample.labels.get("direction", "")] = int(sample.value)
+    if not served:
+        return None
     return {(host, peer, child): (d.get("in", 0), d.get("out", 0)) for (peer, child), d in rows.items()}
 
 

@@ -142,8 +142,10 @@ def test_the_metric_is_read_at_scrape_time_and_a_rekey_is_a_new_series() -> None
     assert counted(before, after) == [Counted("edge-1", "edge-2", 2, 4)]
 
 
-def test_no_metric_without_charon_and_text_that_is_not_prometheus_is_refused() -> None:
+def test_no_sa_is_not_an_agent_without_the_metric_and_text_that_is_not_prometheus_is_refused() -> None:
     assert ping.counters_from_metrics("edge-1", generate_latest(Metrics(lambda: []).registry).decode()) == {}
+    older = generate_latest(Metrics().registry).decode()  # the node loop before the metric existed
+    assert "fabmesh_tunnel_up" in older and ping.counters_from_metrics("edge-1", older) is None
     with pytest.raises(ValueError):
         ping.counters_from_metrics("edge-1", "<html>not metrics</html>\n{")
 
