@@ -19,12 +19,22 @@ CA bundle, a peer's renewed certificate with the same key) are replaced in
 place: ``load-conn`` under the same name swaps charon's peer config while the
 established IKE_SAs keep running on the one they were made with, and the next
 IKE_SA uses the new credentials. So a renewal or a CA roll drops no tunnel.
+
+A mediated connection (hole punching, ``node/tunnels.py``) can hang: when the
+connectivity checks find no working pair (a symmetric NAT) or lose a race
+inside charon (``connect_manager.c``: the peer's forwarded ME_CONNECT handled
+before the answer to our own, "checklist with id ... not found"), charon keeps
+the waiting IKE_SA forever ("this should (can?) not happen") and never tries
+again. An attempt still not established :data:`MEDIATION_STUCK_S` after it was
+first seen is ended here and started anew, so a pair that can punch through
+gets its direct tunnel at a later attempt, and one that cannot stays relayed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +42,9 @@ from typing import Any
 
 from fabmesh.mesh.model import split_pems
 from fabmesh.strongswan.driver import Charon
+
+# Punching through takes about a second (checks every 25 ms, one second to settle on the best pair).
+MEDIATION_STUCK_S = 10.0
 
 
 def digest(value: Any) -> str:
@@ -70,10 +83,13 @@ class TunnelChanges:
 
 
 class TunnelSync:
-    def __init__(self, connect: Callable[[], Charon], state_file: Path) -> None:
+    def __init__(self, connect: Callable[[], Charon], state_file: Path,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``connect`` opens a VICI session; the session's socket path identifies the charon run."""
         self._connect = connect
         self._state_file = state_file
+        self._clock = clock
+        self._waiting: dict[str, tuple[str, float]] = {}  # mediated conn -> (IKE_SA uniqueid, first seen)
         self.writes = 0
 
     def _read_state(self) -> dict[str, Any]:
@@ -141,11 +157,38 @@ class TunnelSync:
             if restarted:
                 reach |= {n for n, c in desired.items() if c.get("remote_addrs") != ["%any"]}
             for name in sorted(reach):
-                if name in desired and _needs_initiate(sas.get(name)):
+                if name not in desired:
+                    continue
+                if not desired[name].get("children"):  # a mediation connection: an IKE_SA only
+                    if sas.get(name) is None:
+                        charon.initiate_ike(name)
+                        self.writes += 1
+                        changes.initiated.append(name)
+                elif desired[name].get("mediated_by") and self._stuck(name, sas.get(name)):
+                    charon.terminate_ike(name)
+                    charon.initiate(name, name)
+                    self.writes += 2
+                    changes.initiated.append(name)
+                elif _needs_initiate(sas.get(name)):
                     charon.initiate(name, name)
                     self.writes += 1
                     changes.initiated.append(name)
         return changes
+
+    def _stuck(self, name: str, sa: dict[str, Any] | None) -> bool:
+        """Whether the mediated connection's IKE_SA has waited too long to establish."""
+        if sa is None or sa.get("state") == "ESTABLISHED":
+            self._waiting.pop(name, None)
+            return False
+        ident, now = str(sa.get("uniqueid", "")), self._clock()
+        seen = self._waiting.setdefault(name, (ident, now))
+        if seen[0] != ident:
+            self._waiting[name] = (ident, now)
+            return False
+        if now - seen[1] < MEDIATION_STUCK_S:
+            return False
+        del self._waiting[name]
+        return True
 
 
 def _charon_run(socket_path: Path) -> str:

@@ -111,6 +111,11 @@ class Charon:
             message["ike"] = ike
         self._call(f"initiate {child}", lambda: list(self._session.initiate(message)))
 
+    def initiate_ike(self, ike: str, timeout_ms: int = -1) -> None:
+        """Start an IKE_SA without a CHILD_SA (a mediation connection has none to start)."""
+        message = {"ike": ike, "timeout": str(timeout_ms), "init-limits": "no"}
+        self._call(f"initiate {ike}", lambda: list(self._session.initiate(message)))
+
     def rekey_child(self, child: str) -> int:
         """Start rekeying the CHILD_SAs named ``child``; returns how many matched.
 
