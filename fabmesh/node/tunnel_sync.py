@@ -32,6 +32,7 @@ gets its direct tunnel at a later attempt, and one that cannot stays relayed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -41,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from fabmesh.mesh.model import split_pems
-from fabmesh.strongswan.driver import Charon
+from fabmesh.strongswan.driver import Charon, ViciError
 
 # Punching through takes about a second (checks every 25 ms, one second to settle on the best pair).
 MEDIATION_STUCK_S = 10.0
+# How long a pass waits for a mediation IKE_SA it starts (inside the VICI session's 10 s timeout).
+MEDIATION_WAIT_MS = 5000
 
 
 def digest(value: Any) -> str:
@@ -156,15 +159,24 @@ class TunnelSync:
             reach = set(initiators)
             if restarted:
                 reach |= {n for n, c in desired.items() if c.get("remote_addrs") != ["%any"]}
-            for name in sorted(reach):
-                if name not in desired:
-                    continue
+            for name in sorted(reach & desired.keys(), key=lambda n: (_stage(desired[n]), n)):
                 if not desired[name].get("children"):  # a mediation connection: an IKE_SA only
-                    if sas.get(name) is None:
-                        charon.initiate_ike(name)
+                    # Only beside an established data IKE_SA with the same peer: charon forces
+                    # unique=replace on mediation connections, so a first IKE_SA would carry
+                    # INITIAL_CONTACT and make the peer drop the data one (node/tunnels.py).
+                    if sas.get(name) is None and _data_sa_up(desired, sas, name):
+                        # Waited for (a few round trips), so this pass can start the mediated ones.
+                        # Not up in time: the mediated connections wait for a later pass.
+                        with contextlib.suppress(ViciError):
+                            charon.initiate_ike(name, timeout_ms=MEDIATION_WAIT_MS)
                         self.writes += 1
                         changes.initiated.append(name)
-                elif desired[name].get("mediated_by") and self._stuck(name, sas.get(name)):
+                        sas = charon.sas()
+                elif (mediation := desired[name].get("mediated_by")) and \
+                        sas.get(mediation, {}).get("state") != "ESTABLISHED":
+                    # charon would start the mediation connection itself, INITIAL_CONTACT and all.
+                    continue
+                elif mediation and self._stuck(name, sas.get(name)):
                     charon.terminate_ike(name)
                     charon.initiate(name, name)
                     self.writes += 2
@@ -194,6 +206,21 @@ class TunnelSync:
 def _charon_run(socket_path: Path) -> str:
     st = socket_path.stat()
     return f"{st.st_ino}:{st.st_ctime_ns}"
+
+
+def _stage(conn: Mapping[str, Any]) -> int:
+    """Initiation order within a pass: data connections, then mediation ones, then mediated ones."""
+    if not conn.get("children"):
+        return 1
+    return 2 if conn.get("mediated_by") else 0
+
+
+def _data_sa_up(desired: Mapping[str, dict[str, Any]], sas: Mapping[str, dict[str, Any]], name: str) -> bool:
+    """Whether a connection with CHILD_SAs to the same peer identity as ``name`` has an established IKE_SA."""
+    peer = desired[name].get("remote", {}).get("id")
+    return any(conn.get("children") and conn.get("remote", {}).get("id") == peer
+               and sas.get(other, {}).get("state") == "ESTABLISHED"
+               for other, conn in desired.items() if other != name)
 
 
 def _needs_initiate(sa: dict[str, Any] | None) -> bool:

@@ -62,9 +62,13 @@ Hole punching (strongSwan mediation, "IKE mediation"; Debian's charon has it com
   client the connector therefore uses ``unique = no``: a rebooted edge still clears its stale
   IKE_SAs, because its first IKE_SA carries INITIAL_CONTACT, which charon honours under ``no`` (it
   destroys every IKE_SA of that identity pair). On the edge the two connections differ
-  (``mediation``), so its data connection keeps ``replace``; its mediation connection is
-  ``unique = never`` so it never sends INITIAL_CONTACT itself, which on the connector would destroy
-  the data IKE_SA.
+  (``mediation``), so its data connection keeps ``replace``. charon forces ``unique = replace`` on
+  a mediation connection (``vici_config.c``: "force unique connections for mediation
+  connections"), so its first IKE_SA carries INITIAL_CONTACT when the edge has no other IKE_SA
+  with the connector, and the connector then destroys the data IKE_SA of that identity pair
+  without a word (seen in the lab when both were initiated at once). The agent therefore starts
+  the mediation connection only once the data IKE_SA is up (``TunnelSync``): that IKE_SA is the
+  contact, and the data one is the IKE_SA that carries INITIAL_CONTACT after a reboot.
 """
 
 from __future__ import annotations
@@ -107,10 +111,10 @@ def mediation_name(mediator: str) -> str:
 
 
 def mediation_connection(mesh: NodeMesh, mediator: Peer, cert_pem: str) -> dict[str, Any]:
-    """The IKE_SA an edge keeps with its mediation server: no CHILD_SA, never INITIAL_CONTACT."""
+    """The IKE_SA an edge keeps with its mediation server: no CHILD_SA; ``unique`` stays ``replace``,
+    which charon would force anyway."""
     conn = _ike(mesh, mediator, cert_pem)
     conn["mediation"] = "yes"
-    conn["unique"] = "never"
     return conn
 
 

@@ -104,7 +104,7 @@ RENDER = {
         {"remote_addrs": ["%any"], "mediated_by": "mediation@conn", "mediation_peer": "e2", "unique": "replace"}),
     "mediation-connection-to-the-connector": (
         (TO_CONNECTOR, TO_E2), "mediation@conn",
-        {"remote_addrs": ["198.51.100.1"], "mediation": "yes", "unique": "never"}),
+        {"remote_addrs": ["198.51.100.1"], "mediation": "yes", "unique": "replace", "children": None}),
     "data-connection-to-the-connector-is-unchanged": (
         (TO_CONNECTOR, TO_E2), "conn", {"remote_addrs": ["198.51.100.1"], "unique": "replace"}),
     "direct-peer-dials-its-endpoint": (
@@ -164,6 +164,7 @@ class FakeCharon:
         self._sas = sas
         self.calls: list[str] = []
         self.socket_path = socket_path
+        self.establish_mediation = False  # initiate_ike returns with the IKE_SA up (charon waited)
 
     def __enter__(self) -> FakeCharon:
         return self
@@ -186,8 +187,10 @@ class FakeCharon:
     def initiate(self, child: str, ike: str | None = None) -> None:
         self.calls.append(f"initiate {child}")
 
-    def initiate_ike(self, ike: str) -> None:
+    def initiate_ike(self, ike: str, timeout_ms: int = -1) -> None:
         self.calls.append(f"initiate-ike {ike}")
+        if self.establish_mediation:
+            self._sas[ike] = {"state": "ESTABLISHED", "uniqueid": "2"}
 
     def terminate_ike(self, ike: str) -> None:
         self.calls.append(f"terminate {ike}")
@@ -204,11 +207,23 @@ def test_a_mediated_attempt_that_hangs_is_ended_and_started_again(tmp_path: Any)
     desired, creds = desired_connections(mesh, "CERT"), Credentials("KEY", "CA")
 
     sync.apply(desired, creds, initiated(mesh))
-    assert charon.calls == ["initiate conn", "initiate e2", "initiate-ike mediation@conn"]
+    # One at a time: the mediation connection waits for the data IKE_SA with the connector (charon
+    # would send INITIAL_CONTACT on it and the connector would drop the data IKE_SA), the mediated
+    # one for the mediation IKE_SA (charon would start that one itself).
+    assert charon.calls == ["initiate conn"]
+    sas["conn"] = {"state": "CONNECTING", "uniqueid": "1"}
+    charon.calls.clear()
+    sync.apply(desired, creds, initiated(mesh))
+    assert charon.calls == []
+    sas["conn"] = {"state": "ESTABLISHED", "child-sas": {"c": {}}, "uniqueid": "1"}
+    sync.apply(desired, creds, initiated(mesh))
+    assert charon.calls == ["initiate-ike mediation@conn"]  # it did not come up in time
+    charon.establish_mediation = True
+    charon.calls.clear()
+    sync.apply(desired, creds, initiated(mesh))  # it did: the mediated connection follows in the same pass
+    assert charon.calls == ["initiate-ike mediation@conn", "initiate e2"]
 
-    sas.update({"conn": {"state": "ESTABLISHED", "child-sas": {"c": {}}, "uniqueid": "1"},
-                "mediation@conn": {"state": "ESTABLISHED", "uniqueid": "2"},
-                "e2": {"state": "CREATED", "uniqueid": "3"}})
+    sas["e2"] = {"state": "CREATED", "uniqueid": "3"}
     for at in (1.0, 1.0 + MEDIATION_STUCK_S - 0.5):  # in progress: left alone, the mediation SA too
         charon.calls.clear()
         now[0] = at
