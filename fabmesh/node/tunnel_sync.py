@@ -28,6 +28,9 @@ the waiting IKE_SA forever ("this should (can?) not happen") and never tries
 again. An attempt still not established :data:`MEDIATION_STUCK_S` after it was
 first seen is ended here and started anew, so a pair that can punch through
 gets its direct tunnel at a later attempt, and one that cannot stays relayed.
+After a charon restart every mediated connection is initiated once, responder
+or not, as soon as the mediation IKE_SA is up: the peer still holds the old
+direct IKE_SA, which only a new one (INITIAL_CONTACT) ends before DPD does.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class TunnelSync:
         self._state_file = state_file
         self._clock = clock
         self._waiting: dict[str, tuple[str, float]] = {}  # mediated conn -> (IKE_SA uniqueid, first seen)
+        self._rejoin: set[str] = set()  # mediated conns to initiate once after a charon restart
         self.writes = 0
 
     def _read_state(self) -> dict[str, Any]:
@@ -159,6 +163,10 @@ class TunnelSync:
             reach = set(initiators)
             if restarted:
                 reach |= {n for n, c in desired.items() if c.get("remote_addrs") != ["%any"]}
+                # Mediated peers too, responder or not, once the mediation IKE_SA is up (a later pass).
+                self._rejoin = {n for n, c in desired.items() if c.get("mediated_by")}
+            self._rejoin &= desired.keys()
+            reach |= self._rejoin
             for name in sorted(reach & desired.keys(), key=lambda n: (_stage(desired[n]), n)):
                 if not desired[name].get("children"):  # a mediation connection: an IKE_SA only
                     # Only beside an established data IKE_SA with the same peer: charon forces
@@ -176,6 +184,12 @@ class TunnelSync:
                         sas.get(mediation, {}).get("state") != "ESTABLISHED":
                     # charon would start the mediation connection itself, INITIAL_CONTACT and all.
                     continue
+                elif name in self._rejoin:
+                    self._rejoin.discard(name)
+                    if sas.get(name, {}).get("state") != "ESTABLISHED":
+                        charon.initiate(name, name)
+                        self.writes += 1
+                        changes.initiated.append(name)
                 elif mediation and self._stuck(name, sas.get(name)):
                     charon.terminate_ike(name)
                     charon.initiate(name, name)

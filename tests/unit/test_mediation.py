@@ -238,3 +238,24 @@ def test_a_mediated_attempt_that_hangs_is_ended_and_started_again(tmp_path: Any)
     now[0] += MEDIATION_STUCK_S - 0.5
     sync.apply(desired, creds, initiated(mesh))
     assert charon.calls == []
+
+
+def test_after_a_charon_restart_a_responder_reaches_its_mediated_peers_once(tmp_path: Any) -> None:
+    """The peer still holds the old direct IKE_SA; only a new one, with INITIAL_CONTACT, ends it early."""
+    socket = tmp_path / "charon.vici"
+    socket.write_text("")
+    sas: dict[str, dict[str, Any]] = {"conn": {"state": "ESTABLISHED", "child-sas": {"c": {}}, "uniqueid": "1"},
+                                      "mediation@conn": {"state": "ESTABLISHED", "uniqueid": "2"}}
+    charon = FakeCharon(sas, socket)
+    sync = TunnelSync(lambda: charon, tmp_path / "tunnels.json")  # type: ignore[arg-type,return-value]
+    mesh = _edge_mesh(TO_CONNECTOR, TO_E2.model_copy(update={"initiate": False}))  # e1 only responds to e2
+    desired, creds = desired_connections(mesh, "CERT"), Credentials("KEY", "CA")
+    sync.apply(desired, creds, initiated(mesh))
+    assert "initiate e2" not in charon.calls
+
+    socket.unlink()
+    socket.write_text("")  # a new charon run: another socket
+    for _ in range(2):
+        charon.calls.clear()
+        sync.apply(desired, creds, initiated(mesh))
+        assert charon.calls.count("initiate e2") == (1 if _ == 0 else 0), charon.calls
