@@ -15,7 +15,14 @@ largest gap between two replies around the event.
   pinging edge-1's pod -> edge-2's pod; reports the gap after the cut and after
   the heal, and the path ``lab status`` observes in between.
 
-    KUBEBUILDER_ASSETS=... python -m bench.bench_nat [--json]
+* ``relabel-direct`` (``--mediation``, on the ``THREE_SITES`` lab instead): edge-4, alone
+  behind a cone NAT of its own, is labelled into edge-1's community (site-1); the figure is
+  the time from the label patch to the first probe edge-1 pod -> edge-4 pod that the SA
+  counters see on the direct edge-1/edge-4 CHILD_SA (the path ``lab status`` reports), hole
+  punched with the connector as mediation server. Three rounds (label, measure, unlabel, wait
+  for the direct tunnel to go).
+
+    KUBEBUILDER_ASSETS=... python -m bench.bench_nat [--json] [--mediation]
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fabmesh.lab import bringup, faults, probe, teardown
+from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.lab import bringup, faults, paths, probe, teardown
 from fabmesh.lab.state import LabState
-from fabmesh.lab.topology import DEFAULT
+from fabmesh.lab.topology import DEFAULT, THREE_SITES
 from fabmesh.testenv.hosts import NatRouter
 
 
@@ -89,17 +97,55 @@ def cut_direct(state: LabState) -> dict[str, Any]:
             "gap_after_heal_s": round(largest_gap(replies, healed_at), 2)}
 
 
+def _observed(state: LabState, src: str, dst: str) -> paths.Observed:
+    """One probe from ``src``'s pod to ``dst``'s, and the path the SA counters saw (lab status's rule)."""
+    a = next(p for p in state.pods if p.node == src)
+    b = next(p for p in state.pods if p.node == dst)
+    edges = {h.name for h in state.hosts if h.role == "edge"}
+    connector = next(h.name for h in state.hosts if h.role == "connector")
+    before = probe.read_counters(state)
+    if not probe.ping(a.netns, b.ip):
+        return paths.Observed.NONE
+    return paths.observed_path(src, dst, edges, connector, paths.counted(before, probe.read_counters(state)))
+
+
+def relabel_direct(state: LabState, rounds: int = 3) -> dict[str, Any]:
+    kube = Kube(load_api_client(state.kubeconfig))
+    label = "community.fabmesh.io/a"
+    seconds = []
+    for _ in range(rounds):
+        assert _observed(state, "edge-1", "edge-4") is paths.Observed.RELAYED
+        started = time.monotonic()
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {label: ""}}})
+        while _observed(state, "edge-1", "edge-4") is not paths.Observed.DIRECT:
+            if time.monotonic() - started > 120:
+                raise TimeoutError("no direct path edge-1 -> edge-4 within 120 s")
+            time.sleep(0.1)
+        seconds.append(round(time.monotonic() - started, 2))
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {label: None}}})
+        deadline = time.monotonic() + 120
+        while _observed(state, "edge-1", "edge-4") is not paths.Observed.RELAYED and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return {"event": "edge-4 (site-3, cone NAT) labelled into edge-1's community (site-1, cone NAT)",
+            "relabel_to_direct_s": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-cut", action="store_true", help="only the WAN address change")
+    parser.add_argument("--mediation", action="store_true",
+                        help="only the time from relabel to a hole-punched direct path (THREE_SITES lab)")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="bench-nat-"))
     try:
-        state = bringup.up(DEFAULT, directory, timeout=120)
+        state = bringup.up(THREE_SITES if args.mediation else DEFAULT, directory, timeout=120)
         probe.check(state, wait=60)
-        result = {"wan_change": wan_change(state)}
-        if not args.skip_cut:
+        if args.mediation:
+            result: dict[str, Any] = {"relabel_direct": relabel_direct(state)}
+        else:
+            result = {"wan_change": wan_change(state)}
+        if not args.skip_cut and not args.mediation:
             result["cut_direct"] = cut_direct(state)
     finally:
         teardown.down(directory)
