@@ -28,9 +28,16 @@ the waiting IKE_SA forever ("this should (can?) not happen") and never tries
 again. An attempt still not established :data:`MEDIATION_STUCK_S` after it was
 first seen is ended here and started anew, so a pair that can punch through
 gets its direct tunnel at a later attempt, and one that cannot stays relayed.
-After a charon restart every mediated connection is initiated once, responder
-or not, as soon as the mediation IKE_SA is up: the peer still holds the old
-direct IKE_SA, which only a new one (INITIAL_CONTACT) ends before DPD does.
+Ending the attempt does not always free charon: after the lost race its
+connect manager keeps the pair registered as "in progress" and queues every
+later attempt from the same side ("mediation with the same peer is already in
+progress, queued") until charon restarts. So the responder of a mediated pair
+initiates too when the pair has had no IKE_SA for :data:`MEDIATION_RESPONDER_S`
+(its own connect manager is clear); should both sides then build an IKE_SA, the
+responder side's ``unique = replace`` keeps one. After a charon restart every
+mediated connection is initiated once, responder or not, as soon as the
+mediation IKE_SA is up: the peer still holds the old direct IKE_SA, which only
+a new one (INITIAL_CONTACT) ends before DPD does.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from fabmesh.strongswan.driver import Charon, ViciError
 
 # Punching through takes about a second (checks every 25 ms, one second to settle on the best pair).
 MEDIATION_STUCK_S = 10.0
+# How long a mediated pair may stay without an IKE_SA before its responder initiates too.
+MEDIATION_RESPONDER_S = 30.0
 # How long a pass waits for a mediation IKE_SA it starts (inside the VICI session's 10 s timeout).
 MEDIATION_WAIT_MS = 5000
 
@@ -97,6 +106,7 @@ class TunnelSync:
         self._clock = clock
         self._waiting: dict[str, tuple[str, float]] = {}  # mediated conn -> (IKE_SA uniqueid, first seen)
         self._rejoin: set[str] = set()  # mediated conns to initiate once after a charon restart
+        self._absent: dict[str, float] = {}  # mediated conn -> since when it has had no IKE_SA
         self.writes = 0
 
     def _read_state(self) -> dict[str, Any]:
@@ -167,6 +177,8 @@ class TunnelSync:
                 self._rejoin = {n for n, c in desired.items() if c.get("mediated_by")}
             self._rejoin &= desired.keys()
             reach |= self._rejoin
+            # The responder of a mediated pair steps in when the pair stays without a direct IKE_SA.
+            reach |= {n for n, c in desired.items() if c.get("mediated_by") and self._overdue(n, sas.get(n))}
             for name in sorted(reach & desired.keys(), key=lambda n: (_stage(desired[n]), n)):
                 if not desired[name].get("children"):  # a mediation connection: an IKE_SA only
                     # Only beside an established data IKE_SA with the same peer: charon forces
@@ -200,6 +212,19 @@ class TunnelSync:
                     self.writes += 1
                     changes.initiated.append(name)
         return changes
+
+    def _overdue(self, name: str, sa: dict[str, Any] | None) -> bool:
+        """Whether a mediated connection has had no IKE_SA for :data:`MEDIATION_RESPONDER_S` (our
+        side's view: the initiator may be stuck in charon, see the module docstring)."""
+        now = self._clock()
+        if sa is not None:
+            self._absent.pop(name, None)
+            return sa.get("state") != "ESTABLISHED"  # our own attempt: stuck handling follows
+        since = self._absent.setdefault(name, now)
+        if now - since < MEDIATION_RESPONDER_S:
+            return False
+        self._absent[name] = now
+        return True
 
     def _stuck(self, name: str, sa: dict[str, Any] | None) -> bool:
         """Whether the mediated connection's IKE_SA has waited too long to establish."""

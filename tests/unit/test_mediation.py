@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, Role
-from fabmesh.node.tunnel_sync import MEDIATION_STUCK_S, Credentials, TunnelSync
+from fabmesh.node.tunnel_sync import MEDIATION_RESPONDER_S, MEDIATION_STUCK_S, Credentials, TunnelSync
 from fabmesh.node.tunnels import desired_connections, initiated, mediation_name
 from fabmesh.operator.inventory import NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, plan
@@ -259,3 +259,28 @@ def test_after_a_charon_restart_a_responder_reaches_its_mediated_peers_once(tmp_
         charon.calls.clear()
         sync.apply(desired, creds, initiated(mesh))
         assert charon.calls.count("initiate e2") == (1 if _ == 0 else 0), charon.calls
+
+
+def test_the_responder_of_a_mediated_pair_steps_in_when_the_pair_stays_without_an_ike_sa(tmp_path: Any) -> None:
+    """charon can keep a lost attempt registered on the initiator's side and queue every later one."""
+    socket = tmp_path / "charon.vici"
+    socket.write_text("")
+    sas: dict[str, dict[str, Any]] = {"conn": {"state": "ESTABLISHED", "child-sas": {"c": {}}, "uniqueid": "1"},
+                                      "mediation@conn": {"state": "ESTABLISHED", "uniqueid": "2"}}
+    charon = FakeCharon(sas, socket)
+    now = [0.0]
+    sync = TunnelSync(lambda: charon, tmp_path / "tunnels.json", clock=lambda: now[0])  # type: ignore[arg-type,return-value]
+    mesh = _edge_mesh(TO_CONNECTOR, TO_E2.model_copy(update={"initiate": False}))
+    desired, creds = desired_connections(mesh, "CERT"), Credentials("KEY", "CA")
+    calls = []
+    for at in (0.0, MEDIATION_RESPONDER_S - 1, MEDIATION_RESPONDER_S, MEDIATION_RESPONDER_S + 1):
+        now[0] = at
+        charon.calls.clear()
+        sync.apply(desired, creds, initiated(mesh))
+        calls.append(charon.calls.count("initiate e2"))
+    assert calls == [0, 0, 1, 0]
+    sas["e2"] = {"state": "ESTABLISHED", "child-sas": {"c": {}}, "uniqueid": "5"}  # made by either side
+    now[0] += 3 * MEDIATION_RESPONDER_S
+    charon.calls.clear()
+    sync.apply(desired, creds, initiated(mesh))
+    assert charon.calls == []
