@@ -17,6 +17,7 @@ CHILD_SA counters saw:
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,7 @@ def _child(sa: dict[str, Any]) -> dict[str, Any]:
 
 def test_two_edges_behind_two_cone_nats_get_a_direct_tunnel_by_mediation(wan: Network) -> None:
     site = _site(wan, symmetric_b=False)
+    established_at = time.monotonic()
     connector_ids = {name: sa["uniqueid"] for name, sa in site.connector.established().items()}
     assert set(connector_ids) == {"edge-a", "edge-b"}, site.connector.sas()
 
@@ -170,10 +172,15 @@ def test_two_edges_behind_two_cone_nats_get_a_direct_tunnel_by_mediation(wan: Ne
     child = _child(site.a.established()["edge-b"])
     assert int(child["packets-out"]) > before and int(child["packets-in"]) >= 1, child
 
-    # The mediation IKE_SAs share the data connection's identities on the connector: they must not
-    # have replaced the data IKE_SAs there (unique = replace would).
-    after = site.connector.established()
-    assert {n: sa["uniqueid"] for n, sa in after.items() if sa.get("child-sas")} == connector_ids, after
+    # The mediation IKE_SAs share the data connection's identities (and peer config) on the connector:
+    # they must not replace the data IKE_SAs there. unique = replace would, 10 s after the mediation
+    # IKE_SA came up (same address: "suspected reauthentication", ike_sa_manager.c enforce_replace),
+    # so watch past that.
+    deadline = established_at + 12
+    while time.monotonic() < deadline:
+        after = site.connector.established()
+        assert {n: sa["uniqueid"] for n, sa in after.items() if sa.get("child-sas")} == connector_ids, after
+        time.sleep(0.5)
     for edge in (site.a, site.b):
         mine = edge.established()
         assert CONNECTOR in mine and f"mediation@{CONNECTOR}" in mine, mine
