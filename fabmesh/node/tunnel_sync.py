@@ -68,9 +68,12 @@ def digest(value: Any) -> str:
 
 def session_digest(conn: Mapping[str, Any]) -> str:
     """The digest of what an established IKE_SA depends on: all but credentials (this node's own
-    certificate, the CA bundle). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal
-    keeps it, a revocation replaces it."""
+    certificate, the CA bundle) and ``unique``, which charon checks only when a new IKE_SA is made
+    (the connector switches an edge to ``no`` when it becomes a mediation client, and must not cut
+    its tunnel for that). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal keeps
+    it, a revocation replaces it."""
     view = json.loads(json.dumps(conn))
+    view.pop("unique", None)
     view.get("local", {}).pop("certs", None)
     view.get("remote", {}).pop("cacerts", None)
     return digest(view)
