@@ -16,11 +16,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("fabmesh.operator.command", "run the operator: IPAM, PKI, communities, per-node configs"),
     "connector": ("fabmesh.connector.command", "run the cloud connector: responder for every edge tunnel"),
     "agent": ("fabmesh.agent.command", "run the edge agent: bridge, CNI, routes, iptables, tunnels"),
+    "cloud-agent": ("fabmesh.cloudagent.command",
+                    "run the route agent on a cloud node: edge addresses via the active connector"),
     "charon": ("fabmesh.strongswan.command", "run charon with fabmesh's strongswan.conf (the sidecar)"),
     "lab": ("fabmesh.lab.command", "a local hybrid cluster in network namespaces (demo and e2e)"),
     "status": ("fabmesh.kubectl.command", "per-node mesh status from the cluster (kubectl plugin)"),
     "doctor": ("fabmesh.kubectl.command", "check the mesh for common faults (kubectl plugin)"),
     "graph": ("fabmesh.kubectl.command", "the mesh as Graphviz DOT (kubectl plugin)"),
+    "tunnels": ("fabmesh.kubectl.command", "one node's tunnels as it reports them (kubectl plugin)"),
 }
 
 
@@ -59,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def kubectl_plugin(argv: Sequence[str] | None = None) -> int:
-    """``kubectl fabmesh status|doctor|graph``: the same commands, under kubectl's plugin name."""
-    parser = build_parser(("status", "doctor", "graph"), prog="kubectl fabmesh")
+    """``kubectl fabmesh status|doctor|graph|tunnels``: the same commands, under kubectl's plugin name."""
+    parser = build_parser(("status", "doctor", "graph", "tunnels"), prog="kubectl fabmesh")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything fabmesh's tests and lab need, idempotently; cached between runs.
 #   Debian packages (strongSwan with kernel-libipsec, iproute2, iptables, ipset, CNI plugins, iperf3;
-#   for real nodes: containerd 1.6 + runc, busybox-static for the local images;
+#   for real nodes: containerd 1.6 + runc, busybox-static for the local images, mmdebstrap and buildah
+#   for the product image (python -m fabmesh.testenv.product_image; no Docker, no registry);
 #   for the kernel tier's VM: a Debian kernel with ESP as modules, QEMU and a static busybox
 #   (virtme-ng, pinned in the test extras, boots that kernel over a read-only view of this machine)
 #   a Python venv at .venv with fabmesh and its pinned dependencies
@@ -33,6 +34,10 @@ apt_install() {
 }
 apt_install -- "${DEBS[@]}"
 
+# The product image for real nodes: an mmdebstrap base, the Dockerfile built by buildah (its recommends
+# would add podman's network stack and fuse-overlayfs, which a root build on ext4 does not use).
+apt_install --no-install-recommends -- mmdebstrap buildah uidmap
+
 # Real nodes run Debian's containerd 1.6 (see docs/real-nodes.md for why not v2): refuse another series.
 containerd --version | grep -q ' 1\.6\.' \
   || die "containerd $(containerd --version | cut -d' ' -f3) installed; real nodes are tested with the 1.6 series"
@@ -55,8 +60,9 @@ if [ ! -f "$stamp" ]; then
 fi
 
 command -v go >/dev/null || die "no Go toolchain on PATH: kube-apiserver is built from Go modules (install Go >= 1.26)"
-step "kube-apiserver, etcd, kubectl and helm (built once, cached in ~/.cache/fabmesh)"
-.venv/bin/python -m fabmesh.testenv.assets
+step "kube-apiserver, etcd, kubectl, helm and flanneld (built once, cached in ~/.cache/fabmesh)"
+# flanneld: the lab (e2e tier) runs it on cloud hosts; about 4.5 min cold on 2 cores.
+.venv/bin/python -m fabmesh.testenv.assets --flannel
 # Real-node tier only (tests/nodes): FABMESH_NODE_ASSETS=1 also builds kubelet, kube-proxy,
 # kube-controller-manager and kube-scheduler (several more minutes cold).
 if [ "${FABMESH_NODE_ASSETS:-0}" = 1 ]; then

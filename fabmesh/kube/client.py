@@ -16,6 +16,7 @@ elector's fence plugs in there, so no write path can forget it.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -61,13 +62,28 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    group = {"leases": "/apis/coordination.k8s.io/v1"}.get(kind, "/api/v1")
+    group = {"leases": "/apis/coordination.k8s.io/v1", "tunnelstatuses": "/apis/fabmesh.io/v1alpha1",
+             "serviceaccounts": "/api/v1", "roles": "/apis/rbac.authorization.k8s.io/v1",
+             "rolebindings": "/apis/rbac.authorization.k8s.io/v1"}.get(kind, "/api/v1")
     path = group + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind}"
     if name:
         path += f"/{name}"
     if sub:
         path += f"/{sub}"
     return path
+
+
+TOO_MANY_REQUESTS_RETRIES = 3
+MAX_RETRY_AFTER_S = 2.0
+
+
+def _retry_after(text: str) -> float:
+    """The pause a 429 asks for (``details.retryAfterSeconds``), at most ``MAX_RETRY_AFTER_S``."""
+    try:
+        seconds = float(json.loads(text).get("details", {}).get("retryAfterSeconds", 1))
+    except (ValueError, AttributeError):
+        seconds = 1.0
+    return min(max(seconds, 0.1), MAX_RETRY_AFTER_S)
 
 
 class Kube:
@@ -89,13 +105,21 @@ class Kube:
         _, url, headers, payload, _ = self.api.param_serialize(
             method=method, resource_path=path, header_params=headers,
             body=body, auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=payload,
-                                     _request_timeout=self.timeout if timeout is None else min(self.timeout, timeout))
-        response.read()
-        text = response.data.decode() if response.data else ""
-        if not 200 <= response.status < 300:
-            raise ApiError(response.status, response.reason or "", text)
-        return json.loads(text) if text else {}
+        for attempt in range(TOO_MANY_REQUESTS_RETRIES + 1):
+            response = self.api.call_api(method, url, header_params=headers, body=payload,
+                                         _request_timeout=self.timeout if timeout is None
+                                         else min(self.timeout, timeout))
+            response.read()
+            text = response.data.decode() if response.data else ""
+            if response.status == 429 and attempt < TOO_MANY_REQUESTS_RETRIES:
+                # Not processed (API priority and fairness, or a new CRD's storage still initialising):
+                # safe to send again after the pause the server asks for, as client-go does.
+                time.sleep(_retry_after(text))
+                continue
+            if not 200 <= response.status < 300:
+                raise ApiError(response.status, response.reason or "", text)
+            return json.loads(text) if text else {}
+        raise AssertionError("unreachable")
 
     def _write(self, verb: str, kind: str, method: str, path: str, body: Any = None,
                query: dict[str, str] | None = None, content_type: str = "application/json",
@@ -113,9 +137,9 @@ class Kube:
         return self._call("GET", _path(kind, namespace), query=query).get("items", [])
 
     def get(self, kind: str, name: str, namespace: str | None = None,
-            timeout: float | None = None) -> JSON | None:
+            timeout: float | None = None, sub: str | None = None) -> JSON | None:
         try:
-            return self._call("GET", _path(kind, namespace, name), timeout=timeout)
+            return self._call("GET", _path(kind, namespace, name, sub), timeout=timeout)
         except ApiError as exc:
             if exc.not_found:
                 return None
@@ -129,8 +153,10 @@ class Kube:
         return self._write("update", kind, "PUT", _path(kind, namespace, body["metadata"]["name"]), body,
                            timeout=timeout)
 
-    def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None) -> JSON:
-        return self._write("patch", kind, "PATCH", _path(kind, namespace, name), patch,
+    def merge_patch(self, kind: str, name: str, patch: JSON, namespace: str | None = None,
+                    sub: str | None = None) -> JSON:
+        """JSON merge patch; ``sub`` names a subresource (``status``)."""
+        return self._write("patch", kind, "PATCH", _path(kind, namespace, name, sub), patch,
                            content_type="application/merge-patch+json")
 
     def delete(self, kind: str, name: str, namespace: str | None = None,

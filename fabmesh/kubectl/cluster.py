@@ -14,12 +14,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from fabmesh.mesh import topology
 from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
 from fabmesh.mesh.names import POD_CIDR_ANNOTATION, STATUS_ANNOTATION
+from fabmesh.mesh.tunnelstatus import NodeReport, config_generation, parse_report
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import describe
@@ -165,3 +167,59 @@ def pod_phase(pod: Obj) -> str:
         return "Terminating"
     return (pod.get("status") or {}).get("phase") or "Unknown"
 
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A node's TunnelStatus as read: its report and the API server's time of the last status write."""
+
+    report: NodeReport
+    server_time: datetime | None  # from metadata.managedFields (the API server's clock)
+
+
+def _written_by_server(obj: Obj) -> datetime | None:
+    times = [parse_time(m.get("time")) for m in (obj.get("metadata") or {}).get("managedFields") or []
+             if m.get("subresource") == "status"]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def last_write(obj: Obj) -> datetime | None:
+    """When the API server last recorded a write of ``obj`` (any manager), from ``managedFields``."""
+    times = [parse_time(m.get("time")) for m in (obj.get("metadata") or {}).get("managedFields") or []]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def observed_by_node(statuses: Sequence[Obj] | None) -> dict[str, Observed]:
+    """TunnelStatus objects by node name; those without a readable status are left out."""
+    found = {}
+    for obj in statuses or []:
+        report = parse_report(obj)
+        if report is not None:
+            found[name_of(obj)] = Observed(report, _written_by_server(obj))
+    return found
+
+
+def wanted_generation(node: Obj, settings: OperatorSettings, configmaps: Mapping[str, Obj],
+                      is_active_connector: bool) -> tuple[str | None, datetime | None]:
+    """The generation the node should apply (digest of its ConfigMaps' files), and when they were last written."""
+    role = role_of(node, settings)
+    if role is Role.EDGE:
+        cm = configmaps.get(o.agent_configmap_name(name_of(node)))
+        if cm is None or "mesh.yaml" not in (cm.get("data") or {}):
+            return None, None
+        return config_generation({"mesh.yaml": cm["data"]["mesh.yaml"]}), last_write(cm)
+    if role is Role.CONNECTOR and is_active_connector:
+        header = configmaps.get(o.CONNECTOR_CONFIGMAP)
+        if header is None or "mesh.yaml" not in (header.get("data") or {}):
+            return None, None
+        files = {"mesh.yaml": header["data"]["mesh.yaml"]}
+        written = [last_write(header)]
+        for name, cm in configmaps.items():
+            if name.startswith(SHARD_PREFIX) and "peers.yaml" in (cm.get("data") or {}):
+                files[f"peers-{name.rsplit('-', 1)[1]}.yaml"] = cm["data"]["peers.yaml"]
+                written.append(last_write(cm))
+        known = [w for w in written if w is not None]
+        return config_generation(files), max(known) if known else None
+    return None, None

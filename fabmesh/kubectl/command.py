@@ -2,7 +2,8 @@
 modules, print.
 
 Everything is read-only. The plugin needs ``list nodes`` and, in the fabmesh
-namespace, ``list configmaps, pods`` and ``get leases``; without ``list
+namespace, ``list configmaps, pods, tunnelstatuses`` and ``get leases`` (the
+chart's ClusterRole ``fabmesh-status-viewer`` covers TunnelStatus); without ``list
 secrets`` certificate dates come from the Nodes' status annotation, without
 ``list events`` in ``default`` doctor says it could not look. Exit codes:
 doctor 1 when a check FAILs; 2 when the cluster cannot be read at all.
@@ -16,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +30,13 @@ from kubernetes.config import ConfigException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.kubectl import doctor, status
+from fabmesh.kubectl import cluster, doctor, status
+from fabmesh.kubectl.cluster import format_time
 from fabmesh.kubectl.graph import mesh_dot
+from fabmesh.kubectl.tunnels import tunnel_rows
 from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
+from fabmesh.mesh.tunnelstatus import PLURAL, parse_report
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
 CANNOT_RUN = 2
@@ -42,8 +47,11 @@ DESCRIPTIONS = {
               "planned peers and (with --metrics) tunnels up, read from the agents' Prometheus endpoints.",
     "doctor": "Check the mesh for common faults; each finding is PASS, WARN or FAIL with a one-line fix. "
               "Exits 1 when any check FAILs, else 0.",
-    "graph": "Print the mesh as Graphviz DOT: communities as clusters, tunnels as solid edges, "
-             "pairs relayed through the connector as dashed edges. --output renders it with Graphviz's dot.",
+    "graph": "Print the mesh as Graphviz DOT: communities as clusters, tunnels as solid edges coloured by the "
+             "state the nodes report (green up, red not up), pairs relayed through the connector as dashed edges "
+             "(orange when they share a community and should be direct). --output renders it with Graphviz's dot.",
+    "tunnels": "One node's tunnels as its agent (or the connector) last reported them in its TunnelStatus: peer, "
+               "state, since when, endpoints, NAT, bytes and packets both ways, path.",
 }
 
 
@@ -67,6 +75,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                         help="the operator's settings YAML, for custom labels or Lease name (default: built-in)")
     if name == "status":
         parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+        parser.add_argument("--watch", "-w", action="store_true", help="print the table again every --interval")
+        parser.add_argument("--interval", type=float, default=2.0, help="seconds between --watch refreshes "
+                            "(default: 2)")
         parser.add_argument("--metrics", action="store_true",
                             help="fetch each agent's /metrics on its InternalIP to count tunnels up")
         parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
@@ -78,6 +89,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                             help="do not require an agent Pod per edge node (agents run outside Pods, "
                                  "as in the lab)")
         parser.add_argument("--json", action="store_true", help="print the checks as a JSON list")
+    elif name == "tunnels":
+        parser.add_argument("node", help="the node (edge or connector) whose tunnels to show")
+        parser.add_argument("--output", "-o", choices=["table", "json"], default="table",
+                            help="table (default) or json (the TunnelStatus report)")
     else:
         parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png",
                             help="render to this file with Graphviz's dot instead of printing DOT")
@@ -164,7 +179,55 @@ def _dash(value: object) -> str:
 
 # -- the commands ---------------------------------------------------------------------------------
 
+def _statuses(kube: Kube, ns: str) -> list[Any] | None:
+    """The TunnelStatus objects; None when not allowed or the CRD is not installed."""
+    try:
+        return kube.list(PLURAL, ns)
+    except ApiError as exc:
+        if exc.status in (403, 404):
+            return None
+        raise CannotRun(f"cannot read tunnelstatuses in {ns}: {exc}") from exc
+    except (Urllib3Error, OSError) as exc:
+        raise CannotRun(f"cannot reach the API server to read tunnelstatuses: {exc}") from exc
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _generation(row: status.StatusRow) -> str:
+    """The generation applied; ``applied/wanted`` when the node runs another one than its ConfigMaps hold."""
+    if row.generation_wanted is None or row.generation_applied == row.generation_wanted:
+        return row.generation_applied or "-"
+    return f"{row.generation_applied or '-'}/{row.generation_wanted}"
+
+
+def _tunnels(row: status.StatusRow) -> str:
+    if row.tunnels_up is None:
+        return "-"
+    return f"{row.tunnels_up}/{row.tunnels_expected}" if row.tunnels_expected is not None else str(row.tunnels_up)
+
+
 def run_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _status_once(args)
+    try:
+        while True:
+            sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+            print(f"Every {args.interval:g}s: kubectl fabmesh status    {format_time(datetime.now(UTC))}\n")
+            _status_once(args)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_once(args: argparse.Namespace) -> int:
     settings, ns = _settings(args)
     kube = _kube(args)
     nodes = _read("nodes", lambda: kube.list("nodes"))
@@ -174,15 +237,22 @@ def run_status(args: argparse.Namespace) -> int:
     tunnels_up = None
     if args.metrics:
         tunnels_up = _fetch_metrics(status.metrics_targets(nodes, settings, args.metrics_port), args.metrics_timeout)
-    rows = status.status_rows(nodes, configmaps, secrets, pods, settings, tunnels_up)
+    statuses = _statuses(kube, ns)
+    server_now = _read("the server's date", lambda: _server_date(kube))
+    rows = status.status_rows(nodes, configmaps, secrets, pods, settings, tunnels_up,
+                              cluster.observed_by_node(statuses), server_now)
     if args.json:
         print(json.dumps([{**asdict(r), "role": _role(r), "communities": list(r.communities)} for r in rows],
                          indent=2))
         return 0
-    headers = ["NAME", "ROLE", "POD-CIDR", "COMMUNITIES", "CERT-EXPIRES", "AGENT", "PEERS", "TUNNELS-UP"]
+    headers = ["NAME", "ROLE", "POD-CIDR", "COMMUNITIES", "CERT-EXPIRES", "AGENT", "PEERS", "TUNNELS-UP",
+               "GENERATION", "STATUS-AGE", "LAST-ERROR"]
     print(_table(headers, [[r.name, _role(r), _dash(r.pod_cidr), ",".join(r.communities) or "-",
-                            _dash(r.cert_expires), _dash(r.agent), _dash(r.peers), _dash(r.tunnels_up)]
+                            _dash(r.cert_expires), _dash(r.agent), _dash(r.peers), _tunnels(r), _generation(r),
+                            _age(r.status_age_s), _dash(r.last_error)[:80]]
                            for r in rows]))
+    if statuses is None:
+        print(f"(cannot list tunnelstatuses in {ns}: TUNNELS-UP only with --metrics)", file=sys.stderr)
     if secrets is None:
         print(f"(cannot list secrets in {ns}: CERT-EXPIRES from the nodes' {STATUS_ANNOTATION} annotation)",
               file=sys.stderr)
@@ -201,7 +271,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         lease=_read(f"lease {ns}/{lease_name}", lambda: kube.get("leases", lease_name, ns), forbidden_ok=True),
         events=_read("events", lambda: kube.list("events", EVENTS_NAMESPACE), forbidden_ok=True),
         server_date=_read("the server's date", lambda: _server_date(kube)),
-        now=datetime.now(UTC), namespace=ns, settings=settings)
+        now=datetime.now(UTC), namespace=ns, settings=settings, statuses=_statuses(kube, ns))
     found = doctor.run_checks(state, agent_pods=not args.no_agent_pods)
     if args.json:
         print(json.dumps([{**asdict(c), "name": c.name.value, "status": c.status.value} for c in found], indent=2))
@@ -238,7 +308,7 @@ def run_graph(args: argparse.Namespace) -> int:
     kube = _kube(args)
     nodes = _read("nodes", lambda: kube.list("nodes"))
     configmaps = _read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns))
-    text = mesh_dot(nodes, configmaps, settings)
+    text = mesh_dot(nodes, configmaps, settings, cluster.observed_by_node(_statuses(kube, ns)))
     if dot is None:
         sys.stdout.write(text)
     else:
@@ -247,6 +317,32 @@ def run_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tunnels(args: argparse.Namespace) -> int:
+    settings, ns = _settings(args)
+    kube = _kube(args)
+    obj = _read(f"tunnelstatus {ns}/{args.node}", lambda: kube.get(PLURAL, args.node, ns))
+    if obj is None:
+        raise CannotRun(f"no TunnelStatus {ns}/{args.node}: is {args.node} an edge or the connector, and does the "
+                        "operator serve it (kubectl fabmesh doctor)?")
+    report = parse_report(obj)
+    if report is None:
+        raise CannotRun(f"{args.node} has not published its tunnel state yet: is its agent running and able to "
+                        "reach the API server (its log says action=write-status)?")
+    nodes = _read("nodes", lambda: kube.list("nodes"))
+    rows = tunnel_rows(args.node, report, nodes, settings)
+    if args.output == "json":
+        print(json.dumps({"node": args.node, **report.to_api(), "paths": {r.peer: r.path for r in rows}}, indent=2))
+        return 0
+    print(_table(["PEER", "STATE", "SINCE", "LOCAL", "REMOTE", "NAT", "BYTES-IN", "BYTES-OUT", "PKTS-IN",
+                  "PKTS-OUT", "PATH"],
+                 [[r.peer, r.state, _dash(r.since), _dash(r.local), _dash(r.remote), r.nat, str(r.bytes_in),
+                   str(r.bytes_out), str(r.packets_in), str(r.packets_out), r.path] for r in rows]))
+    extra = f", {report.tunnels_expected - len(report.tunnels)} up and not listed" if report.truncated else ""
+    print(f"\n{report.tunnels_up}/{report.tunnels_expected} up{extra}; config {report.config_generation or '-'}; "
+          f"written {report.written_at or '-'}" + (f"; last error: {report.last_error}" if report.last_error else ""))
+    return 0
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "status": run_status, "doctor": run_doctor, "graph": run_graph,
+    "status": run_status, "doctor": run_doctor, "graph": run_graph, "tunnels": run_tunnels,
 }

@@ -9,21 +9,38 @@ FAIL per problem, each with a one-line fix.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from itertools import combinations
 
 from fabmesh.kubectl import cluster
 from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import MeshConfigError, Role
-from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, INVALID_NODE_REASON, POD_CIDR_ANNOTATION, STATUS_ANNOTATION
+from fabmesh.mesh.names import (
+    FLANNEL_COPY_ANNOTATION,
+    FLANNEL_FINALIZER,
+    FLANNEL_KEYS,
+    FLANNEL_LEASE_MARKER,
+    FLANNEL_PREFIX,
+    INVALID_NODE_REASON,
+    POD_CIDR_ANNOTATION,
+    STATUS_ANNOTATION,
+)
+from fabmesh.mesh.tunnelstatus import TunnelState
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import PKIError
 
 EXPIRY_WARNING = timedelta(days=30)
 CLOCK_SKEW_WARNING = timedelta(seconds=30)
+# A node clock this far off breaks IKE: certificates look not yet valid or expired to its peers.
+CLOCK_SKEW_FAILURE = timedelta(minutes=5)
+# kubelet projects a changed ConfigMap within its sync period plus its cache TTL (about a minute each).
+GENERATION_GRACE = timedelta(minutes=3)
+# The operator releases a deleting edge within two passes (seconds); a deletion held longer waits for it.
+RELEASE_STUCK = timedelta(minutes=1)
 
 
 class Status(StrEnum):
@@ -39,10 +56,17 @@ class CheckName(StrEnum):
     AGENT_PODS = "agent-pods"
     AGENTS_RUNNING = "agents-running"
     FLANNEL = "flannel-annotations"
+    FLANNEL_RELEASE = "flannel-release"
     CONNECTOR = "connector"
     LEADER = "operator-leader"
     CLOCK = "clock-skew"
     INVALID_NODES = "invalid-node-events"
+    TUNNEL_STATUS = "tunnel-status"
+    GENERATION = "config-generation"
+    TUNNELS_UP = "tunnels-up"
+    NODE_CLOCK = "node-clock-skew"
+    NAT_KEEPALIVE = "nat-keepalive"
+    RELAYED = "relayed-pairs"
 
 
 @dataclass(frozen=True)
@@ -196,7 +220,8 @@ def check_agents_running(pods: Sequence[Obj]) -> list[Check]:
 
 
 def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
-    """Edges must carry the connector's three flannel annotations: cloud nodes route edge CIDRs with them."""
+    """Edges must carry the connector's three flannel annotations and flanneld's lease marker: cloud nodes'
+    flanneld routes edge CIDRs with them."""
     connector = cluster.active_connector(nodes, settings)
     if connector is None:
         return [Check(CheckName.FLANNEL, Status.WARN, "no connector node to compare edge annotations with",
@@ -207,8 +232,12 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
         return [Check(CheckName.FLANNEL, Status.FAIL,
                       f"connector {name_of(connector)} has no {', '.join(missing)}",
                       f"is flanneld running on {name_of(connector)}? it writes these annotations")]
+    # flanneld ignores a Node without its kube-subnet-manager marker, whatever else it carries.
+    wanted |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
     problems = []
-    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE]
+    # A deleting edge has its flannel keys taken off on purpose (flannel-release reports a stuck one).
+    edges = [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE
+             and not (n.get("metadata") or {}).get("deletionTimestamp")]
     for node in edges:
         have = cluster.annotations_of(node)
         absent = [k.removeprefix(FLANNEL_PREFIX) for k in wanted if k not in have]
@@ -224,6 +253,38 @@ def check_flannel(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Chec
                                   f"(differ from {name_of(connector)})", hint))
     return problems or [Check(CheckName.FLANNEL, Status.PASS,
                               f"all {len(edges)} edge node(s) carry {name_of(connector)}'s flannel annotations")]
+
+
+def check_flannel_release(nodes: Sequence[Obj], now: datetime, settings: OperatorSettings) -> list[Check]:
+    """Nodes whose deletion waits for the operator's flannel finalizer, and non-edges it has not let go of.
+
+    The finalizer holds a deleting edge until the operator has taken the flannel marker off
+    (fabmesh/operator/flannel.py): with no operator running, such a Node stays Terminating.
+    """
+    problems = []
+    hint = ("is the operator running (operator-leader)? after an uninstall, run "
+            "`fabmesh operator --release` (docs/operator.md, Flannel on cloud nodes)")
+    for node in sorted(nodes, key=name_of):
+        meta = node.get("metadata") or {}
+        if FLANNEL_FINALIZER not in (meta.get("finalizers") or ()):
+            continue
+        deleting = meta.get("deletionTimestamp")
+        if deleting:
+            try:
+                since = datetime.fromisoformat(deleting.replace("Z", "+00:00"))
+            except ValueError:
+                since = now - RELEASE_STUCK
+            if now - since >= RELEASE_STUCK:
+                problems.append(Check(CheckName.FLANNEL_RELEASE, Status.FAIL,
+                                      f"{name_of(node)}: deletion waits for finalizer {FLANNEL_FINALIZER} "
+                                      f"since {deleting}", hint))
+        elif role_of(node, settings) is not Role.EDGE:
+            problems.append(Check(CheckName.FLANNEL_RELEASE, Status.WARN,
+                                  f"{name_of(node)}: not an edge but still holds finalizer {FLANNEL_FINALIZER}"
+                                  + (f" and {FLANNEL_COPY_ANNOTATION}" if FLANNEL_COPY_ANNOTATION in
+                                     (meta.get("annotations") or {}) else ""), hint))
+    return problems or [Check(CheckName.FLANNEL_RELEASE, Status.PASS,
+                              "no Node waits for the operator to release its flannel annotations")]
 
 
 def check_connector(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Check]:
@@ -306,6 +367,145 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
             for (node, message), when in sorted(latest.items())]
 
 
+def _loop_nodes(nodes: Sequence[Obj], settings: OperatorSettings) -> list[Obj]:
+    """The nodes that run the node loop and so publish a TunnelStatus: edges and the active connector."""
+    connector = cluster.active_connector(nodes, settings)
+    return [n for n in sorted(nodes, key=name_of) if role_of(n, settings) is Role.EDGE or n is connector]
+
+
+def check_tunnel_status(nodes: Sequence[Obj], observed: Mapping[str, cluster.Observed] | None,
+                        server_date: datetime | None, settings: OperatorSettings) -> list[Check]:
+    """Every node that runs the loop has a status, written within two heartbeats (API server's clock)."""
+    if observed is None:
+        return [Check(CheckName.TUNNEL_STATUS, Status.WARN, "cannot list TunnelStatus objects: live state not checked",
+                      "install the chart's CRD, and run doctor with a user bound to fabmesh-status-viewer")]
+    limit = timedelta(seconds=2 * settings.node.status_heartbeat_s + settings.node.status_min_interval_s)
+    problems = []
+    loop_nodes = _loop_nodes(nodes, settings)
+    for node in loop_nodes:
+        name = name_of(node)
+        seen = observed.get(name)
+        if seen is None:
+            problems.append(Check(CheckName.TUNNEL_STATUS, Status.WARN, f"{name}: has published no tunnel status",
+                                  f"is its agent running, and can it reach the API server? (its log says "
+                                  f"action=write-status); kubectl -n {settings.namespace} get tunnelstatus {name}"))
+        elif server_date is not None and seen.server_time is not None and server_date - seen.server_time > limit:
+            age = int((server_date - seen.server_time).total_seconds())
+            problems.append(Check(CheckName.TUNNEL_STATUS, Status.WARN,
+                                  f"{name}: tunnel status last written {age}s ago (heartbeat every "
+                                  f"{settings.node.status_heartbeat_s}s): what it shows may be stale",
+                                  "the agent stopped or cannot reach the API server: check its Pod and log"))
+    return problems or [Check(CheckName.TUNNEL_STATUS, Status.PASS,
+                              f"all {len(loop_nodes)} node(s) publish a current tunnel status")]
+
+
+def check_generation(nodes: Sequence[Obj], configmaps: Sequence[Obj], observed: Mapping[str, cluster.Observed],
+                     server_date: datetime | None, settings: OperatorSettings) -> list[Check]:
+    """A node that runs another config than its ConfigMaps hold, longer than kubelet takes to project it."""
+    cms = cluster.by_name(configmaps)
+    connector = cluster.active_connector(nodes, settings)
+    problems, checked = [], 0
+    for node in _loop_nodes(nodes, settings):
+        seen = observed.get(name_of(node))
+        wanted, written = cluster.wanted_generation(node, settings, cms, node is connector)
+        if seen is None or wanted is None:
+            continue
+        checked += 1
+        applied = seen.report.config_generation
+        if applied == wanted:
+            continue
+        if server_date is not None and written is not None and server_date - written < GENERATION_GRACE:
+            continue  # still being projected
+        since = f" since {cluster.format_time(written)}" if written else ""
+        problems.append(Check(CheckName.GENERATION, Status.FAIL,
+                              f"{name_of(node)}: runs config {applied or 'none'}, its ConfigMaps hold {wanted}{since}",
+                              f"the agent cannot use what it is given (see the node's lastError: kubectl fabmesh "
+                              f"tunnels {name_of(node)}) or its volume is not updated (kubelet on the node)"))
+    return problems or [Check(CheckName.GENERATION, Status.PASS,
+                              f"{checked} node(s) run the config generation their ConfigMaps hold")]
+
+
+def check_tunnels_up(observed: Mapping[str, cluster.Observed]) -> list[Check]:
+    """Every tunnel a node is configured with and reports not up; and the node's last error."""
+    problems = []
+    for name, seen in sorted(observed.items()):
+        for tunnel in seen.report.tunnels:
+            if tunnel.state is TunnelState.UP:
+                continue
+            problems.append(Check(CheckName.TUNNELS_UP, Status.FAIL,
+                                  f"{name}: tunnel to {tunnel.peer} is {tunnel.state.value}"
+                                  + (f" since {tunnel.since}" if tunnel.since else ""),
+                                  f"kubectl fabmesh tunnels {name}; is {tunnel.peer} reachable on UDP 500/4500 "
+                                  f"from {name} (firewall, NAT)? charon's log on both sides names the cause"))
+        if seen.report.last_error:
+            problems.append(Check(CheckName.TUNNELS_UP, Status.FAIL, f"{name}: {seen.report.last_error}",
+                                  f"the agent's log on {name} has the details"))
+    total = sum(r.report.tunnels_expected for r in observed.values())
+    return problems or [Check(CheckName.TUNNELS_UP, Status.PASS,
+                              f"all {total} tunnel(s) of {len(observed)} node(s) are up")]
+
+
+def check_node_clocks(observed: Mapping[str, cluster.Observed]) -> list[Check]:
+    """Each node's clock (its writtenAt) against the API server's (the write's managedFields time)."""
+    problems = []
+    for name, seen in sorted(observed.items()):
+        written = cluster.parse_time(seen.report.written_at)
+        if written is None or seen.server_time is None:
+            continue
+        skew = written - seen.server_time
+        size = abs(skew)
+        if size > CLOCK_SKEW_WARNING:
+            status = Status.FAIL if size > CLOCK_SKEW_FAILURE else Status.WARN
+            direction = "ahead of" if skew > timedelta(0) else "behind"
+            problems.append(Check(CheckName.NODE_CLOCK, status,
+                                  f"{name}: its clock is {int(size.total_seconds())}s {direction} the API server's",
+                                  f"sync {name}'s clock with NTP (chrony): IKE rejects certificates that are not "
+                                  "yet valid or expired"))
+    return problems or [Check(CheckName.NODE_CLOCK, Status.PASS,
+                              f"{len(observed)} node clock(s) within {int(CLOCK_SKEW_WARNING.total_seconds())}s "
+                              "of the API server's")]
+
+
+def check_nat_keepalive(observed: Mapping[str, cluster.Observed]) -> list[Check]:
+    """A node behind NAT (charon detected it) whose charon sends no NAT-T keepalives loses its mappings."""
+    problems, natted = [], 0
+    for name, seen in sorted(observed.items()):
+        behind = sorted(t.peer for t in seen.report.tunnels if t.nat_local)
+        if not behind:
+            continue
+        natted += 1
+        if seen.report.nat_keepalive_s == 0:
+            problems.append(Check(CheckName.NAT_KEEPALIVE, Status.FAIL,
+                                  f"{name}: behind NAT (tunnels to {', '.join(behind)}) and charon sends no "
+                                  "keepalives: the router forgets the mapping and the peer cannot reach it",
+                                  "set charon's keep_alive (fabmesh charon's strongswan.conf) below the NAT's "
+                                  "UDP timeout, e.g. 20s"))
+    return problems or [Check(CheckName.NAT_KEEPALIVE, Status.PASS,
+                              f"{natted} node(s) behind NAT, each with keepalives (where reported)")]
+
+
+def check_relayed_pairs(nodes: Sequence[Obj], observed: Mapping[str, cluster.Observed],
+                        settings: OperatorSettings) -> list[Check]:
+    """Edges that share a community and yet have no direct tunnel in either one's status: they are relayed."""
+    edges = {name_of(n): cluster.communities_of(n, settings) for n in nodes if role_of(n, settings) is Role.EDGE}
+    peers = {name: {t.peer for t in seen.report.tunnels} for name, seen in observed.items()
+             if not seen.report.truncated}
+    problems, pairs = [], 0
+    for a, b in combinations(sorted(edges), 2):
+        shared = sorted(set(edges[a]) & set(edges[b]))
+        if not shared or a not in peers or b not in peers:
+            continue
+        pairs += 1
+        if b not in peers[a] and a not in peers[b]:
+            problems.append(Check(CheckName.RELAYED, Status.WARN,
+                                  f"{a} and {b} share community {shared[0]} but neither has a tunnel to the other: "
+                                  "their traffic is relayed through the connector",
+                                  f"kubectl describe node {a} {b} (FabmeshInvalidNode events: no usable endpoint?); "
+                                  "behind NAT on both sides, hole punching may have failed"))
+    return problems or [Check(CheckName.RELAYED, Status.PASS,
+                              f"{pairs} community pair(s) with a direct tunnel")]
+
+
 @dataclass(frozen=True)
 class ClusterState:
     """Everything doctor looks at, as fetched; ``secrets``/``events`` None when they could not be read."""
@@ -320,6 +520,7 @@ class ClusterState:
     server_date: datetime | None
     namespace: str
     settings: OperatorSettings
+    statuses: list[Obj] | None = None  # TunnelStatus objects; None: they could not be listed
 
 
 def run_checks(state: ClusterState, agent_pods: bool = True) -> list[Check]:
@@ -334,9 +535,16 @@ def run_checks(state: ClusterState, agent_pods: bool = True) -> list[Check]:
         *(check_agent_pods(s.nodes, s.pods, s.settings) if agent_pods else []),
         *check_agents_running(s.pods),
         *check_flannel(s.nodes, s.settings),
+        *check_flannel_release(s.nodes, s.now, s.settings),
         *check_clock_skew(s.server_date, s.now),
         *check_invalid_node_events(s.events, s.nodes),
     ]
+    observed = cluster.observed_by_node(s.statuses) if s.statuses is not None else None
+    checks += check_tunnel_status(s.nodes, observed, s.server_date, s.settings)
+    if observed is not None:
+        checks += [*check_generation(s.nodes, s.configmaps, observed, s.server_date, s.settings),
+                   *check_tunnels_up(observed), *check_node_clocks(observed), *check_nat_keepalive(observed),
+                   *check_relayed_pairs(s.nodes, observed, s.settings)]
     return checks
 
 

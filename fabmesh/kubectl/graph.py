@@ -7,18 +7,33 @@ connector, drawn as a dashed edge. Communities are Graphviz clusters; a node
 can sit in one cluster only, so a node in several communities is drawn once,
 outside them, with its communities in its label.
 
+With the nodes' TunnelStatus reports (``observed``) each tunnel is coloured by
+what its two ends report: green when both (or the one that reports) say up,
+red with the state otherwise, grey when nobody reported it. A relayed pair
+that shares a community (it should have a direct tunnel) is drawn orange.
+
 The relayed edges grow with the square of the number of edges: fine for the
 picture of a lab or a site, not meant for a 10,000-node cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 
-from fabmesh.kubectl.cluster import Obj, active_connector, by_name, communities_of, name_of, read_mesh, role_of
+from fabmesh.kubectl.cluster import (
+    Obj,
+    Observed,
+    active_connector,
+    by_name,
+    communities_of,
+    name_of,
+    read_mesh,
+    role_of,
+)
 from fabmesh.mesh.model import NodeMesh, Role
-from fabmesh.mesh.topology import Path, intended_path
+from fabmesh.mesh.topology import Path, intended_path, shares_community
+from fabmesh.mesh.tunnelstatus import TunnelState
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 
@@ -60,7 +75,25 @@ def tunnels(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorS
     return pairs
 
 
-def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings) -> str:
+def observed_state(a: str, b: str, observed: Mapping[str, Observed]) -> TunnelState | None:
+    """The worse of what ``a`` says of ``b`` and ``b`` of ``a``; None when neither reports the tunnel."""
+    states = [t.state for me, other in ((a, b), (b, a)) if me in observed
+              for t in observed[me].report.tunnels if t.peer == other]
+    if not states:
+        return None
+    return next((s for s in states if s is not TunnelState.UP), TunnelState.UP)
+
+
+def _tunnel_style(state: TunnelState | None) -> str:
+    if state is None:
+        return ""
+    if state is TunnelState.UP:
+        return " [color=green3, penwidth=2]"
+    return f" [color=red, penwidth=2, fontcolor=red, label={quote(state.value)}]"
+
+
+def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings,
+             observed: Mapping[str, Observed] | None = None) -> str:
     """The whole mesh as one undirected DOT graph; the same cluster always gives the same text."""
     ordered = sorted(nodes, key=name_of)
     communities = {name_of(n): communities_of(n, settings) for n in ordered}
@@ -80,14 +113,21 @@ def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: Operator
     out.extend(_node_statement(n, settings, "  ") for n in ordered if len(communities[name_of(n)]) != 1)
 
     direct = tunnels(ordered, configmaps, settings)
-    out.extend(f"  {quote(a)} -- {quote(b)};" for a, b in sorted(direct))
+    seen = observed or {}
+    out.extend(f"  {quote(a)} -- {quote(b)}{_tunnel_style(observed_state(a, b, seen))};" for a, b in sorted(direct))
     connector = active_connector(ordered, settings)
     if connector is not None:
         label = quote(f"relayed via {name_of(connector)}")
         roles = {name_of(n): role_of(n, settings) for n in ordered}
         edges = [name for name, role in roles.items() if role is Role.EDGE]
         for a, b in combinations(edges, 2):
-            if (a, b) not in direct and intended_path(a, b, roles, communities) is Path.RELAYED:
+            if (a, b) in direct:
+                continue
+            if shares_community(communities[a], communities[b]):
+                # Planned direct but in no ConfigMap (no usable endpoint): relayed instead of direct.
+                out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=orange, fontcolor=orange, "
+                           f"label={quote(f'relayed via {name_of(connector)}, not direct')}];")
+            elif intended_path(a, b, roles, communities) is Path.RELAYED:
                 out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=gray50, label={label}];")
     out.append("}")
     return "\n".join(out) + "\n"

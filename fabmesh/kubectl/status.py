@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,6 +55,11 @@ class StatusRow:
     agent: str | None
     peers: int | None
     tunnels_up: int | None
+    tunnels_expected: int | None = None  # from the node's TunnelStatus
+    generation_wanted: str | None = None  # digest of the node's ConfigMaps
+    generation_applied: str | None = None  # what the node reports it applied
+    last_error: str | None = None
+    status_age_s: int | None = None  # seconds since the node last wrote its TunnelStatus (API server's clock)
 
 
 def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj] | None) -> str | None:
@@ -73,8 +79,14 @@ def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj]
 
 def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequence[Obj] | None,
                 pods: Sequence[Obj], settings: OperatorSettings,
-                tunnels_up: Mapping[str, int] | None = None) -> list[StatusRow]:
-    """One row per Node, sorted by name; ``secrets`` None means they could not be read."""
+                tunnels_up: Mapping[str, int] | None = None,
+                observed: Mapping[str, cluster.Observed] | None = None,
+                server_now: datetime | None = None) -> list[StatusRow]:
+    """One row per Node, sorted by name; ``secrets`` None means they could not be read.
+
+    ``observed`` are the nodes' TunnelStatus reports: tunnels up and expected, generation applied and
+    last error come from there (``tunnels_up``, from metrics, only fills in for a node without one).
+    """
     cms = cluster.by_name(configmaps)
     secs = cluster.by_name(secrets) if secrets is not None else None
     agents = cluster.agent_pods_by_node(pods)
@@ -90,12 +102,22 @@ def status_rows(nodes: Sequence[Obj], configmaps: Sequence[Obj], secrets: Sequen
             peers = cluster.connector_peer_count(cms)
         pod = agents.get(name)
         cidrs = cluster.pod_cidrs_of(node)
+        seen = (observed or {}).get(name)
+        wanted, _ = cluster.wanted_generation(node, settings, cms, node is connector)
+        up = (tunnels_up or {}).get(name)
+        age = None
+        if seen is not None:
+            up = seen.report.tunnels_up
+            if seen.server_time is not None and server_now is not None:
+                age = max(0, int((server_now - seen.server_time).total_seconds()))
         rows.append(StatusRow(
             name=name, role=role, pod_cidr=cidrs[0] if cidrs else None,
             communities=cluster.communities_of(node, settings),
             cert_expires=_cert_expires(node, cluster.cert_secret_name(node, settings), secs),
             agent=cluster.pod_phase(pod) if pod is not None and role is Role.EDGE else None,
-            peers=peers, tunnels_up=(tunnels_up or {}).get(name)))
+            peers=peers, tunnels_up=up, tunnels_expected=seen.report.tunnels_expected if seen else None,
+            generation_wanted=wanted, generation_applied=seen.report.config_generation if seen else None,
+            last_error=(seen.report.last_error or None) if seen else None, status_age_s=age))
     return rows
 
 

@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                     help="the operator's tunnel.backend and every charon's: libipsec (userspace ESP, the default: "
                     "works on any kernel) or kernel (xfrm ESP, production's default; needs esp4 in the kernel)")
     up.add_argument("--timeout", type=float, default=120, help="seconds to wait for a full matrix (default 120)")
+    up.add_argument("--api-host", metavar="HOST", default=None,
+                    help="run etcd and kube-apiserver inside this cloud host's namespace (not the connector): the "
+                    "API server then reaches edge kubelets through the mesh, as on a real cloud node; the "
+                    "kubeconfig still works from the box (a loopback relay). Default: on the box's loopback")
     up.set_defaults(func=_up)
     status = verbs.add_parser("status", help="re-check and print the matrix of the running lab")
     status.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -78,7 +82,7 @@ def _up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout,
-                           backend=Backend(args.backend))
+                           backend=Backend(args.backend), api_host=args.api_host)
     except Exception as exc:
         print(f"fabmesh lab: bring-up failed: {exc}\nlogs: {args.dir / 'logs'}; clean up with "
               "'fabmesh lab down'", file=sys.stderr)

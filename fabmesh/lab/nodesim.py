@@ -1,16 +1,17 @@
-"""What kubelet and flanneld would do on each lab host, driven by the real API server.
+"""What kubelet would do on each lab host, driven by the real API server.
 
 * kubelet's volume projection: each node's ConfigMap and Secret are written to
-  ``<host>/mesh`` and ``<host>/tls`` the way kubelet does it: files in a
-  timestamped directory, published by an atomic rename of the ``..data``
-  symlink, the stable names being links through ``..data``.
-* flanneld's vxlan backend on cloud hosts: for every *other* Node with flannel
-  annotations and a ``spec.podCIDR``, a route ``podCIDR via <podCIDR net> dev
-  flannel.1 onlink``, a permanent neighbour ``<podCIDR net> -> VtepMAC`` and an
-  FDB entry ``VtepMAC -> public-ip``. Edge Nodes carry the *connector's*
-  annotations (the operator put them there), so this is what proves the
-  bridging: cloud hosts send edge-bound traffic to the connector's VTEP.
-  Like flanneld, a host skips leases whose public-ip is its own.
+  ``<host>/mesh`` and ``<host>/tls`` (on cloud hosts other than the connector,
+  ``fabmesh-cloud-routes`` to ``<host>/cloud``, for the route agent) the way
+  kubelet does it: files in a timestamped directory, published by an atomic
+  rename of the ``..data`` symlink, the stable names being links through ``..data``.
+* kubelet's projected ServiceAccount token: each edge's and connector's node
+  identity (``fabmesh-node-<node>``, created by the operator) gets a token by
+  TokenRequest, written to ``<host>/status/token`` and renewed at 80% of its
+  life, which the node process reads to write its TunnelStatus.
+
+flannel is no longer imitated here: the lab runs real flanneld on cloud hosts
+(:func:`fabmesh.lab.bringup.up`, :mod:`fabmesh.testenv.flannel`).
 
 Run as ``python -m fabmesh.lab.nodesim --dir LAB_DIR``: it polls the API every
 second until killed (by PID, by ``fabmesh lab down``).
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -29,11 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fabmesh.kube.client import Kube, load_api_client
+from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.lab.state import LabState
-from fabmesh.mesh.names import FLANNEL_PREFIX
 from fabmesh.operator import objects as o
-from fabmesh.testenv.hosts import sh
 
 log = logging.getLogger("fabmesh.lab.nodesim")
 
@@ -91,6 +88,10 @@ def project_all(kube: Kube, state: LabState) -> None:
                 if name.startswith(o.CONNECTOR_SHARD_PREFIX):
                     mesh_files[f"peers-{name.rsplit('-', 1)[1]}.yaml"] = shard["data"]["peers.yaml"]
         else:
+            # The route agent's DaemonSet mounts the one shared ConfigMap, and nothing else.
+            routes = cms.get(o.CLOUD_ROUTES_CONFIGMAP)
+            if routes is not None and project(base / "cloud", dict(routes.get("data") or {})):
+                log.info("node=%s action=project configmap=%s", host.name, o.CLOUD_ROUTES_CONFIGMAP)
             continue
         if cm is None or secret is None:
             continue  # like kubelet: the Pod waits until both exist
@@ -100,46 +101,42 @@ def project_all(kube: Kube, state: LabState) -> None:
             log.info("node=%s action=project secret", host.name)
 
 
-def flannel_entries(nodes: list[dict[str, Any]], own_ip: str) -> dict[str, tuple[str, str, str]]:
-    """podCIDR -> (vtep address, VtepMAC, public-ip) for every other node's lease (pure)."""
-    entries = {}
-    for node in nodes:
-        annotations = node["metadata"].get("annotations") or {}
-        cidr = (node.get("spec") or {}).get("podCIDR")
-        public_ip = annotations.get(FLANNEL_PREFIX + "public-ip")
-        backend = annotations.get(FLANNEL_PREFIX + "backend-data")
-        if not (cidr and public_ip and backend) or public_ip == own_ip:
+TOKEN_LIFETIME_S = 600
+
+
+def project_tokens(kube: Kube, state: LabState, now: float) -> None:
+    """A fresh token file per node identity once its file is missing or 80% through its life."""
+    ns = state.operator_namespace
+    for host in state.hosts:
+        if host.role == "cloud":
+            continue
+        token = Path(state.directory) / "hosts" / host.name / "status" / "token"
+        if token.exists() and now - token.stat().st_mtime < 0.8 * TOKEN_LIFETIME_S:
             continue
         try:
-            mac = json.loads(backend)["VtepMAC"]
-        except (ValueError, KeyError):
-            continue
-        entries[cidr] = (str(ipaddress.ip_network(cidr).network_address), mac, public_ip)
-    return entries
-
-
-def program_flannel(netns: str, entries: dict[str, tuple[str, str, str]]) -> None:
-    current = json.loads(sh("ip", "-j", "route", "show", "dev", "flannel.1", ns=netns).stdout or "[]")
-    for route in current:
-        if route.get("dst") not in entries and "/" in route.get("dst", ""):
-            sh("ip", "route", "del", route["dst"], "dev", "flannel.1", ns=netns, check=False)
-    for cidr, (vtep, mac, public_ip) in sorted(entries.items()):
-        sh("ip", "neigh", "replace", vtep, "lladdr", mac, "dev", "flannel.1", "nud", "permanent", ns=netns)
-        sh("bridge", "fdb", "replace", mac, "dev", "flannel.1", "dst", public_ip, ns=netns)
-        sh("ip", "route", "replace", cidr, "via", vtep, "dev", "flannel.1", "onlink", ns=netns)
+            answer = kube._call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{o.node_account_name(host.name)}"
+                                "/token", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                           "spec": {"expirationSeconds": TOKEN_LIFETIME_S}})
+        except ApiError as exc:
+            if exc.not_found:
+                continue  # the operator has not created the node's identity yet
+            raise
+        token.parent.mkdir(parents=True, exist_ok=True)
+        tmp = token.with_suffix(".tmp")
+        tmp.write_text(answer["status"]["token"])
+        tmp.chmod(0o400)
+        os.replace(tmp, token)
+        log.info("node=%s action=project token", host.name)
 
 
 def sync_once(kube: Kube, state: LabState) -> None:
     project_all(kube, state)
-    nodes = kube.list("nodes")
-    for host in state.hosts:
-        if host.role in ("cloud", "connector"):
-            program_flannel(host.netns, flannel_entries(nodes, host.wan_ip))
+    project_tokens(kube, state, time.time())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m fabmesh.lab.nodesim",
-                                     description="kubelet projection and flanneld routes for a running lab")
+                                     description="kubelet's volume projection for a running lab")
     parser.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -83,6 +83,18 @@ def read_counters(state: LabState) -> paths.Counters:
     return out
 
 
+def observe_pair(state: LabState, src: str, dst: str) -> tuple[bool, paths.Observed, list[paths.Counted]]:
+    """One ping from node ``src``'s pod to node ``dst``'s, and the path the SA counters saw it take
+    (what ``check`` does for every pair, for one pair: cheap enough to poll during a fault)."""
+    roles, _, connector = placement(state)
+    edges = {n for n, r in roles.items() if r is Role.EDGE}
+    pod_of = {p.node: p for p in state.pods}
+    before = read_counters(state)
+    ok = ping(pod_of[src].netns, pod_of[dst].ip)
+    evidence = paths.counted(before, read_counters(state))
+    return ok, paths.observed_path(src, dst, edges, connector, evidence), evidence
+
+
 def check(state: LabState, wait: float = 0.0) -> dict[str, Any]:
     """Ping every pod from every pod, observing the path; with ``wait``, retry failing pairs until they
     pass or time runs out."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from fabmesh.lab.apiproxy import SERVER as API_SERVER
 from fabmesh.lab.state import LabState
 from fabmesh.mesh.model import Backend, NodeSettings
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
@@ -54,12 +55,20 @@ def host(state: LabState, name: str) -> Host:
 
 
 def start_node_process(state: LabState, name: str) -> int:
-    """Start the agent (edge) or connector process of one host; returns its PID."""
+    """Start the agent (edge), connector or route agent (other cloud hosts) of one host; returns its PID."""
     h = state.host(name)
     base = Path(state.directory) / "hosts" / name
+    if h.role == "cloud":
+        # As the chart's DaemonSet: the projected fabmesh-cloud-routes ConfigMap, no credentials.
+        return spawn(state, f"node-{name}", fabmesh_argv("cloud-agent", "--config-dir", str(base / "cloud"),
+                                                         "--node-name", name), h.netns)
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
-              "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip]
+              "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip,
+              # The node identity's token as kubelet would project it (nodesim), over the lab's API path.
+              "--status-token-file", str(base / "status" / "token"), "--status-server", API_SERVER,
+              "--status-ca-file", str(Path(state.directory) / "controlplane" / "pki" / "ca.crt"),
+              "--status-namespace", state.operator_namespace, "--charon-conf", str(base / "strongswan.conf")]
     if state.backend is Backend.KERNEL:
         # Kernel ESP routes tunnel traffic into the uplink. A connector's peers have no endpoint (it
         # accepts them from anywhere) and lab hosts on the WAN have no default route, so it cannot be

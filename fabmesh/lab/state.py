@@ -61,6 +61,10 @@ class LabState(BaseModel):
     directory: str
     pids: dict[str, int] = {}
     kubeconfig: str | None = None
+    # The API server's host when it runs inside the lab (bringup.up(api_host=...)), and the URL kubelets
+    # in the lab dial there; None: on the box's loopback, reachable from the root namespace only.
+    api_host: str | None = None
+    api_lab_url: str | None = None
     operator_namespace: str = "fabmesh-system"
     backend: Backend = Backend.LIBIPSEC  # the operator's tunnel.backend; every charon the lab starts uses it
     wan_cidr: str = "198.51.100.0/24"

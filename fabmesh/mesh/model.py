@@ -124,7 +124,16 @@ class TunnelSettings(_Model):
         default=("aes256gcm16-prfsha256-ecp256", "aes128gcm16-prfsha256-x25519"), min_length=1)
     esp_proposals: tuple[EspProposal, ...] = Field(
         default=("aes256gcm16-ecp256", "aes128gcm16-x25519"), min_length=1)
-    dpd_delay_s: int = Field(default=10, ge=1, le=3600)
+    # DPD on the connector tunnel (both ends). Also how an edge whose NAT router changed its WAN address
+    # recovers: after this long without inbound traffic its DPD leaves by the new mapping, and the
+    # connector (responder, peer behind NAT) moves the IKE_SA there (docs/performance.md: ~dpd + 0.5 s).
+    dpd_delay_s: int = Field(default=5, ge=1, le=3600)
+    # Direct edge-to-edge tunnels: a short DPD, and the agent removes the tunnel once a DPD has gone
+    # unanswered this long (0: never; charon's own retransmit schedule, ~83 s, decides). The pair then
+    # falls to the connector tunnel until the initiator's next pass brings the direct one back
+    # (fabmesh/node/liveness.py explains the numbers).
+    direct_dpd_delay_s: int = Field(default=2, ge=1, le=3600)
+    direct_dpd_timeout_s: float = Field(default=3.0, ge=0, le=3600)
     rekey_time_s: int = Field(default=4 * 3600, ge=60)
     backend: Backend = Backend.KERNEL
     # Userspace/kernel ESP in UDP adds ~60-70 bytes; 1400 leaves room under a 1500 path MTU.
@@ -141,6 +150,12 @@ class NodeSettings(_Model):
     cni_conf_name: ConfFileName = "10-fabmesh.conflist"
     route_table: int = Field(default=2620, ge=1, le=2**31 - 1)
     resync_period_s: int = Field(default=30, ge=1)
+    # The node's TunnelStatus object (fabmesh/node/report.py): charon is polled every status_poll_s; a
+    # change is written no sooner than status_min_interval_s after the last write; an unchanged status
+    # is rewritten every status_heartbeat_s, so a node that stopped writing shows as stale.
+    status_poll_s: int = Field(default=5, ge=1, le=3600)
+    status_min_interval_s: int = Field(default=10, ge=1, le=3600)
+    status_heartbeat_s: int = Field(default=300, ge=10, le=86400)
 
 
 class Peer(_Model):

@@ -24,6 +24,16 @@ POD_CIDR_ANNOTATION = "fabmesh.io/pod-cidr"  # written by the operator on edges
 STATUS_ANNOTATION = "fabmesh.io/status"  # "cidr=... communities=a,b cert-expires=ISO"
 FLANNEL_PREFIX = "flannel.alpha.coreos.com/"  # written by flanneld; copied from the connector onto edges
 FLANNEL_KEYS = ("backend-type", "backend-data", "public-ip")
+# flanneld's kube subnet manager ignores every Node without this marker (flanneld sets it on its own Node):
+# the operator writes it on edges, next to the copied keys, or no cloud node routes their pod CIDRs.
+FLANNEL_LEASE_MARKER = {"kube-subnet-manager": "true"}
+# What the operator last copied onto an edge (JSON of the three keys): on release it strips only keys that
+# still hold these values, never what a node's own flanneld wrote since (an edge turned cloud node).
+FLANNEL_COPY_ANNOTATION = "fabmesh.io/flannel-copy"
+# On every edge that carries copied flannel keys: its deletion waits until the operator has removed the
+# marker (a separate, earlier write), so flanneld never sees a marked edge go and never drops the
+# connector's shared FDB entry. See fabmesh/operator/flannel.py.
+FLANNEL_FINALIZER = "fabmesh.io/flannel-release"
 
 # -- labels on the objects the operator owns -------------------------------------------------------
 MANAGED_BY_KEY = "app.kubernetes.io/managed-by"

@@ -1,4 +1,5 @@
-"""Apply a ``NodeState`` to the node: each resource through its own reconciler, only what differs.
+"""Apply a ``NodeState`` (or a cloud node's ``CloudState``) to the node: each resource through its own
+reconciler, only what differs.
 
 Each step is independent: one failing (charon not up yet, a device missing)
 is reported and the others still run, and the next pass retries it. Order:
@@ -7,6 +8,11 @@ iptables, xfrm bypass and block policies (kernel ESP), anchor addresses (libipse
 tunnels over VICI (creates libipsec's TUN device), rule and routes.
 
 Writes are counted per resource; a pass over an unchanged node writes nothing.
+
+The route agent on cloud nodes (``fabmesh cloud-agent``) uses the same reconcilers through
+:class:`CloudApplier`: routes in its own table behind its own rule, one ipset, one nat chain, all
+under its own prefix, so an agent and a connector on one node never take each other's objects for
+stale ones.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabmesh.cloudagent.plan import PREFIX as CLOUD_PREFIX
+from fabmesh.cloudagent.plan import RULE_PRIORITY as CLOUD_RULE_PRIORITY
+from fabmesh.cloudagent.plan import CloudState
 from fabmesh.firewall.ipset import IPSets
 from fabmesh.firewall.iptables import IPTables
+from fabmesh.mesh.dataplane import Route
 from fabmesh.netlink.driver import Netlink, RouteChanges, RoutesNotApplied
 from fabmesh.node.desired import RULE_PRIORITY, NodeState
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
@@ -67,24 +77,16 @@ def write_atomically(path: Path, text: str) -> bool:
     return True
 
 
-class NodeApplier:
-    """Holds one reconciler per resource for the life of the process (they cache normal forms)."""
+class DataplaneApplier:
+    """The reconcilers every fabmesh loop shares, held for the life of the process (they cache normal forms):
+    routes in one table behind one ``ip rule``, ipsets, iptables chains, all named with ``prefix``."""
 
-    def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None) -> None:
+    def __init__(self, node: str, prefix: str) -> None:
         self.node = node
-        self.cni_conf_path = cni_conf_path
+        self.prefix = prefix
         self.iptables = IPTables(None, 4)
         self.ipsets = IPSets(None)
-        self.xfrm = XfrmPolicies(None)
-        self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json")
-        self.file_writes = 0
-        self.sysctl_writes = 0
         self.netlink_writes = 0
-
-    def writes(self) -> Counter[str]:
-        return Counter({"netlink": self.netlink_writes, "iptables": self.iptables.writes,
-                        "ipset": self.ipsets.writes, "vici": self.tunnels.writes, "xfrm": self.xfrm.writes,
-                        "files": self.file_writes, "sysctl": self.sysctl_writes})
 
     def _step(self, report: ApplyReport, what: str, fn: Callable[[], list[str]]) -> None:
         """Run one reconciler and log each change it made, once, here (the drivers log at DEBUG)."""
@@ -97,6 +99,67 @@ class NodeApplier:
         for change in changes:
             report.changes.append(change)
             log.info("node=%s %s", self.node, change)
+
+    def _set_routes(self, table: int, priority: int, routes: tuple[Route, ...], *, rule: bool) -> list[str]:
+        """Our routes in ``table`` exactly ``routes``; the rule looking it up present (``rule``) or gone."""
+        with Netlink(None) as nl:
+            before = nl.writes
+            try:
+                lines: list[str] = []
+                if rule and nl.ensure_rule(table, priority):
+                    lines.append(f"action=add-rule table={table} priority={priority}")
+                try:
+                    changes = nl.set_routes(table, routes)
+                except RoutesNotApplied as exc:
+                    # _step logs what was written before the failure: lines, as every step reports them.
+                    raise StepFailed(str(exc), lines + _route_lines(exc.changes)) from exc
+                lines += _route_lines(changes)
+                if not rule and nl.remove_rule(table, priority):
+                    lines.append(f"action=remove-rule table={table} priority={priority}")
+            finally:
+                self.netlink_writes += nl.writes - before
+        return lines
+
+
+class CloudApplier(DataplaneApplier):
+    """A cloud node's route agent: routes via the connector, the no-SNAT chain and its set (``CloudState``)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node, CLOUD_PREFIX)
+
+    def apply(self, state: CloudState) -> ApplyReport:
+        """Sets before the rules naming them before the routes; in reverse when everything goes (a set
+        named by a rule cannot be destroyed, and no packet should be routed without its no-SNAT rule)."""
+        report = ApplyReport()
+        steps: list[tuple[str, Callable[[], list[str]]]] = [
+            ("ipset", lambda: self.ipsets.set(state.ipsets, prefix=self.prefix)),
+            ("iptables", lambda: self.iptables.set(state.chains, state.jumps, prefix=self.prefix)),
+            ("routes", lambda: self._set_routes(state.route_table, CLOUD_RULE_PRIORITY, state.routes,
+                                                rule=bool(state.routes)))]
+        for what, fn in reversed(steps) if state.idle else steps:
+            self._step(report, what, fn)
+        return report
+
+    def writes(self) -> Counter[str]:
+        return Counter({"netlink": self.netlink_writes, "iptables": self.iptables.writes,
+                        "ipset": self.ipsets.writes})
+
+
+class NodeApplier(DataplaneApplier):
+    """An edge agent's or a connector's whole node (``NodeState``)."""
+
+    def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None) -> None:
+        super().__init__(node, "FABMESH-")
+        self.cni_conf_path = cni_conf_path
+        self.xfrm = XfrmPolicies(None)
+        self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json")
+        self.file_writes = 0
+        self.sysctl_writes = 0
+
+    def writes(self) -> Counter[str]:
+        return Counter({"netlink": self.netlink_writes, "iptables": self.iptables.writes,
+                        "ipset": self.ipsets.writes, "vici": self.tunnels.writes, "xfrm": self.xfrm.writes,
+                        "files": self.file_writes, "sysctl": self.sysctl_writes})
 
     def apply(self, state: NodeState, creds: Credentials) -> ApplyReport:
         report = ApplyReport()
@@ -161,16 +224,4 @@ class NodeApplier:
                 + (["action=load-credentials"] if changes.credentials else []))
 
     def _routes(self, state: NodeState) -> list[str]:
-        with Netlink(None) as nl:
-            before = nl.writes
-            try:
-                added_rule = nl.ensure_rule(state.route_table, RULE_PRIORITY)
-                rule = [f"action=add-rule table={state.route_table} priority={RULE_PRIORITY}"] if added_rule else []
-                try:
-                    changes = nl.set_routes(state.route_table, state.routes)
-                except RoutesNotApplied as exc:
-                    # _step logs what was written before the failure: lines, as every step reports them.
-                    raise StepFailed(str(exc), rule + _route_lines(exc.changes)) from exc
-            finally:
-                self.netlink_writes += nl.writes - before
-        return rule + _route_lines(changes)
+        return self._set_routes(state.route_table, RULE_PRIORITY, state.routes, rule=True)

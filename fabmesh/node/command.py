@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.node.loop import NodeLoop, NodeLoopOptions
+from fabmesh.node.status_writer import IN_CLUSTER_TOKEN, StatusTarget, in_cluster_server
 
 
 def _port(text: str) -> int:
@@ -38,6 +39,20 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
     parser.add_argument("--metrics-address", default=None,
                         help="address /metrics binds to (default: the node's own address, mesh.yaml "
                         "node.address, i.e. its InternalIP; 0.0.0.0 or :: for every address)")
+    parser.add_argument("--status-token-file", type=Path, default=None,
+                        help="a ServiceAccount token allowed to patch this node's TunnelStatus (the operator's "
+                        f"agent and connector Pods mount one at {IN_CLUSTER_TOKEN}); default: none, no status "
+                        "is published")
+    parser.add_argument("--status-server", default=None,
+                        help="the API server URL for the status (default: in-cluster, from "
+                        "KUBERNETES_SERVICE_HOST/PORT)")
+    parser.add_argument("--status-ca-file", type=Path, default=None,
+                        help="CA bundle that signs the API server's certificate (default: the system's)")
+    parser.add_argument("--charon-conf", type=Path, default=None,
+                        help="the strongswan.conf charon runs with, to report its NAT keepalive interval "
+                        "(default: strongswan.conf next to --vici-socket, where `fabmesh charon` writes it)")
+    parser.add_argument("--status-namespace", default="fabmesh-system",
+                        help="namespace of the TunnelStatus objects (default: fabmesh-system)")
     if not edge:
         parser.add_argument("--node-name", default=None,
                             help="the node this connector runs on: while mesh.yaml names another node (the "
@@ -49,13 +64,23 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
                             help="host-local IPAM state directory (default: the plugin's /var/lib/cni/networks)")
 
 
+def _status_target(args: argparse.Namespace) -> StatusTarget | None:
+    if args.status_token_file is None:
+        return None
+    server = args.status_server or in_cluster_server()
+    if server is None:
+        raise SystemExit("--status-token-file needs --status-server outside a Pod (no KUBERNETES_SERVICE_HOST)")
+    return StatusTarget(server=server, token_file=args.status_token_file, ca_file=args.status_ca_file,
+                        namespace=args.status_namespace, name=getattr(args, "node_name", None) or "")
+
+
 def options(args: argparse.Namespace) -> NodeLoopOptions:
     return NodeLoopOptions(
         config_dir=args.config_dir, tls_dir=args.tls_dir, vici_socket=args.vici_socket,
         state_dir=args.state_dir, cni_conf_dir=getattr(args, "cni_conf_dir", None),
         ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
-        node_name=getattr(args, "node_name", None))
+        node_name=getattr(args, "node_name", None), status=_status_target(args), charon_conf=args.charon_conf)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,8 +132,9 @@ def status(args: argparse.Namespace) -> int:
 
 
 def register_node_command(sub: argparse._SubParsersAction, name: str, help_text: str, *, edge: bool) -> None:
-    parser = sub.add_parser(name, help=help_text, description=f"{help_text}. Needs no Kubernetes credentials: "
-                            "it reads the mounted ConfigMap and Secret only.")
+    parser = sub.add_parser(name, help=help_text, description=f"{help_text}. Reads the mounted ConfigMap and "
+                            "Secret; its only Kubernetes credential (--status-token-file) may write nothing but "
+                            "this node's TunnelStatus.")
     add_node_flags(parser, edge=edge)
     parser.set_defaults(func=run)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabmesh.mesh.model import MeshConfigError, NodeMesh, parse_node_mesh, parse_peer_shard
+from fabmesh.mesh.tunnelstatus import config_generation
 from fabmesh.node.tunnel_sync import Credentials
 from fabmesh.pki.authority import PKIError, describe, key_matches_cert
 
@@ -22,6 +23,7 @@ class NodeConfig:
     mesh: NodeMesh
     cert_pem: str
     creds: Credentials
+    generation: str = ""  # tunnelstatus.config_generation of the files this config was read from
 
 
 def fingerprint(*directories: Path) -> tuple[tuple[str, float, int], ...]:
@@ -54,14 +56,16 @@ def load(config_dir: Path, tls_dir: Path) -> NodeConfig:
     """Raise MeshConfigError (naming the file and field) on anything unusable."""
     mesh_file = config_dir / "mesh.yaml"
     try:
-        mesh = parse_node_mesh(mesh_file.read_text(), str(mesh_file))
+        texts = {"mesh.yaml": mesh_file.read_text()}
+        mesh = parse_node_mesh(texts["mesh.yaml"], str(mesh_file))
     except OSError as exc:
         raise MeshConfigError(str(mesh_file), "<file>", str(exc)) from exc
     shards = sorted(config_dir.glob("peers-*.yaml"))
     if shards:
         peers = list(mesh.peers)
         for shard_file in shards:
-            peers.extend(parse_peer_shard(shard_file.read_text(), str(shard_file)).peers)
+            texts[shard_file.name] = shard_file.read_text()
+            peers.extend(parse_peer_shard(texts[shard_file.name], str(shard_file)).peers)
         mesh = mesh.model_copy(update={"peers": tuple(sorted(peers, key=lambda p: p.name))})
     files = {}
     for name in ("tls.crt", "tls.key", "ca.crt"):
@@ -79,4 +83,5 @@ def load(config_dir: Path, tls_dir: Path) -> NodeConfig:
         raise MeshConfigError(str(tls_dir / "tls.crt"), "subject.CN",
                               f"certificate is for {info.common_name!r}, mesh.yaml is for {mesh.node.name!r}")
     return NodeConfig(mesh=mesh, cert_pem=files["tls.crt"],
-                      creds=Credentials(key_pem=files["tls.key"], ca_pem=files["ca.crt"]))
+                      creds=Credentials(key_pem=files["tls.key"], ca_pem=files["ca.crt"]),
+                      generation=config_generation(texts))

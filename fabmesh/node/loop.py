@@ -5,6 +5,11 @@ charon's VICI socket is recreated (charon restarted and lost everything), every
 ``resync_period_s`` as a safety net, and after ``RETRY_S`` while something is
 not right yet (a failed step, an initiator without an IKE_SA).
 
+Between passes an edge checks its direct tunnels every ``LIVENESS_S``
+(``fabmesh/node/liveness.py``): one whose DPD went unanswered for
+``tunnel.direct_dpd_timeout_s`` is terminated, so its pair is relayed through the
+connector at once, and a pass follows (the initiator makes the tunnel again).
+
 A connector started with ``--node-name`` is a standby while ``mesh.yaml`` names
 another node (the operator writes the active connector's name there): it loads
 nothing, and if it was the active connector earlier in this process it
@@ -20,24 +25,32 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
-from fabmesh.mesh.model import Backend, MeshConfigError
+from fabmesh.mesh.model import Backend, MeshConfigError, NodeSettings, Role
+from fabmesh.mesh.tunnelstatus import NodeReport
 from fabmesh.netlink.driver import Netlink
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
 from fabmesh.node.config import NodeConfig, fingerprint, load, mesh_node_name
 from fabmesh.node.desired import desired_state
+from fabmesh.node.liveness import DirectLiveness
 from fabmesh.node.metrics import Metrics, serve
+from fabmesh.node.report import observe, waiting_peers
+from fabmesh.node.status_writer import StatusTarget, StatusWriter
+from fabmesh.node.tunnels import is_direct
 from fabmesh.strongswan.driver import Charon, ViciError
 
 log = logging.getLogger(__name__)
 RETRY_S = 2.0
 POLL_S = 0.5
+LIVENESS_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class NodeLoopOptions:
     metrics_address: str | None = None  # None: the node's own address (mesh.yaml node.address)
     metrics_port: int = 0  # 0: no metrics server (the CLI defaults to DEFAULT_METRICS_PORT)
     node_name: str | None = None  # a connector's own node: it stands by while mesh.yaml names another
+    status: StatusTarget | None = None  # where to publish the TunnelStatus; None: nowhere
+    charon_conf: Path | None = None  # charon's strongswan.conf; None: next to the VICI socket
 
 
 class NodeLoop:
@@ -65,6 +80,12 @@ class NodeLoop:
         self.metrics_tried = False
         self.rejected: frozenset[str] = frozenset()  # peers left out by desired_state, as last logged
         self.standby_for: str | None = None  # the active connector's name while this one stands by
+        self.liveness = DirectLiveness(timeout_s=0)
+        self.status_writer = StatusWriter(options.status) if options.status else None
+        self.report: NodeReport | None = None  # the last report built (its ``since`` values carry over)
+        self.waited: frozenset[str] = frozenset()  # peers whose SA waited for a DPD answer at the last poll
+        self.last_error = ""
+        self.next_status = 0.0  # monotonic time of the next status poll
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -78,7 +99,9 @@ class NodeLoop:
         except MeshConfigError as exc:
             self.metrics.config_errors.inc()
             log.error("config unusable, keeping the last good state: %s", exc)
+            self.last_error = f"config unusable, last good state kept: {exc}"
             return self.last_good
+        self.last_error = ""
         if self.last_good is None or config != self.last_good:
             log.info("node=%s config loaded peers=%d", config.mesh.node.name, len(config.mesh.peers))
         self.last_good = config
@@ -115,6 +138,7 @@ class NodeLoop:
                               ike_remotes=frozenset())
         report = self.applier.apply(state, self.last_good.creds)
         self.metrics.export_peers((), self._observe_sas())  # drops the series of the unloaded peers
+        self.last_error = "; ".join(report.errors)
         return report.ok
 
     def run_pass(self) -> bool:
@@ -141,6 +165,8 @@ class NodeLoop:
                               ike_remotes=remotes)
         self._report_rejected(config.mesh.node.name, state.rejected)
         report = self.applier.apply(state, config.creds)
+        if self.last_error == "":
+            self.last_error = "; ".join(report.errors)
         sas = self._observe_sas()
         self._export(config, sas)
         # A mediated pair that cannot punch through (a symmetric NAT) is relayed, which is healthy.
@@ -150,6 +176,39 @@ class NodeLoop:
         self.metrics.passes.labels("ok" if report.ok else "error").inc()
         self.metrics.duration.observe(time.monotonic() - started)
         return self.healthy
+
+    def publish_status(self) -> None:
+        """Poll charon and hand the report to the writer, which decides whether it is worth a write."""
+        settings = self.last_good.mesh.settings if self.last_good else NodeSettings()
+        self.next_status = time.monotonic() + settings.status_poll_s
+        if self.status_writer is None:
+            return
+        self.status_writer.set_limits(settings.status_min_interval_s, settings.status_heartbeat_s)
+        sas = self._observe_sas()
+        standby = self.standby_for is not None
+        config = self.last_good
+        peers = [] if standby or config is None else [p.name for p in config.mesh.peers]
+        if config is None and self.options.node_name is None:
+            return  # an edge learns its name from mesh.yaml: nothing to name the object by yet
+        name = self.options.node_name or (config.mesh.node.name if config else "")
+        if self.status_writer.target.name != name:
+            self.status_writer.target = replace(self.status_writer.target, name=name)
+        role = config.mesh.node.role.value if config else "connector"
+        self.report = observe(role, peers, sas, datetime.now(UTC), self.report, self.waited,
+                              generation=config.generation if config else None,
+                              last_error=self.last_error if not standby else "",
+                              nat_keepalive_s=self._keepalive())
+        self.waited = waiting_peers(sas)
+        self.status_writer.publish(self.report)
+
+    def _keepalive(self) -> int | None:
+        """charon's NAT-T keepalive interval, from the strongswan.conf it runs with (next to its socket)."""
+        try:
+            text = (self.options.charon_conf or self.options.vici_socket.parent / "strongswan.conf").read_text()
+        except OSError:
+            return None
+        found = re.search(r"^\s*keep_alive\s*=\s*(\d+)s?\s*$", text, re.M)
+        return int(found.group(1)) if found else None
 
     def _serve_metrics(self, config: NodeConfig | None) -> None:
         """Once, as soon as the address is known (``--metrics-address``, else the first usable mesh.yaml).
@@ -184,6 +243,35 @@ class NodeLoop:
             self.metrics.writes.labels(resource).set(count)
         self.metrics.export_peers((p.name for p in config.mesh.peers), sas)
 
+    def remove_dead_direct(self) -> bool:
+        """Terminate the direct tunnels whose DPD went unanswered too long; True when one was."""
+        mesh = self.last_good.mesh if self.last_good else None
+        if mesh is None or mesh.node.role is not Role.EDGE or not mesh.tunnel.direct_dpd_timeout_s:
+            return False
+        direct = {p.name for p in mesh.peers if is_direct(mesh, p)}
+        if not direct:
+            return False
+        self.liveness.timeout_s = mesh.tunnel.direct_dpd_timeout_s
+        try:
+            with Charon(self.options.vici_socket, timeout=5) as charon:
+                dead = self.liveness.observe(time.monotonic(), charon.ike_sas(), direct)
+                for tunnel in dead:
+                    charon.terminate_ike(tunnel.peer, ike_id=tunnel.ike_id)
+                    self.metrics.direct_removed.inc()
+                    log.warning("node=%s action=terminate-dead-direct peer=%s ike_id=%s dpd_unanswered=%.1fs: "
+                                "relayed through the connector until the direct tunnel is back",
+                                mesh.node.name, tunnel.peer, tunnel.ike_id, tunnel.unanswered_s)
+        except ViciError as exc:
+            log.debug("direct tunnel liveness check skipped: %s", exc)
+            return False
+        return bool(dead)
+
+    def _publish_guarded(self) -> None:
+        try:
+            self.publish_status()
+        except Exception:  # the status is a report: it never stops the data plane's loop
+            log.exception("publishing the tunnel status failed; trying again at the next poll")
+
     def _socket_mark(self) -> tuple[int, float] | None:
         try:
             st = self.options.vici_socket.stat()
@@ -200,16 +288,25 @@ class NodeLoop:
             socket_mark = self._socket_mark()
             try:
                 ok = self.run_pass()
-            except Exception:
+            except Exception as exc:
                 log.exception("reconcile pass failed; retrying")
+                self.last_error = f"reconcile pass failed: {exc}"
                 ok = False
+            self._publish_guarded()
             period = self.last_good.mesh.settings.resync_period_s if self.last_good else RETRY_S
             deadline = time.monotonic() + (period if ok else RETRY_S)
+            next_check = time.monotonic() + LIVENESS_S
             while not self.stop.is_set() and time.monotonic() < deadline:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + LIVENESS_S
+                    if self.remove_dead_direct():
+                        break
                 if fingerprint(self.options.config_dir, self.options.tls_dir) != files:
                     break
                 if self._socket_mark() != socket_mark:
                     break
+                if time.monotonic() >= self.next_status:
+                    self._publish_guarded()
                 self.stop.wait(POLL_S)
         log.info("stopping; the data plane is left as it is")
         return 0

@@ -39,6 +39,9 @@ class Metrics:
                                registry=self.registry)
         self.tunnel_bytes = Gauge("fabmesh_tunnel_bytes", "Bytes through the peer's CHILD_SAs (from list-sas)",
                                   ["peer", "direction"], registry=self.registry)
+        self.direct_removed = Counter("fabmesh_direct_tunnels_removed_total",
+                                      "Direct edge-to-edge IKE_SAs terminated for an unanswered DPD "
+                                      "(their pairs relayed through the connector)", registry=self.registry)
         self._peers: set[str] = set()
 
     def export_peers(self, peers: Iterable[str], sas: Mapping[str, dict]) -> None:

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fabmesh.mesh.model import Backend, NodeMesh, Peer, public_key_pem
+from fabmesh.mesh.model import Backend, NodeMesh, Peer, Role, public_key_pem
 
 
 def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def _ike(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         "remote_addrs": [peer.endpoint] if peer.endpoint else ["%any"],
         "proposals": list(tunnel.ike_proposals),
         "encap": "yes" if tunnel.encap else "no",
-        "dpd_delay": f"{tunnel.dpd_delay_s}s",
+        "dpd_delay": f"{dpd_delay_s(mesh, peer)}s",
         "rekey_time": f"{tunnel.rekey_time_s}s",
         "unique": "replace",
         "mobike": "no",
@@ -136,6 +136,17 @@ def _ike(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
         "remote": _remote_auth(mesh, peer),
     }
+
+
+def is_direct(mesh: NodeMesh, peer: Peer) -> bool:
+    """An edge's tunnel with another edge: the one a pair can lose and fall back to the connector from."""
+    return mesh.node.role is Role.EDGE and peer.role is Role.EDGE
+
+
+def dpd_delay_s(mesh: NodeMesh, peer: Peer) -> int:
+    """Direct tunnels get their own, short DPD: the agent removes one whose DPD goes unanswered
+    (fabmesh/node/liveness.py), and only a DPD in flight tells it the peer stopped answering."""
+    return mesh.tunnel.direct_dpd_delay_s if is_direct(mesh, peer) else mesh.tunnel.dpd_delay_s
 
 
 def _remote_auth(mesh: NodeMesh, peer: Peer) -> dict[str, Any]:

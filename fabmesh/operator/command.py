@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                         help="port of the /healthz and /readyz endpoint; 0 = none (default: %(default)s)")
     parser.add_argument("--once", action="store_true",
                         help="run one reconcile pass without leader election, print a summary, exit")
+    parser.add_argument("--release", action="store_true",
+                        help="for an uninstall: once no operator holds the leader Lease, take the copied flannel "
+                             "annotations off every Node and remove the fabmesh.io/flannel-release finalizer, exit")
+    parser.add_argument("--release-wait", type=float, default=120.0, metavar="SECONDS",
+                        help="with --release: how long to wait for a running operator's Lease to lapse "
+                             "(default: %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -42,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from fabmesh.operator.reconcile import Reconciler
 
     api = load_api_client(args.kubeconfig)
+    if args.release:
+        from fabmesh.operator.release import release_all
+
+        return release_all(Kube(api, field_manager=args.field_manager), settings, args.release_wait)
     if args.once:
         kube = Kube(api, field_manager=args.field_manager)
         result = Reconciler(kube, settings).run_once()

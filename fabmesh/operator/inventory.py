@@ -42,6 +42,8 @@ class NodeInfo:
     resource_version: str
     flannel: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     annotations: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    deleting: bool = field(default=False, compare=False)  # metadata.deletionTimestamp is set
+    finalizers: tuple[str, ...] = field(default=(), compare=False)
     # Where in the Node the addresses came from, for Events (``status.addresses[i]``).
     internal_field: str = field(default="status.addresses", compare=False)
     external_field: str = field(default="status.addresses", compare=False)
@@ -104,4 +106,5 @@ def read_node(obj: dict[str, Any], settings: OperatorSettings) -> NodeInfo | Inv
         flannel={k: annotations[FLANNEL_PREFIX + k] for k in FLANNEL_KEYS
                  if FLANNEL_PREFIX + k in annotations},
         annotations=annotations, internal_field=internal_field, external_field=external_field,
+        deleting=bool(meta.get("deletionTimestamp")), finalizers=tuple(meta.get("finalizers") or ()),
     )

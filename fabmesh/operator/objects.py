@@ -6,6 +6,13 @@ template cannot mount a *per-node* ConfigMap and Secret, and mounting all of
 them would hand every edge node every other node's private key. A Pod per node
 mounts exactly its own two objects and carries no ServiceAccount token.
 
+Each such node also gets an identity of its own for one purpose: a ServiceAccount
+``fabmesh-node-<node>``, a Role that may get/update/patch only the ``status`` of
+``TunnelStatus/<node>`` (by ``resourceNames``), and their RoleBinding. The Pod
+mounts a projected, short-lived token of that ServiceAccount and nothing else
+(``automountServiceAccountToken`` stays false). The operator creates the
+``TunnelStatus`` object itself, so the node never needs ``create``.
+
 Connectors follow the same rule: each labelled connector node has its own key
 (Secret ``fabmesh-connector-tls-<node>``) and its own Pod mounting only that
 Secret plus the connector's ConfigMaps, so a connector node that is compromised
@@ -21,6 +28,7 @@ import hashlib
 import json
 from typing import Any
 
+from fabmesh.mesh import tunnelstatus
 from fabmesh.mesh.names import KIND_LABEL, MANAGED_BY, NODE_LABEL
 from fabmesh.mesh.names import SPEC_HASH_ANNOTATION as SPEC_HASH
 from fabmesh.operator.settings import NodePods, OperatorSettings
@@ -30,6 +38,8 @@ IPAM_CONFIGMAP = "fabmesh-ipam"
 CONNECTOR_CONFIGMAP = "fabmesh-connector"
 CONNECTOR_SECRET_PREFIX = "fabmesh-connector-tls-"
 CONNECTOR_SHARD_PREFIX = "fabmesh-connector-peers-"
+# Read by the route agent on every cloud node (the chart's DaemonSet mounts it; it holds no secret).
+CLOUD_ROUTES_CONFIGMAP = "fabmesh-cloud-routes"
 
 
 def agent_configmap_name(node: str) -> str:
@@ -54,6 +64,46 @@ def connector_pod_name(node: str) -> str:
 
 def connector_shard_name(shard: int) -> str:
     return f"{CONNECTOR_SHARD_PREFIX}{shard:02d}"
+
+
+def node_account_name(node: str) -> str:
+    return f"fabmesh-node-{node}"
+
+
+def status_role_name(node: str) -> str:
+    return f"fabmesh-status-{node}"
+
+
+STATUS_TOKEN_DIR = "/var/run/secrets/fabmesh.io/status"
+STATUS_VERBS = ("get", "patch", "update")
+
+
+def node_account(node: str, uid: str, namespace: str) -> dict[str, Any]:
+    """The node's ServiceAccount; its tokens are only ever projected into its own Pod."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+            "metadata": metadata(node_account_name(node), namespace, "node-identity", node, uid)}
+
+
+def status_role(node: str, uid: str, namespace: str) -> dict[str, Any]:
+    """get/update/patch of this node's TunnelStatus ``status`` and nothing else: no create, list or watch."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": metadata(status_role_name(node), namespace, "node-identity", node, uid),
+            "rules": [{"apiGroups": [tunnelstatus.GROUP], "resources": [tunnelstatus.SUBRESOURCE],
+                       "resourceNames": [node], "verbs": list(STATUS_VERBS)}]}
+
+
+def status_role_binding(node: str, uid: str, namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": metadata(status_role_name(node), namespace, "node-identity", node, uid),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": status_role_name(node)},
+            "subjects": [{"kind": "ServiceAccount", "name": node_account_name(node), "namespace": namespace}]}
+
+
+def tunnel_status(node: str, uid: str, namespace: str, role: str) -> dict[str, Any]:
+    """The empty TunnelStatus the node fills in (its ``status``)."""
+    return {"apiVersion": tunnelstatus.API_VERSION, "kind": tunnelstatus.KIND,
+            "metadata": metadata(node, namespace, "tunnel-status", node, uid),
+            "spec": {"node": node, "role": role}}
 
 
 def owner(node: str, uid: str) -> list[dict[str, Any]]:
@@ -103,6 +153,16 @@ def agent_pod(node: str, uid: str, settings: OperatorSettings) -> dict[str, Any]
     return _node_pod(agent_pod_name(node), "agent", node, uid, settings, images, args, mounts, volumes)
 
 
+def _status_volume(expiration_s: int) -> dict[str, Any]:
+    """The node ServiceAccount's token, bound to the Pod and to the API server's audience, rotated by kubelet.
+
+    ``kube-root-ca.crt`` is the CA bundle kube-controller-manager publishes in every namespace.
+    """
+    return {"name": "status-token", "projected": {"defaultMode": 0o400, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": expiration_s}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}}
+
+
 def connector_pod(node: str, uid: str, address: str, settings: OperatorSettings) -> dict[str, Any]:
     """The connector Pod for one connector node: like the agent's, with its own Secret and no CNI.
 
@@ -129,6 +189,7 @@ def connector_pod(node: str, uid: str, address: str, settings: OperatorSettings)
 
 def _node_args(metrics_port: int, metrics_address: str) -> list[str]:
     return ["--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
+            "--status-token-file", f"{STATUS_TOKEN_DIR}/token", "--status-ca-file", f"{STATUS_TOKEN_DIR}/ca.crt",
             "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
             "--metrics-port", str(metrics_port), *(["--metrics-address", metrics_address] if metrics_address else [])]
 
@@ -139,18 +200,22 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
     caps = {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
     mounts_common = [{"name": "run", "mountPath": "/var/run/fabmesh"}]
     main: dict[str, Any] = {
-        "name": role, "image": images.image, "imagePullPolicy": images.image_pull_policy, "args": args,
+        "name": role, "image": images.image, "imagePullPolicy": images.image_pull_policy,
+        "args": [args[0], "--status-namespace", settings.namespace,
+                 *(["--status-server", images.status_server] if images.status_server else []), *args[1:]],
         "securityContext": hardened(caps),
         "resources": images.resources.to_api(),
         "volumeMounts": [*mounts_common, {"name": "tmp", "mountPath": "/tmp"},
                          {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},
                          {"name": "tls", "mountPath": "/etc/fabmesh/tls", "readOnly": True},
+                         {"name": "status-token", "mountPath": STATUS_TOKEN_DIR, "readOnly": True},
                          *mounts, {"name": "xtables-lock", "mountPath": "/run/xtables.lock"}]}
     spec: dict[str, Any] = {
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "nodeName": node,
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
+        "serviceAccountName": node_account_name(node),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "priorityClassName": "system-node-critical",
@@ -171,6 +236,7 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
             {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
             {"name": "charon-run", "emptyDir": {"sizeLimit": "1Mi"}},
             *volumes,
+            _status_volume(images.status_token_expiration_s),
             {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
         ],
     }

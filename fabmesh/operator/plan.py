@@ -35,6 +35,10 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
   (symmetric NAT, UDP blocked) is relayed by the connector tunnel, whose
   selectors cover the whole pool anyway. A held edge counts as behind NAT when
   its last config had a mediated peer.
+* Every other cloud node routes edge node addresses (and, where the cloud CNI is not flannel,
+  the edge pod pool) via the active connector's InternalIP: ``cloud`` is the one document their
+  route agents read (:mod:`fabmesh.mesh.cloud`), written even without a connector so that they
+  remove their routes.
 * More than one connector is accepted; the oldest is active. Every connector
   gets its own certificate (``cert_addresses``), standbys included, so a
   failover issues nothing: the next oldest already holds its key.
@@ -48,10 +52,19 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fabmesh.mesh.cloud import ActiveConnector, CloudRoutes, CloudRouteSettings
 from fabmesh.mesh.model import LocalNode, MeshConfigError, NodeMesh, Peer, Role, parse_node_mesh
-from fabmesh.mesh.names import FLANNEL_KEYS, FLANNEL_PREFIX, POD_CIDR_ANNOTATION
+from fabmesh.mesh.names import (
+    FLANNEL_COPY_ANNOTATION,
+    FLANNEL_FINALIZER,
+    FLANNEL_KEYS,
+    FLANNEL_LEASE_MARKER,
+    FLANNEL_PREFIX,
+    POD_CIDR_ANNOTATION,
+)
 from fabmesh.mesh.topology import active_connector, community_members, community_peers_of, shares_community
 from fabmesh.operator.addresses import EdgeAddresses, vet_edges
+from fabmesh.operator.flannel import copy_record
 from fabmesh.operator.inventory import InvalidNode, NodeInfo
 from fabmesh.operator.ipam import ANNOTATION_FIELD, Claim, plan_cidrs
 from fabmesh.operator.settings import OperatorSettings
@@ -63,6 +76,7 @@ class NodePatch:
 
     annotations: dict[str, str] = field(default_factory=dict)
     spec_pod_cidr: str | None = None
+    finalizers: tuple[str, ...] | None = None  # the whole new list, when it must change
 
 
 @dataclass
@@ -79,6 +93,7 @@ class MeshPlan:
     cert_addresses: dict[str, tuple[str, ...]] = field(default_factory=dict)
     node_patches: dict[str, NodePatch] = field(default_factory=dict)
     held: tuple[str, ...] = ()  # invalid edges kept in their peers' configs with their last good values
+    cloud: CloudRoutes | None = None  # what the route agents on cloud nodes read (routes.yaml)
 
     def connector_mesh(self) -> NodeMesh | None:
         """The connector's full mesh: its header plus every shard's peers."""
@@ -187,7 +202,13 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
                 "the connector has no flannel annotations yet: cloud nodes cannot route edge pod "
                 "CIDRs to it (is flanneld running there?)"))
         else:
+            # What real flanneld (kube subnet manager, vxlan) needs to route an edge's pod CIDR to the
+            # connector's VTEP: the connector's three keys, the marker (without it flanneld skips the
+            # Node), and spec.podCIDR (the lease's subnet; set below when empty).
             flannel = {FLANNEL_PREFIX + k: connector.flannel[k] for k in FLANNEL_KEYS}
+            flannel |= {FLANNEL_PREFIX + k: v for k, v in FLANNEL_LEASE_MARKER.items()}
+            # The record of what was copied, so a release strips only these values (fabmesh/operator/flannel.py).
+            flannel[FLANNEL_COPY_ANNOTATION] = copy_record(flannel)
 
     # Built once and shared: every edge that lists Y holds the same two Peer objects for Y (one per
     # initiate flag; the lower name initiates), so planning is O(edges + peer references) and
@@ -248,11 +269,17 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
             local_subnets=own[node.name], mesh_cidrs=mesh_cidrs, peers=tuple(peers),
             ca_cert=ca_cert, tunnel=settings.tunnel, settings=settings.node)
         result.cert_addresses[node.name] = tuple(sorted({node.internal_ip, node.endpoint}))
+        if node.deleting:
+            continue  # going away: the release (fabmesh/operator/flannel.py) strips it, nothing is added
         annotations = {POD_CIDR_ANNOTATION: cidr, **flannel}
+        # The finalizer comes in the same write as the copied keys: no moment where a deletion would
+        # reach flanneld with the marker on (fabmesh/operator/flannel.py says why).
+        held = not flannel or FLANNEL_FINALIZER in node.finalizers
         patch = NodePatch(
             annotations={k: v for k, v in annotations.items() if node.annotations.get(k) != v},
-            spec_pod_cidr=cidr if not node.spec_pod_cidr else None)
-        if patch.annotations or patch.spec_pod_cidr:
+            spec_pod_cidr=cidr if not node.spec_pod_cidr else None,
+            finalizers=None if held else (*node.finalizers, FLANNEL_FINALIZER))
+        if patch.annotations or patch.spec_pod_cidr or patch.finalizers:
             result.node_patches[node.name] = patch
 
     result.connectors = tuple(n.name for n in connectors)
@@ -272,7 +299,29 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
                 _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name],
                       mediation_client=name in clients))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
+    result.cloud = _cloud_routes(connector, [vetted[name].announced for name in pins], settings)
     return result
+
+
+def _cloud_routes(connector: NodeInfo | None, announced: Sequence[str | None],
+                  settings: OperatorSettings) -> CloudRoutes:
+    """The route agents' document: every edge address the connector's tunnels carry, via the connector.
+
+    Only vetted addresses are listed (the ones announced into the tunnels): an edge's kubelet must never
+    pull a cloud node's traffic for another address towards the connector.
+    """
+    agent = settings.cloud_agent
+    addresses = {str(ipaddress.ip_network(a)) for a in announced if a}
+    subnets = addresses | ({settings.edge_pod_pool} if agent.route_edge_pod_cidrs else set())
+    return CloudRoutes(
+        connector=None if connector is None else ActiveConnector(name=connector.name, address=connector.internal_ip),
+        subnets=_sorted_cidrs(subnets), no_snat=(settings.edge_pod_pool,),
+        source_cidrs=tuple(sorted(settings.cloud_pod_cidrs)),
+        settings=CloudRouteSettings(route_table=agent.route_table, resync_period_s=agent.resync_period_s))
+
+
+def _sorted_cidrs(cidrs: set[str]) -> tuple[str, ...]:
+    return tuple(sorted(cidrs, key=lambda c: (ipaddress.ip_network(c).version, ipaddress.ip_network(c))))
 
 
 def _claim(node: NodeInfo, record: str | None, errors: list[InvalidNode]) -> Claim:

@@ -9,8 +9,11 @@ that matters for crash safety:
    *before* any CIDR is used anywhere: of two writers only one can win, and an
    operator killed after this step finds its allocation again on restart,
 3. per-node Secrets (issuing a leaf generates its key here), ConfigMaps, the connector's config,
-4. Node annotations and ``spec.podCIDR`` (guarded by the Node's resourceVersion),
-5. agent and connector Pods, then deletion of what belongs to Nodes that are gone
+4. Node annotations, ``spec.podCIDR`` and the flannel finalizer (guarded by the Node's resourceVersion),
+   and the flannel release of Nodes being deleted or no longer edges (``flannel.py``: strip, then,
+   in a later pass, remove the finalizer),
+5. each served node's ServiceAccount, Role, RoleBinding and TunnelStatus (``identity_sync.py``),
+   agent and connector Pods, then deletion of what belongs to Nodes that are gone
    (or lost their role label),
 6. Warning Events for every node that could not be planned or written.
 
@@ -44,6 +47,8 @@ from fabmesh.mesh.names import (
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
 from fabmesh.operator.certs import ca_from_secret, current_keys, issue, plan_certificates
+from fabmesh.operator.flannel import FlannelHold, Release, Step, plan_release, read_hold
+from fabmesh.operator.identity_sync import IdentitySync
 from fabmesh.operator.inventory import InvalidNode, NodeInfo, read_node
 from fabmesh.operator.plan import MeshPlan, NodePatch, plan
 from fabmesh.operator.settings import OperatorSettings
@@ -81,6 +86,7 @@ class Observed:
     configmaps: dict[str, dict[str, Any]]
     pods: dict[str | None, dict[str, Any]]  # agent Pods by their node label
     connector_pods: dict[str | None, dict[str, Any]]  # connector Pods by their node label
+    holds: list[FlannelHold] = field(default_factory=list)  # every Node, as the flannel release reads it
 
 
 @dataclass
@@ -97,6 +103,7 @@ class Reconciler:
         self.clock = clock
         self.ns = settings.namespace
         self._emitted: OrderedDict[str, None] = OrderedDict()
+        self._warned: set[str] = set()
 
     # -- observe ---------------------------------------------------------------------------------
 
@@ -105,7 +112,9 @@ class Reconciler:
         invalid: list[InvalidNode] = []
         edge_names: set[str] = set()
         connector_names: set[str] = set()
+        holds: list[FlannelHold] = []
         for obj in self.kube.list("nodes"):
+            holds.append(read_hold(obj, self.settings.edge_label))
             labels = obj["metadata"].get("labels") or {}
             # A node with both labels is in error (an Event says so) and keeps what it has under either role:
             # a bad label must not tear down a working node.
@@ -125,7 +134,7 @@ class Reconciler:
             secrets={s["metadata"]["name"]: s for s in self.kube.list("secrets", self.ns, MANAGED_SELECTOR)},
             configmaps={c["metadata"]["name"]: c for c in self.kube.list("configmaps", self.ns, MANAGED_SELECTOR)},
             pods=self._pods(self.settings.agent_pods.enabled, AGENT_SELECTOR),
-            connector_pods=self._pods(self.settings.connector_pods.enabled, CONNECTOR_SELECTOR))
+            connector_pods=self._pods(self.settings.connector_pods.enabled, CONNECTOR_SELECTOR), holds=holds)
 
     def _pods(self, enabled: bool, selector: str) -> dict[str | None, dict[str, Any]]:
         if not enabled:
@@ -207,8 +216,20 @@ class Reconciler:
                                                                 "connector-peers", {"peers.yaml": text}),
                                      seen.configmaps)
 
+        if mesh.cloud is not None:
+            self._sync_configmap(result, None, o.configmap(o.CLOUD_ROUTES_CONFIGMAP, self.ns, "cloud-routes",
+                                                           {"routes.yaml": mesh.cloud.to_yaml()}), seen.configmaps)
+
         for name, patch in node_writes(mesh, by_name, expiry).items():
             self._patch_node(result, by_name[name], patch)
+        for release in plan_release(seen.holds):
+            self.release_flannel(result, release)
+        # Before the Pods, which name the ServiceAccount (admission refuses a Pod whose account is missing).
+        served = {**{n: (by_name[n].uid, "edge") for n in mesh.edges if n in expiry},
+                  **{n: (by_name[n].uid, "connector") for n in mesh.connectors
+                     if n in expiry and mesh.connector is not None}}
+        IdentitySync(self.kube, self.ns, lambda node, kind, name, write: self._guarded(
+            result, node, kind, name, write), self._warned).sync(served, seen.edge_names | seen.connector_names)
         if self.settings.agent_pods.enabled:
             self._sync_pods(result, {n: o.agent_pod(n, by_name[n].uid, self.settings)
                                      for n in mesh.edges if n in expiry}, seen.edge_names, seen.pods)
@@ -325,7 +346,7 @@ class Reconciler:
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             self.kube.replace("secrets", body, self.ns)
 
-    def _sync_configmap(self, result: PassResult, node: str, body: dict[str, Any],
+    def _sync_configmap(self, result: PassResult, node: str | None, body: dict[str, Any],
                         existing: dict[str, dict[str, Any]]) -> None:
         name = body["metadata"]["name"]
         current = existing.get(name)
@@ -350,6 +371,8 @@ class Reconciler:
             body["metadata"]["annotations"] = dict(patch.annotations)
         if patch.spec_pod_cidr:
             body["spec"] = {"podCIDR": patch.spec_pod_cidr, "podCIDRs": [patch.spec_pod_cidr]}
+        if patch.finalizers:
+            body["metadata"]["finalizers"] = list(patch.finalizers)  # a merge patch replaces the whole list
 
         def write() -> None:
             try:
@@ -359,10 +382,39 @@ class Reconciler:
                     raise
                 result.retry = True  # the Node changed under us; the next pass sees the new version
                 return
-            log.info("node=%s action=annotate keys=%s%s", node.name, ",".join(sorted(patch.annotations)),
-                     " spec.podCIDR=" + patch.spec_pod_cidr if patch.spec_pod_cidr else "")
+            log.info("node=%s action=annotate keys=%s%s%s", node.name, ",".join(sorted(patch.annotations)),
+                     " spec.podCIDR=" + patch.spec_pod_cidr if patch.spec_pod_cidr else "",
+                     " finalizers=" + ",".join(patch.finalizers) if patch.finalizers else "")
 
         self._guarded(result, node.name, "nodes", node.name, write)
+
+    def release_flannel(self, result: PassResult, release: Release) -> None:
+        """One step of letting go of a Node's copied flannel keys (``flannel.py``), guarded by resourceVersion.
+
+        A conflict means the Node changed: the next pass plans again from what is there. After a strip,
+        the Node watch brings that pass, and it removes the finalizer.
+        """
+        body: dict[str, Any] = {"metadata": {"resourceVersion": release.resource_version}}
+        if release.step is Step.STRIP:
+            body["metadata"]["annotations"] = dict.fromkeys(release.remove)  # null deletes a key
+        else:
+            body["metadata"]["finalizers"] = list(release.finalizers) or None
+
+        def write() -> None:
+            try:
+                self.kube.merge_patch("nodes", release.node, body)
+            except ApiError as exc:
+                if exc.not_found:
+                    return
+                if not exc.conflict:
+                    raise
+                result.retry = True
+                return
+            log.info("node=%s action=%s reason=%s%s%s", release.node, release.step.value, release.why.value,
+                     " keys=" + ",".join(release.remove) if release.remove else "",
+                     " kept=" + ",".join(release.kept) if release.kept else "")
+
+        self._guarded(result, release.node, "nodes", release.node, write)
 
     def _sync_pods(self, result: PassResult, want: dict[str, dict[str, Any]], role_names: set[str],
                    pods: dict[str | None, dict[str, Any]]) -> None:
@@ -406,7 +458,7 @@ class Reconciler:
         A node that still carries its label keeps its objects even while it is in error:
         a bad label must not tear down a working node.
         """
-        keep_cm = {o.IPAM_CONFIGMAP, *(o.agent_configmap_name(n) for n in edge_names)}
+        keep_cm = {o.IPAM_CONFIGMAP, o.CLOUD_ROUTES_CONFIGMAP, *(o.agent_configmap_name(n) for n in edge_names)}
         keep_secret = {o.CA_SECRET, *(o.tls_secret_name(n) for n in edge_names),
                        *(o.connector_secret_name(n) for n in connector_names)}
         if mesh.connector is not None:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fabmesh.mesh import names
+from fabmesh.mesh.cloud import DEFAULT_CLOUD_RESYNC_S, DEFAULT_CLOUD_ROUTE_TABLE
 from fabmesh.mesh.model import Cidr, NodeSettings, TunnelSettings, error_field
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.mesh.topology import LabelKeys
@@ -71,6 +72,13 @@ class NodePods(BaseModel):
     metrics_address: str = ""
     resources: Resources = Resources()
     strongswan_resources: Resources = Resources()
+    # Lifetime of the projected token the node loop writes its TunnelStatus with (kubelet renews it at
+    # 80%); 600 is the API server's minimum.
+    status_token_expiration_s: int = Field(default=600, ge=600, le=86400)
+    # The API server URL the node loop writes its TunnelStatus to ("": the in-cluster Service, from
+    # KUBERNETES_SERVICE_HOST). An edge reaches that ClusterIP only through its connector tunnel; name the
+    # API server's own address so an edge can still report while that tunnel is down.
+    status_server: str = Field(default="", pattern=r"^(https://\S+)?$")
 
 
 class AgentPods(NodePods):
@@ -92,6 +100,22 @@ class ConnectorPods(NodePods):
                                                 limits={"cpu": "2", "memory": "1Gi"})
     # Device IKE leaves by (e.g. eth0), passed as --uplink; "": the device the kernel routes to peers.
     uplink: str = Field(default="", max_length=15, pattern=r"^[^/\s]*$")
+
+
+class CloudAgent(BaseModel):
+    """What the route agent on cloud nodes (``fabmesh cloud-agent``, the chart's DaemonSet) is told to route.
+
+    Edge node addresses are always routed via the connector. The edge pod pool is routed too only when
+    ``route_edge_pod_cidrs``: with flannel, cloud nodes already send edge pod CIDRs to the connector
+    (the operator gives edge Nodes the connector's flannel annotations), and a second route would
+    compete with flannel's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route_edge_pod_cidrs: bool = False  # true when the cloud CNI is not flannel (calico, cilium, ...)
+    route_table: int = Field(default=DEFAULT_CLOUD_ROUTE_TABLE, ge=1, le=2**31 - 1)
+    resync_period_s: int = Field(default=DEFAULT_CLOUD_RESYNC_S, ge=1)
 
 
 class OperatorSettings(BaseModel):
@@ -129,6 +153,7 @@ class OperatorSettings(BaseModel):
     agent_pods: AgentPods = AgentPods()
     connector_pods: ConnectorPods = ConnectorPods()
     leader_election: LeaderElection = LeaderElection()
+    cloud_agent: CloudAgent = CloudAgent()
 
     @field_validator("connector_label")
     @classmethod
@@ -163,6 +188,9 @@ class OperatorSettings(BaseModel):
             for cidr in (value,) if isinstance(value, str) else value:
                 if ipaddress.ip_network(cidr).version != pool.version:
                     raise ValueError(f"{key} {cidr} is not IPv{pool.version} like edge_pod_pool {pool}")
+        if self.cloud_agent.route_table == self.node.route_table:
+            raise ValueError(f"cloud_agent.route_table {self.cloud_agent.route_table} is node.route_table: the "
+                             "route agent and the connector would delete each other's routes")
         return self
 
     @property

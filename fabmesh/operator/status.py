@@ -11,6 +11,7 @@ differs from what the Node already carries.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from fabmesh.mesh.model import LocalNode
 from fabmesh.mesh.names import STATUS_ANNOTATION
@@ -29,11 +30,13 @@ def node_writes(mesh: MeshPlan, nodes: Mapping[str, NodeInfo], expiry: Mapping[s
     """
     patches = {}
     for name, node_mesh in sorted(mesh.edges.items()):
+        if nodes[name].deleting:
+            continue  # nothing is added to a Node being deleted: the flannel release is its only write
         patch = mesh.node_patches.get(name) or NodePatch()
         annotations = dict(patch.annotations)
         status = status_text(node_mesh.node, expiry.get(name))
         if nodes[name].annotations.get(STATUS_ANNOTATION) != status:
             annotations[STATUS_ANNOTATION] = status
-        if annotations or patch.spec_pod_cidr:
-            patches[name] = NodePatch(annotations=annotations, spec_pod_cidr=patch.spec_pod_cidr)
+        if annotations or patch.spec_pod_cidr or patch.finalizers:
+            patches[name] = replace(patch, annotations=annotations)
     return patches

@@ -128,8 +128,11 @@ class Charon:
         reply = decode(self._call(f"rekey {child}", self._session.rekey, {"child": child}))
         return int(reply.get("matches", 0))
 
-    def terminate_ike(self, ike: str, timeout_ms: int = -1) -> None:
-        message = {"ike": ike, "timeout": str(timeout_ms), "force": "yes"}
+    def terminate_ike(self, ike: str, timeout_ms: int = -1, *, ike_id: str | None = None) -> None:
+        """End connection ``ike``'s IKE_SAs (only the one with unique id ``ike_id`` when given) at once:
+        ``force`` sends the DELETE and removes the SA and its CHILD_SAs without waiting for an answer."""
+        which = {"ike": ike} if ike_id is None else {"ike-id": ike_id}
+        message = {**which, "timeout": str(timeout_ms), "force": "yes"}
         try:
             self._call(f"terminate {ike}", lambda: list(self._session.terminate(message)))
         except ViciError as exc:

@@ -1,7 +1,8 @@
 """Build and cache the Kubernetes binaries the tests and the lab run for real.
 
 No registry here ships kube-apiserver, so we build it (and etcd, kubectl and
-helm) from Go modules at pinned releases. ``k8s.io/kubernetes`` cannot be
+helm) from Go modules at pinned releases; the real-node tier adds kubelet and
+friends from the same module, and flanneld (:func:`ensure_flanneld`). ``k8s.io/kubernetes`` cannot be
 ``go install``-ed directly: its go.mod points every ``k8s.io/*`` staging module
 at ``./staging/...`` with replace lines, which ``go install pkg@version``
 refuses. So we build from a throwaway module whose go.mod pins those staging
@@ -30,6 +31,13 @@ HELM_VERSION = "v3.22.0"
 BINARIES = ("kube-apiserver", "etcd", "kubectl")
 # Built only by ensure_node_assets(): the api tier never pays for them.
 NODE_BINARIES = ("kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler")
+# flanneld for cloud nodes (tests/nodes, the lab). v0.28.x is the series DESIGN.md names; v0.28.10 is the newest
+# patch the Go module proxy serves (it also serves v0.28.4; nothing newer in the series).
+FLANNEL_VERSION = "v0.28.10"
+FLANNEL_MODULE = "github.com/flannel-io/flannel"
+# Backends left out of our flanneld's main package: fabmesh runs flannel's vxlan backend only, and these two
+# cannot be built here: tencentvpc's SDK module is not served by the module proxy (403), and udp needs cgo.
+FLANNEL_DROPPED_BACKENDS = ("tencentvpc", "udp")
 _PACKAGES = {
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "etcd": "go.etcd.io/etcd/server/v3",
@@ -174,6 +182,59 @@ def ensure_node_assets(kube_version: str = KUBERNETES_VERSION) -> Path:
     return directory
 
 
+def flanneld_main_go(upstream: str, dropped: tuple[str, ...] = FLANNEL_DROPPED_BACKENDS) -> str:
+    """Upstream ``main.go`` without the blank imports of ``dropped`` backends (pure).
+
+    Raises if an import to drop is missing, so a new release that moves them fails the build
+    loudly instead of silently pulling the unbuildable package back in.
+    """
+    lines = upstream.splitlines(keepends=True)
+    kept = []
+    for backend in dropped:
+        needle = f'"{FLANNEL_MODULE}/pkg/backend/{backend}"'
+        if not any(needle in line for line in lines):
+            raise AssetError(f"step 'patch flanneld main.go' failed: no import of {needle} to drop; "
+                             "check FLANNEL_DROPPED_BACKENDS against the pinned release")
+    for line in lines:
+        if not any(f'"{FLANNEL_MODULE}/pkg/backend/{b}"' in line for b in dropped):
+            kept.append(line)
+    return "".join(kept)
+
+
+def _build_flanneld(dest: Path, version: str) -> Path:
+    """flanneld at ``version`` from a throwaway module holding upstream's ``main.go``.
+
+    ``go install github.com/flannel-io/flannel@version`` fails here: its main package imports
+    every backend, and two of them cannot be built (:data:`FLANNEL_DROPPED_BACKENDS`). So the
+    throwaway module requires the pinned flannel module, copies its ``main.go`` minus those two
+    imports, and builds it with the version stamp upstream's Makefile uses.
+    """
+    target = dest / "flanneld"
+    if target.exists():
+        return target
+    env = _go_env()
+    out = _run("download flannel", ["go", "mod", "download", "-json", f"{FLANNEL_MODULE}@{version}"], env=env)
+    source = Path(re.search(r'"Dir":\s*"([^"]+)"', out).group(1))  # type: ignore[union-attr]
+    with tempfile.TemporaryDirectory(prefix="fabmesh-flannel-build-") as tmp:
+        work = Path(tmp)
+        (work / "go.mod").write_text(f"module fabmesh.io/flannel-build\n\ngo 1.26\n\n"
+                                     f"require {FLANNEL_MODULE} {version}\n")
+        (work / "main.go").write_text(flanneld_main_go((source / "main.go").read_text()))
+        _run("resolve flannel modules", ["go", "mod", "tidy", "-e"], cwd=work, env=env)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp_out = dest / ".flanneld.tmp"
+        ldflags = f"-s -w -X {FLANNEL_MODULE}/pkg/version.Version={version}"
+        _run("build flanneld", ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(tmp_out), "."],
+             cwd=work, env=env)
+        tmp_out.rename(target)
+    return target
+
+
+def ensure_flanneld(version: str = FLANNEL_VERSION) -> Path:
+    """Build (once) flanneld into ``~/.cache/fabmesh/flannel-<version>``; returns the binary's path."""
+    return _build_flanneld(cache_root() / f"flannel-{version}", version)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fabmesh.testenv.assets",
@@ -182,17 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     parser.add_argument("--helm-version", default=HELM_VERSION)
     parser.add_argument("--node", action="store_true",
-                        help="also build kubelet, kube-proxy, kube-controller-manager, kube-scheduler")
+                        help="also build kubelet, kube-proxy, kube-controller-manager, kube-scheduler and flanneld")
+    parser.add_argument("--flannel", action="store_true", help="also build flanneld (the lab runs it on cloud hosts)")
+    parser.add_argument("--flannel-version", default=FLANNEL_VERSION)
     args = parser.parse_args(argv)
     try:
         assets = ensure_assets(args.kubernetes_version, args.helm_version)
+        flanneld = None
         if args.node:
             ensure_node_assets(args.kubernetes_version)
+        if args.node or args.flannel:
+            flanneld = ensure_flanneld(args.flannel_version)
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"KUBEBUILDER_ASSETS={assets.directory}")
     print(f"HELM={assets.helm}")
+    if flanneld is not None:
+        print(f"FLANNELD={flanneld}")
     return 0
 
 

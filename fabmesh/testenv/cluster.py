@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,19 @@ from fabmesh.testenv.controlplane import ControlPlane
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "fabmesh"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+CRD_KIND = "CustomResourceDefinition"
 _PLURAL = {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles",
            "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings",
-           "Namespace": "namespaces"}
+           "Namespace": "namespaces", CRD_KIND: "customresourcedefinitions"}
 _RBAC_GROUP = "/apis/rbac.authorization.k8s.io/v1"
 
 
 def render_chart(helm: Path, namespace: str, values: dict[str, Any] | None = None,
-                 chart: Path = CHART) -> list[dict[str, Any]]:
+                 chart: Path = CHART, hooks: bool = False) -> list[dict[str, Any]]:
+    """What ``helm install`` creates; with ``hooks``, also the hook objects (created only at their hook)."""
     cmd = [str(helm), "template", "fabmesh", str(chart), "--namespace", namespace]
+    if not hooks:
+        cmd.append("--no-hooks")
     if values:
         cmd += ["--values", "-"]
     out = subprocess.run(cmd, input=yaml.safe_dump(values or {}), capture_output=True, text=True, check=True)
@@ -38,6 +43,8 @@ def render_chart(helm: Path, namespace: str, values: dict[str, Any] | None = Non
 
 def _url(kind: str, namespace: str | None, name: str | None = None) -> str:
     base = _RBAC_GROUP if kind.startswith(("Cluster", "Role")) else "/api/v1"
+    if kind == CRD_KIND:
+        base = "/apis/apiextensions.k8s.io/v1"
     path = base + (f"/namespaces/{namespace}" if namespace else "") + f"/{_PLURAL[kind]}"
     return path + (f"/{name}" if name else "")
 
@@ -45,7 +52,7 @@ def _url(kind: str, namespace: str | None, name: str | None = None) -> str:
 def apply(kube: Kube, obj: dict[str, Any]) -> None:
     """Create, or replace when it exists (RBAC objects have no immutable fields that matter here)."""
     kind = obj["kind"]
-    namespace = obj["metadata"].get("namespace") if not kind.startswith("Cluster") else None
+    namespace = obj["metadata"].get("namespace") if not kind.startswith("Cluster") and kind != CRD_KIND else None
     try:
         kube._call("POST", _url(kind, namespace), obj)
     except ApiError as exc:
@@ -54,6 +61,18 @@ def apply(kube: Kube, obj: dict[str, Any]) -> None:
         current = kube._call("GET", _url(kind, namespace, obj["metadata"]["name"]))
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
         kube._call("PUT", _url(kind, namespace, obj["metadata"]["name"]), obj)
+
+
+def wait_established(kube: Kube, name: str, timeout: float = 30.0) -> None:
+    """Until the API server serves the CRD (its Established condition), as ``kubectl wait`` would."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = kube._call("GET", _url(CRD_KIND, None, name))
+        if any(c.get("type") == "Established" and c.get("status") == "True"
+               for c in (crd.get("status") or {}).get("conditions") or []):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"CRD {name} not Established after {timeout}s")
 
 
 def ensure_namespace(kube: Kube, name: str) -> None:
@@ -69,13 +88,30 @@ def install_operator_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
     assert cp.assets is not None
     ensure_namespace(kube, namespace)
     for obj in render_chart(cp.assets.helm, namespace):
-        if obj["kind"] in RBAC_KINDS:
+        if obj["kind"] in (*RBAC_KINDS, CRD_KIND):
             apply(kube, obj)
-    token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/fabmesh-operator/token",
+        if obj["kind"] == CRD_KIND:
+            wait_established(kube, obj["metadata"]["name"])
+    return service_account_kubeconfig(cp, kube, namespace, "fabmesh-operator")
+
+
+def install_release_hook_rbac(cp: ControlPlane, kube: Kube, namespace: str) -> Path:
+    """Apply the RBAC of the chart's uninstall hook (``fabmesh operator --release``) and return its kubeconfig."""
+    assert cp.assets is not None
+    ensure_namespace(kube, namespace)
+    for obj in render_chart(cp.assets.helm, namespace, hooks=True):
+        if obj["kind"] in RBAC_KINDS and "helm.sh/hook" in (obj["metadata"].get("annotations") or {}):
+            apply(kube, obj)
+    return service_account_kubeconfig(cp, kube, namespace, "fabmesh-release")
+
+
+def service_account_kubeconfig(cp: ControlPlane, kube: Kube, namespace: str, account: str) -> Path:
+    token = kube._call("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                         "spec": {"audiences": ["https://kubernetes.default.svc"],
                                  "expirationSeconds": 86400}})["status"]["token"]
-    return cp.kubeconfig_for_token(f"operator-{namespace}", token, namespace)
+    suffix = "" if account == "fabmesh-operator" else f"-{account}"
+    return cp.kubeconfig_for_token(f"operator-{namespace}{suffix}", token, namespace)
 
 
 def spawn_operator(kubeconfig: Path, settings: Path, identity: str, log_dir: Path,

@@ -13,10 +13,23 @@ references and no controller creates a namespace's ``default`` ServiceAccount.
 The ``ServiceAccount`` admission plugin is therefore off (as in
 controller-runtime's envtest), and fabmesh deletes what it owns explicitly
 instead of relying on GC. Real-node tests add kube-controller-manager and
-kube-scheduler with :meth:`ControlPlane.start_controllers`. The API server
-would reach kubelets at their InternalIP with a ``kubelet-client`` certificate;
-from the box's loopback it has no route into the lab, so that path waits for
-an API server inside the mesh (issue 14).
+kube-scheduler with :meth:`ControlPlane.start_controllers`; a control plane made
+with ``service_accounts=True`` keeps the ``ServiceAccount`` admission plugin on, so
+Pods get their projected token and ``kube-root-ca.crt`` (what ``helm install`` of
+the chart on real nodes needs), and its serving certificate also names the
+``kubernetes`` Service's ClusterIP, as kubeadm's does. The API server reaches
+kubelets at their InternalIP with a ``kubelet-client`` certificate; from the
+box's loopback it has no route into the lab.
+
+With ``netns`` set (a lab host's namespace, e.g. a cloud node that is not the
+connector) etcd and kube-apiserver run *inside* it (``nsenter --net``): the API
+server listens on the host's address there (``lab_url``, for kubelets) and dials
+kubelets through that host's routes, i.e. through the mesh. Clients in the root
+namespace (pytest, kubectl, the lab's operator) reach it through two relays and
+a unix socket, as ``NodeLink`` does the other way round: ``socat`` in the host's
+namespace from ``<dir>/api.sock`` to ``127.0.0.1:<port>`` there, and ``socat``
+in the root namespace from ``127.0.0.1:<port>`` (loopback only) to the socket.
+The root namespace gains no interface, address or route.
 """
 
 from __future__ import annotations
@@ -24,9 +37,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -64,17 +79,27 @@ class ControlPlane:
     # How long etcd and kube-apiserver may take to become ready: 90 s on a loaded 2-core host; several
     # minutes under software emulation (the kernel tier's VM, where the lab passes its own timeout).
     ready_timeout: float = 90.0
+    # Keep the ServiceAccount admission plugin on (Pods get tokens); needs kube-controller-manager,
+    # which creates each namespace's default ServiceAccount, or Pods using it are refused.
+    service_accounts: bool = False
     pids: list[int] = field(default_factory=list)
     url: str = ""
     token: str = ""
     ca_pem: str = ""
     ca: KeyPair | None = None
+    # A lab host's network namespace to run etcd and kube-apiserver in, and the host's address there
+    # (the API server's advertise address, on its serving certificate). None: the box's loopback.
+    netns: str | None = None
+    host_address: str | None = None
+    lab_url: str = ""  # with netns: https://<host_address>:<port>, what kubelets in the lab dial
 
     @property
     def kubeconfig(self) -> Path:
         return self.directory / "kubeconfig"
 
     def start(self) -> ControlPlane:
+        if (self.netns is None) != (self.host_address is None):
+            raise ValueError("ControlPlane: netns and host_address go together")
         self.assets = self.assets or ensure_assets()
         self.directory.mkdir(parents=True, exist_ok=True)
         etcd_url = self._start_etcd()
@@ -82,7 +107,18 @@ class ControlPlane:
         self._write_kubeconfig(self.kubeconfig, user="admin", token=self.token)
         return self
 
+    def _in_netns(self, cmd: list[str]) -> list[str]:
+        # nsenter --net enters the network namespace only (``ip netns exec`` also remounts /sys).
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *cmd] if self.netns else cmd
+
+    def _ready(self, url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> bool:
+        """``url`` answers 200, asked from where it listens (the host's namespace, with netns)."""
+        if self.netns is None:
+            return _http_ok(url, token, context)
+        return _curl_ok_in(self.netns, url, token)
+
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        cmd = self._in_netns(cmd) if name in ("etcd", "kube-apiserver", "relay-netns") else cmd
         with open(self.directory / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
@@ -102,7 +138,7 @@ class ControlPlane:
             "--initial-cluster", f"default=http://127.0.0.1:{peer}",
             "--unsafe-no-fsync", "--log-level", "warn",
         ])
-        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/health"), timeout=self.ready_timeout / 3,
+        wait_for(lambda: proc.poll() is not None or self._ready(f"{url}/health"), timeout=self.ready_timeout / 3,
                  what="etcd /health")
         if proc.poll() is not None:
             raise RuntimeError(f"etcd exited ({proc.returncode}); see {self.directory / 'etcd.log'}")
@@ -112,7 +148,10 @@ class ControlPlane:
         assert self.assets
         now = datetime.datetime.now(datetime.UTC)
         ca = self.ca = new_ca("fabmesh-testenv-ca", now=now)
-        serving = issue_leaf(ca, name="localhost", addresses=["127.0.0.1"], now=now)
+        # In-cluster clients dial the kubernetes Service's ClusterIP (the first address of the range).
+        service_ip = str(ipaddress.ip_network(SERVICE_CIDR).network_address + 1)
+        serving = issue_leaf(ca, name="localhost",
+                             addresses=["127.0.0.1", service_ip, *filter(None, [self.host_address])], now=now)
         certs = self.directory / "pki"
         certs.mkdir(exist_ok=True)
         (certs / "ca.crt").write_text(ca.cert_pem)
@@ -135,10 +174,13 @@ class ControlPlane:
         self.ca_pem = ca.cert_pem
         port = free_port()
         self.url = f"https://127.0.0.1:{port}"
+        # In a lab host: every address of the host (its own loopback for the relay, its WAN address for
+        # kubelets); the advertise address is the one kubelets and the kubernetes Service would use.
+        bind, advertise = ("0.0.0.0", self.host_address) if self.host_address else ("127.0.0.1", "127.0.0.1")
         proc = self._spawn("kube-apiserver", [
             str(self.assets.path("kube-apiserver")),
             "--etcd-servers", etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", bind, "--advertise-address", advertise,
             "--secure-port", str(port),
             "--tls-cert-file", str(certs / "apiserver.crt"),
             "--tls-private-key-file", str(certs / "apiserver.key"),
@@ -154,7 +196,7 @@ class ControlPlane:
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--service-account-key-file", str(certs / "sa.pub"),
             "--service-account-signing-key-file", str(certs / "sa.key"),
-            "--disable-admission-plugins", "ServiceAccount",
+            *([] if self.service_accounts else ["--disable-admission-plugins", "ServiceAccount"]),
             "--allow-privileged=true",
             # Loopback may not be published as the kubernetes Service endpoint; nothing here needs it.
             "--endpoint-reconciler-type", "none",
@@ -163,11 +205,32 @@ class ControlPlane:
         ])
         context = ssl.create_default_context(cadata=ca.cert_pem)
         wait_for(lambda: proc.poll() is not None
-                 or _http_ok(f"{self.url}/readyz", token=self.token, context=context),
+                 or self._ready(f"{self.url}/readyz", token=self.token, context=context),
                  timeout=self.ready_timeout, interval=0.2, what="kube-apiserver /readyz")
         if proc.poll() is not None:
             raise RuntimeError(f"kube-apiserver exited ({proc.returncode}); "
                                f"see {self.directory / 'kube-apiserver.log'}")
+        if self.host_address:
+            self.lab_url = f"https://{self.host_address}:{port}"
+            self._relay_to_root(port, context)
+
+    def _relay_to_root(self, port: int, context: ssl.SSLContext) -> None:
+        """Loopback in the root namespace -> a unix socket -> loopback in the host's namespace; ``url``
+        becomes the root side (a unix socket crosses namespaces, an address would need a route)."""
+        sock = self.directory / "api.sock"
+        inside = self._spawn("relay-netns", ["socat", f"UNIX-LISTEN:{sock},fork,unlink-early,mode=600",
+                                             f"TCP:127.0.0.1:{port}"])
+        wait_for(lambda: inside.poll() is not None or sock.exists(), timeout=10, what=f"API relay socket {sock}")
+        root_port = free_port()
+        root = self._spawn("relay-root", ["socat", f"TCP-LISTEN:{root_port},bind=127.0.0.1,fork,reuseaddr",
+                                          f"UNIX-CONNECT:{sock}"])
+        self.url = f"https://127.0.0.1:{root_port}"
+        wait_for(lambda: inside.poll() is not None or root.poll() is not None
+                 or _http_ok(f"{self.url}/readyz", token=self.token, context=context),
+                 timeout=10, interval=0.2, what="the API server through the root relay")
+        for name, relay in (("relay-netns", inside), ("relay-root", root)):
+            if relay.poll() is not None:
+                raise RuntimeError(f"{name} exited ({relay.returncode}); see {self.directory / f'{name}.log'}")
 
     def start_controllers(self, binaries: Path) -> None:
         """Run kube-controller-manager and kube-scheduler too (from ``ensure_node_assets()``'s directory).
@@ -234,8 +297,15 @@ class ControlPlane:
 
     def stop(self) -> None:
         for pid in reversed(self.pids):
+            # Each was started as its own session: the group also holds what socat forked per connection.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
             stop_pid(pid, timeout=10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         self.pids.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / "api.sock").unlink()
 
 
 def client_certificate(ca: KeyPair, user: str, group: str) -> KeyPair:
@@ -265,6 +335,18 @@ def _http_ok(url: str, token: str | None = None, context: ssl.SSLContext | None 
             return response.status == 200
     except OSError:
         return False
+
+
+def _curl_ok_in(netns: str, url: str, token: str | None) -> bool:
+    """200 from ``url``, asked from inside ``netns`` (curl, as ``kubenode._healthz_in`` does)."""
+    cmd = ["nsenter", f"--net=/run/netns/{netns}", "curl", "-s", "--max-time", "2", "-o", "/dev/null",
+           "-w", "%{http_code}"]
+    if url.startswith("https"):
+        cmd += ["-k"]  # the server is ours, just started; the relay check outside verifies the chain
+    if token:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
+    done = subprocess.run([*cmd, url], capture_output=True, text=True)
+    return done.stdout.strip() == "200"
 
 
 @contextlib.contextmanager

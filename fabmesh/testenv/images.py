@@ -142,8 +142,13 @@ def ensure_local_images(busybox_path: Path = BUSYBOX) -> LocalImages:
 
 def import_images(images: LocalImages, containerd_socket: Path) -> None:
     """Load the archive into a node's containerd, in the CRI's ``k8s.io`` namespace."""
-    cmd = ["ctr", "--address", str(containerd_socket), "-n", "k8s.io", "images", "import", str(images.archive)]
+    import_archive(images.archive, containerd_socket)
+
+
+def import_archive(archive: Path, containerd_socket: Path) -> None:
+    """Load one OCI archive (e.g. the product image's) into a node's containerd, namespace ``k8s.io``."""
+    cmd = ["ctr", "--address", str(containerd_socket), "-n", "k8s.io", "images", "import", str(archive)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ImageError(f"image archive {images.archive}: import into {containerd_socket} failed "
+        raise ImageError(f"image archive {archive}: import into {containerd_socket} failed "
                          f"({proc.returncode}): {proc.stderr.strip()}")

@@ -45,7 +45,7 @@ from fabmesh.pki.authority import issue_leaf
 from fabmesh.testenv import cgroups
 from fabmesh.testenv.controlplane import SERVICE_CIDR, ControlPlane
 from fabmesh.testenv.hosts import Host, Network, sh, stop_pid, vici_ready, wait_for
-from fabmesh.testenv.images import LocalImages, import_images
+from fabmesh.testenv.images import LocalImages, import_archive, import_images
 from fabmesh.testenv.nodeconfig import (
     KUBELET_SYSCTLS,
     NodePaths,
@@ -72,16 +72,29 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 @dataclass
 class NodeLink:
-    """The API server relayed into the lab WAN over loopback and a unix socket; nothing in the root namespace."""
+    """The API server relayed into the lab WAN over loopback and a unix socket; nothing in the root namespace.
 
-    network: Network
+    When the API server already runs inside the lab (``ControlPlane(netns=...)``), :meth:`inside` makes a
+    link with nothing to relay: kubelets dial its ``lab_url``.
+    """
+
+    network: Network | None
     directory: Path
     address: str = ""
     socket_path: Path | None = None
     relays: list[subprocess.Popen[bytes]] = field(default_factory=list)
     server: str = ""
 
+    @classmethod
+    def inside(cls, control_plane: ControlPlane, directory: Path) -> NodeLink:
+        """The link to an API server running in a lab host's namespace: its own address there, no relay."""
+        if not control_plane.lab_url:
+            raise NodeError("NodeLink.inside: the control plane does not run inside the lab (no netns)")
+        return cls(network=None, directory=directory, address=control_plane.host_address or "",
+                   server=control_plane.lab_url)
+
     def start(self, control_plane: ControlPlane) -> NodeLink:
+        assert self.network is not None, "a relay needs the WAN to listen on"
         wan = ipaddress.ip_network(self.network.wan_cidr)
         self.address = str(wan.broadcast_address - 1)
         api_port = int(control_plane.url.rsplit(":", 1)[1])
@@ -147,6 +160,11 @@ class KubeNode:
     pod_cidr: str
     binaries: Path
     images: LocalImages
+    # More OCI archives to import at start (the product image, fabmesh.testenv.product_image).
+    archives: tuple[Path, ...] = ()
+    # False: no conflist is written, the node stays NotReady until a network plugin writes one
+    # (on an edge, fabmesh's agent Pod does, as a DaemonSet-style CNI would).
+    bridge_cni: bool = True
     paths: NodePaths = field(init=False)
     cgroup_root: str = field(init=False)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -162,6 +180,8 @@ class KubeNode:
         try:
             self._start_containerd()
             import_images(self.images, self.paths.containerd_socket)
+            for archive in self.archives:
+                import_archive(archive, self.paths.containerd_socket)
             self._start_kubelet()
         except Exception:
             self.stop()
@@ -191,8 +211,9 @@ class KubeNode:
         p.containerd_config.write_text(render_containerd_config(p, self.images.pause))
         p.kubelet_config.write_text(yaml.safe_dump(kubelet_config(
             p, node_ip=self.host.wan_ip, cgroup_root=self.cgroup_root, client_ca=p.pki / "ca.crt")))
-        conflist = bridge_conflist("fabmesh-lab", "cni0", self.pod_cidr, p.ipam_dir)
-        (p.cni_conf_dir / "10-fabmesh-lab.conflist").write_text(json.dumps(conflist, indent=2))
+        if self.bridge_cni:
+            conflist = bridge_conflist("fabmesh-lab", "cni0", self.pod_cidr, p.ipam_dir)
+            (p.cni_conf_dir / "10-fabmesh-lab.conflist").write_text(json.dumps(conflist, indent=2))
 
     def _in_node(self, component: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         """Run ``cmd`` in the host's network namespace and in the node's ``<root>/runtime`` cgroup."""

@@ -90,4 +90,6 @@ def operator_env(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Operat
         for proc in env.processes:
             stop_pid(proc.pid)
         for node in admin.list("nodes"):  # Nodes are cluster-wide: leave none for the next test
+            if node["metadata"].get("finalizers"):  # the operator is stopped: nobody else would release them
+                admin.merge_patch("nodes", node["metadata"]["name"], {"metadata": {"finalizers": None}})
             admin.delete("nodes", node["metadata"]["name"])

@@ -21,9 +21,15 @@ import yaml
 
 from fabmesh.cli import build_parser
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.operator.objects import CONNECTOR_CONFIGMAP, connector_pod, connector_secret_name, connector_shard_name
+from fabmesh.operator.objects import (
+    CLOUD_ROUTES_CONFIGMAP,
+    CONNECTOR_CONFIGMAP,
+    connector_pod,
+    connector_secret_name,
+    connector_shard_name,
+)
 from fabmesh.operator.settings import OperatorSettings
-from fabmesh.testenv.cluster import CHART, render_chart
+from fabmesh.testenv.cluster import CHART, install_release_hook_rbac, render_chart
 from fabmesh.testenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.api
@@ -42,6 +48,7 @@ _COLLECTION = {
     "RoleBinding": _RBAC + "/namespaces/{ns}/rolebindings",
     "ClusterRole": _RBAC + "/clusterroles",
     "ClusterRoleBinding": _RBAC + "/clusterrolebindings",
+    "CustomResourceDefinition": "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
 }
 
 
@@ -163,8 +170,9 @@ def settings_of(objects: dict[tuple[str, str], Obj]) -> OperatorSettings:
 
 def test_no_connector_daemonset_the_operator_runs_connector_pods_from_its_settings(
         rendered: dict[tuple[str, str], Obj]) -> None:
-    # A DaemonSet would mount one key on every connector node; the operator mounts each node's own.
-    assert [name for kind, name in rendered if kind == "DaemonSet"] == []
+    # A DaemonSet would mount one key on every connector node; the operator mounts each node's own. The one
+    # DaemonSet is the route agent's, which mounts no Secret (test_cloud_agent_daemonset_...).
+    assert [name for kind, name in rendered if kind == "DaemonSet"] == ["fabmesh-cloud-agent"]
     settings = settings_of(rendered)
     pods = settings.connector_pods
     assert pods.enabled is True
@@ -195,6 +203,33 @@ def test_no_secret_or_private_key_is_rendered(rendered: dict[tuple[str, str], Ob
             assert not re.search(r"PRIVATE KEY|tls\.key|BEGIN CERTIFICATE", text), f"{cm['metadata']['name']}/{key}"
 
 
+def test_cloud_agent_daemonset_runs_on_other_cloud_nodes_with_net_admin_one_configmap_and_no_token(
+        rendered: dict[tuple[str, str], Obj], helm: Helm) -> None:
+    daemonset = rendered[("DaemonSet", "fabmesh-cloud-agent")]
+    spec = daemonset["spec"]["template"]["spec"]
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    settings = settings_of(rendered)
+    assert term["matchExpressions"] == [{"key": settings.edge_label, "operator": "DoesNotExist"},
+                                        {"key": settings.connector_label, "operator": "DoesNotExist"}]
+    assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in spec
+    agent = container(spec, "cloud-agent")
+    assert agent["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    assert agent["args"][:1] == ["cloud-agent"]
+    assert agent["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["routes"]["configMap"] == {"name": CLOUD_ROUTES_CONFIGMAP, "optional": True}
+    assert not [v for v in spec["volumes"] if "secret" in v or "projected" in v]
+    build_parser(["cloud-agent"]).parse_args(agent["args"])  # the flags exist
+    assert settings.cloud_agent.route_edge_pod_cidrs is False and settings.cloud_agent.route_table == 2621
+    values = {"cloudAgent": {"enabled": False},
+              "operator": {"settings": {"cloud_agent": {"route_edge_pod_cidrs": True, "route_table": 3000}}}}
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", values)}
+    assert [name for kind, name in objects if kind == "DaemonSet"] == []
+    assert settings_of(objects).cloud_agent.model_dump() == {"route_edge_pod_cidrs": True, "route_table": 3000,
+                                                              "resync_period_s": 30}
+
+
 def test_shard_count_and_connector_pods_follow_the_values(helm: Helm) -> None:
     values = {"operator": {"settings": {"connector_shards": 3,
                                         "connector_pods": {"enabled": False, "uplink": "eth0"}}}}
@@ -217,7 +252,8 @@ def _containers(rendered: dict[tuple[str, str], Obj]) -> dict[str, tuple[Obj, Ob
 
 def test_every_container_is_locked_down_and_has_requests_and_limits(rendered: dict[tuple[str, str], Obj]) -> None:
     containers = _containers(rendered)
-    assert set(containers) == {"fabmesh-operator/operator"}  # agents and connectors: Pods the operator creates
+    # agents and connectors: Pods the operator creates
+    assert set(containers) == {"fabmesh-operator/operator", "fabmesh-cloud-agent/cloud-agent"}
     for where, (spec, c) in containers.items():
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         context = c["securityContext"]
@@ -284,7 +320,8 @@ def installed(helm: Helm, admin: Kube) -> Iterator[tuple[str, list[Obj], str]]:
     try:
         yield namespace, objects, result.stdout
     finally:
-        gone = helm.cluster("uninstall", RELEASE, "-n", namespace)
+        # No kubelet here would ever run the post-delete Job (test_uninstall_hook_... checks what it renders).
+        gone = helm.cluster("uninstall", RELEASE, "-n", namespace, "--no-hooks")
         assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
@@ -293,12 +330,14 @@ def test_helm_install_creates_every_rendered_object_in_the_api(
     namespace, objects, _ = installed
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
-    assert "DaemonSet" not in kinds
+    # The only DaemonSet is the route agent's (no connector DaemonSet: see above).
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "DaemonSet"] == ["fabmesh-cloud-agent"]
     for obj in objects:
         live = admin._call("GET", object_path(obj))
         assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm", object_path(obj)
         assert live["metadata"]["annotations"][HELM_OWNER] == namespace, object_path(obj)
-    assert admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"] == []
+    daemonsets = admin._call("GET", _COLLECTION["DaemonSet"].format(ns=namespace))["items"]
+    assert [d["metadata"]["name"] for d in daemonsets] == ["fabmesh-cloud-agent"]
 
 
 def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]) -> None:
@@ -308,6 +347,32 @@ def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]
                  "community.fabmesh.io/<name>=", "kubectl fabmesh doctor", "kubectl fabmesh status",
                  f"kubectl -n {namespace} get cm -l app.kubernetes.io/managed-by=fabmesh"):
         assert step in output, output
+
+
+def test_uninstall_hook_runs_the_release_as_its_own_locked_down_account(helm: Helm) -> None:
+    hooks = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", hooks=True)
+             if "helm.sh/hook" in (o["metadata"].get("annotations") or {})}
+    assert set(hooks) == {(k, "fabmesh-release") for k in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                                           "Role", "RoleBinding", "Job")} | {
+        ("ConfigMap", "fabmesh-release-settings")}
+    for obj in hooks.values():  # after the operator and its RBAC are gone; deleted once it has succeeded
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-delete"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    spec = hooks[("Job", "fabmesh-release")]["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "fabmesh-release" and spec["restartPolicy"] == "Never"
+    (release,) = spec["containers"]
+    args = build_parser().parse_args(release["args"])
+    assert (args.command, args.release, str(args.config)) == ("operator", True, "/etc/fabmesh/operator.yaml")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert release["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                          "capabilities": {"drop": ["ALL"]}}
+    assert set(release["resources"]["requests"]) == {"cpu", "memory"} == set(release["resources"]["limits"])
+    settings = OperatorSettings.model_validate(yaml.safe_load(
+        hooks[("ConfigMap", "fabmesh-release-settings")]["data"]["operator.yaml"]))
+    assert settings.namespace == "fm-render"
+    off = render_chart(helm.binary, "fm-render", {"operator": {"releaseOnUninstall": False}}, hooks=True)
+    assert not [o for o in off if "helm.sh/hook" in (o["metadata"].get("annotations") or {})]
 
 
 # (id, ServiceAccount, verb, API group, resource, namespace: "own" = the release's, None = cluster-wide, allowed)
@@ -335,6 +400,21 @@ RBAC_MATRIX = [
     ("operator-cannot-list-secrets-cluster-wide", "fabmesh-operator", "list", "", "secrets", None, False),
     ("operator-cannot-create-pods-in-default", "fabmesh-operator", "create", "", "pods", "default", False),
     ("operator-cannot-update-pods", "fabmesh-operator", "update", "", "pods", "own", False),
+    # Each node's identity (fabmesh-node-<node>, its Role and RoleBinding, its TunnelStatus): the operator
+    # holds what those Roles grant (tunnelstatuses/status) instead of "escalate" or "bind".
+    ("operator-creates-serviceaccounts", "fabmesh-operator", "create", "", "serviceaccounts", "own", True),
+    ("operator-creates-roles", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "roles", "own", True),
+    ("operator-creates-rolebindings", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "rolebindings",
+     "own", True),
+    ("operator-creates-tunnelstatuses", "fabmesh-operator", "create", "fabmesh.io", "tunnelstatuses", "own", True),
+    ("operator-patches-tunnelstatus-status", "fabmesh-operator", "patch", "fabmesh.io", "tunnelstatuses/status",
+     "own", True),
+    ("operator-cannot-escalate-roles", "fabmesh-operator", "escalate", "rbac.authorization.k8s.io", "roles", "own",
+     False),
+    ("operator-cannot-bind-roles", "fabmesh-operator", "bind", "rbac.authorization.k8s.io", "roles", "own", False),
+    ("operator-cannot-mint-tokens", "fabmesh-operator", "create", "", "serviceaccounts/token", "own", False),
+    ("operator-cannot-create-roles-in-default", "fabmesh-operator", "create", "rbac.authorization.k8s.io", "roles",
+     "default", False),
     # Agent and connector Pods run as the namespace's "default" account (no token mounted): it may do nothing.
     ("node-pods-cannot-get-configmaps", "default", "get", "", "configmaps", "own", False),
     ("node-pods-cannot-get-secrets", "default", "get", "", "secrets", "own", False),
@@ -346,7 +426,8 @@ RBAC_MATRIX = [
 def may(admin: Kube, namespace: str, account: str, verb: str, group: str, resource: str,
         where: str | None) -> bool:
     """The API server's own answer (SubjectAccessReview) for that ServiceAccount, with its groups."""
-    attributes = {"verb": verb, "group": group, "resource": resource}
+    resource, _, subresource = resource.partition("/")
+    attributes = {"verb": verb, "group": group, "resource": resource, "subresource": subresource}
     if where is not None:
         attributes["namespace"] = namespace if where == "own" else where
     review = admin._call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
@@ -363,3 +444,42 @@ def test_installed_rbac_is_least_privilege(installed: tuple[str, list[Obj], str]
                                            verb: str, group: str, resource: str, where: str | None,
                                            expected: bool) -> None:
     assert may(admin, installed[0], account, verb, group, resource, where) is expected
+
+
+# The uninstall hook's account, applied as helm applies it at post-delete: (id, verb, group, resource, namespace,
+# object name, allowed).
+RELEASE_RBAC = [
+    ("release-lists-nodes", "list", "", "nodes", None, None, True),
+    ("release-patches-nodes", "patch", "", "nodes", None, None, True),
+    ("release-gets-the-operator-lease", "get", "coordination.k8s.io", "leases", "own", "fabmesh-operator", True),
+    ("release-cannot-get-another-lease", "get", "coordination.k8s.io", "leases", "own", "other", False),
+    ("release-cannot-update-the-lease", "update", "coordination.k8s.io", "leases", "own", "fabmesh-operator", False),
+    ("release-cannot-update-nodes", "update", "", "nodes", None, None, False),
+    ("release-cannot-delete-nodes", "delete", "", "nodes", None, None, False),
+    ("release-cannot-get-secrets", "get", "", "secrets", "own", None, False),
+    ("release-cannot-list-configmaps", "list", "", "configmaps", "own", None, False),
+]
+
+
+@pytest.fixture(scope="module")
+def release_hook_namespace(control_plane: ControlPlane, admin: Kube) -> str:
+    namespace = f"fm-hook-{uuid.uuid4().hex[:6]}"
+    install_release_hook_rbac(control_plane, admin, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize(("verb", "group", "resource", "where", "name", "expected"),
+                         [pytest.param(*case[1:], id=case[0]) for case in RELEASE_RBAC])
+def test_uninstall_hook_rbac_is_least_privilege(release_hook_namespace: str, admin: Kube, verb: str, group: str,
+                                                resource: str, where: str | None, name: str | None,
+                                                expected: bool) -> None:
+    attributes = {"verb": verb, "group": group, "resource": resource, **({"name": name} if name else {})}
+    if where is not None:
+        attributes["namespace"] = release_hook_namespace
+    review = admin._call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": f"system:serviceaccount:{release_hook_namespace}:fabmesh-release",
+                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{release_hook_namespace}",
+                            "system:authenticated"],
+                 "resourceAttributes": attributes}})
+    assert bool(review["status"].get("allowed")) is expected

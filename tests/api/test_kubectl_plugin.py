@@ -84,15 +84,19 @@ def test_status_json_has_a_row_per_node_with_role_cidr_certificate_agent_peers_a
     assert (connector["role"], connector["peers"], connector["agent"]) == ("connector", 3, None)
     assert connector["cert_expires"]
     assert rows["cloud-2"] == {"name": "cloud-2", "role": "cloud", "pod_cidr": None, "communities": [],
-                               "cert_expires": None, "agent": None, "peers": None, "tunnels_up": None}
+                               "cert_expires": None, "agent": None, "peers": None, "tunnels_up": None,
+                               "tunnels_expected": None, "generation_wanted": None, "generation_applied": None,
+                               "last_error": None, "status_age_s": None}
 
     table = fabmesh("status", *cluster_args(env, control_plane))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "ROLE", "POD-CIDR", "COMMUNITIES", "CERT-EXPIRES", "AGENT", "PEERS",
-                                "TUNNELS-UP"]
+                                "TUNNELS-UP", "GENERATION", "STATUS-AGE", "LAST-ERROR"]
     kp2 = next(line.split() for line in lines if line.startswith("kp-edge-2 "))
-    assert kp2[:2] == ["kp-edge-2", "edge"] and kp2[3] == "north,south" and kp2[5:] == ["Pending", "3", "-"]
+    wanted = rows["kp-edge-2"]["generation_wanted"]
+    assert kp2[:2] == ["kp-edge-2", "edge"] and kp2[3] == "north,south" and kp2[5:] == [
+        "Pending", "3", "-", f"-/{wanted}", "-", "-"]  # no agent has published a TunnelStatus
 
 
 def test_doctor_passes_a_healthy_mesh_then_fails_naming_an_overlapping_pod_cidr(
@@ -103,7 +107,7 @@ def test_doctor_passes_a_healthy_mesh_then_fails_naming_an_overlapping_pod_cidr(
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "FAIL " not in healthy.stdout
     for check in ("connector", "operator-leader", "pod-cidrs", "certificates", "edge-configmaps",
-                  "flannel-annotations", "clock-skew", "invalid-node-events"):
+                  "flannel-annotations", "flannel-release", "clock-skew", "invalid-node-events"):
         assert f"PASS  {check} " in healthy.stdout, healthy.stdout
     assert "WARN  agents-running" in healthy.stdout and "is Pending" in healthy.stdout
 

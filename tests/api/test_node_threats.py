@@ -113,8 +113,10 @@ def test_each_connector_has_its_own_key_and_its_pod_mounts_only_that_key(
         assert (spec["nodeName"], spec["hostNetwork"], spec["automountServiceAccountToken"]) == (name, True, False)
         mounted_secrets, mounted_cms = _mounted(pod)
         assert mounted_secrets == {o.connector_secret_name(name)}
-        assert mounted_cms == {o.CONNECTOR_CONFIGMAP, *(o.connector_shard_name(i)
-                                                        for i in range(env.settings.connector_shards))}
+        # kube-root-ca.crt: the public CA bundle that verifies the API server, for the status token.
+        assert mounted_cms == {o.CONNECTOR_CONFIGMAP, "kube-root-ca.crt",
+                               *(o.connector_shard_name(i) for i in range(env.settings.connector_shards))}
+        assert spec["serviceAccountName"] == o.node_account_name(name)  # its own identity, no other's
         connector = next(c for c in spec["containers"] if c["name"] == "connector")
         assert connector["args"][connector["args"].index("--node-name") + 1] == name
         for container in spec["containers"]:

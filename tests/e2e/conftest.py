@@ -18,7 +18,8 @@ from tests.conftest import require_root_tools
 
 @pytest.fixture(scope="module")
 def running_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
-    require_root_tools("ip", "iptables-restore", "ipset", "/usr/lib/ipsec/charon", "/usr/lib/cni/bridge")
+    require_root_tools("ip", "iptables-restore", "ipset", "/usr/lib/ipsec/charon", "/usr/lib/cni/bridge",
+                       "nsenter", "socat", "curl")  # the last three: flanneld and its API relay
     directory: Path = tmp_path_factory.mktemp("lab")
     try:
         state = bringup.up(THREE_SITES, directory, timeout=90)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fabmesh.lab import probe
 from fabmesh.lab.state import LabHost, LabPod, LabState
 from fabmesh.strongswan.driver import Charon
 from fabmesh.testenv.hosts import sh, stop_pid, wait_for
@@ -157,3 +158,10 @@ def forged_datagrams_delivered(probe: str, edge: LabHost, target: LabPod, forged
     finally:
         remove_counter(edge.netns, *arrived)
         remove_counter(target.netns, *delivered)
+
+
+
+def observed_path(state: LabState, src: str, dst: str) -> tuple[bool, str]:
+    """One ping from ``src``'s pod to ``dst``'s, and the path the SA counters saw it take (as ``lab status``)."""
+    ok, path, _ = probe.observe_pair(state, src, dst)
+    return ok, path.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 
 import pytest
@@ -76,6 +77,20 @@ def test_edge_node_address_is_reachable_from_the_connector_like_kubelet(running_
         seen = wait_for(lambda: ask_peer(running_lab.host("connector-1").netns, edge.node_ip, 10250),
                         timeout=10, what="kubelet stand-in answering through the tunnel")
     assert seen == "10.244.0.0"  # the connector's flannel address: inside the tunnel's selectors
+
+
+@pytest.mark.parametrize("target", ["edge-1", "edge-3"], ids=["masquerade-nat", "symmetric-nat"])
+def test_edge_node_address_is_reachable_from_another_cloud_node_through_the_route_agent_and_connector(
+        running_lab: LabState, target: str) -> None:
+    edge, cloud = running_lab.host(target), running_lab.host("cloud-2")
+    before = child_packets(running_lab, "connector-1")[target]
+    with echo_peer_server(edge.netns, 10250, bind=edge.node_ip):
+        seen = wait_for(lambda: ask_peer(cloud.netns, edge.node_ip, 10250),
+                        timeout=20, what=f"kubelet stand-in on {target} answering cloud-2 through the connector")
+    # cloud-2's flannel address, not SNATed: the route agent's source, inside the tunnel's selectors.
+    assert seen == str(ipaddress.ip_network(cloud.pod_cidr or "").network_address)
+    after = child_packets(running_lab, "connector-1")[target]
+    assert after[1] > before[1] and after[0] > before[0]  # out to the edge and back, through its tunnel
 
 
 def test_no_snat_rule_rewrites_mesh_traffic(running_lab: LabState) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from fabmesh.kube.client import Kube, load_api_client
-from fabmesh.lab import probe
+from fabmesh.lab import faults, probe
 from fabmesh.lab.state import LabState
-from fabmesh.testenv.hosts import Network, sh, wait_for
-from tests.e2e.helpers import ask_peer, echo_peer_server, established, pod, vici
+from fabmesh.testenv.hosts import NatRouter, Network, sh, wait_for
+from tests.e2e.helpers import ask_peer, echo_peer_server, established, observed_path, ping_ok, pod, vici
 
 pytestmark = pytest.mark.e2e
 EDGES = ("edge-1", "edge-2", "edge-3")
@@ -125,3 +125,68 @@ def test_a_cone_nat_pair_on_two_sites_becomes_direct_by_mediation(running_lab: L
         kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {"community.fabmesh.io/a": None}}})
         wait_for(lambda: "edge-4" not in established(running_lab, "edge-1"), timeout=60, interval=0.5,
                  what="edge-1 to drop edge-4 again")
+
+
+def _status(state: LabState, src: str, dst: str) -> dict:
+    """The pair as ``fabmesh lab status --json`` reports it."""
+    pairs = {(p["src"], p["dst"]): p for p in probe.check(state, wait=10)["pairs"]}
+    return pairs[(pod(state, src).name, pod(state, dst).name)]
+
+
+def test_a_direct_pair_whose_udp_is_blocked_is_relayed_within_seconds_and_direct_again_after_heal(
+        running_lab: LabState) -> None:
+    """edge-1 and edge-2 (one site) tunnel directly; ``lab cut edge-1 --from edge-2`` blocks everything
+    between them, so their direct CHILD_SAs stop passing packets while both still reach the connector.
+    Both agents must drop the dead tunnel within seconds (not after charon's ~90 s of DPD retransmits),
+    so the pair is relayed; once healed, the initiator's next attempt makes it direct again."""
+    pairs = (("edge-1", "edge-2"), ("edge-2", "edge-1"))
+    for src, dst in pairs:
+        assert observed_path(running_lab, src, dst) == (True, "direct")
+    faults.cut(running_lab, "edge-1", "edge-2")
+    try:
+        # Bounded well under charon's own give-up (DPD + 83 s of retransmits); the time is measured in bench_nat.
+        wait_for(lambda: all(observed_path(running_lab, s, d) == (True, "relayed") for s, d in pairs),
+                 timeout=30, interval=0.5, what="edge-1 <-> edge-2 to be relayed through the connector")
+        assert "edge-2" not in established(running_lab, "edge-1")
+        assert "edge-1" not in established(running_lab, "edge-2")
+        for src, dst in pairs:
+            status = _status(running_lab, src, dst)
+            assert status["ok"] and status["path"] == "relayed" and status["intended"] == "direct", status
+            sent = {(e["host"], e["sa"]) for e in status["evidence"] if e["packets_out"]}
+            assert {(src, "connector-1"), ("connector-1", dst)} <= sent and (src, dst) not in sent, status
+            assert ping_ok(pod(running_lab, src).netns, pod(running_lab, dst).ip, count=5)
+    finally:
+        faults.heal(running_lab, "edge-1")
+    wait_for(lambda: all(observed_path(running_lab, s, d) == (True, "direct") for s, d in pairs),
+             timeout=120, interval=1, what="edge-1 <-> edge-2 to be direct again after the heal")
+    status = _status(running_lab, "edge-1", "edge-2")
+    assert status["ok"] and status["path"] == "direct" and "intended" not in status, status
+
+
+def test_edges_come_back_without_intervention_when_their_nat_router_changes_its_wan_address(
+        running_lab: LabState) -> None:
+    """site-1's router (edge-1 and edge-2 behind it) reconnects with another WAN address, as a 4G router
+    does: every NAT mapping is gone and the connector keeps sending to the old address. Nothing is done
+    by hand: each edge's next DPD leaves by a new mapping and the connector moves its IKE_SA there."""
+    nat = running_lab.nat("site-1")
+    router = NatRouter(name=nat.name, netns=nat.netns, wan_ip=nat.wan_ip, lan_cidr=nat.lan_cidr,
+                       symmetric=nat.type == "symmetric")
+    old = router.wan_ip
+    with vici(running_lab, "connector-1") as charon:
+        before = dict(charon.ike_sas())
+    assert {before[e]["remote-host"] for e in ("edge-1", "edge-2")} == {old}
+    router.set_wan_ip("198.51.100.202", 24)
+    nat.wan_ip = router.wan_ip
+    running_lab.save()
+
+    def moved() -> bool:
+        with vici(running_lab, "connector-1") as charon:
+            sas = dict(charon.ike_sas())
+        return all(sas.get(e, {}).get("remote-host") == "198.51.100.202" for e in ("edge-1", "edge-2"))
+
+    wait_for(moved, timeout=120, interval=0.5, what="the connector to follow edge-1 and edge-2 to the new address")
+    for edge in ("edge-1", "edge-2"):
+        assert ping_ok(pod(running_lab, edge).netns, pod(running_lab, "cloud-2").ip, count=3)
+        assert ping_ok(pod(running_lab, "cloud-2").netns, pod(running_lab, edge).ip, count=3)
+        assert ping_ok(pod(running_lab, edge).netns, pod(running_lab, "edge-3").ip, count=3)  # relayed
+    assert observed_path(running_lab, "edge-1", "edge-2") == (True, "direct")  # their LAN tunnel never moved

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fabmesh.kube.client import Kube, load_api_client
-from fabmesh.testenv.assets import ensure_node_assets
+from fabmesh.testenv.assets import ensure_flanneld, ensure_node_assets
 from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import Network, unique_prefix
 from fabmesh.testenv.images import LocalImages, ensure_local_images
@@ -67,3 +67,10 @@ def node_network(tmp_path_factory: pytest.TempPathFactory, control_plane: Contro
             link.stop()
         finally:
             net.destroy()
+
+
+@pytest.fixture(scope="session")
+def flanneld_binary() -> Path:
+    """flanneld at the pinned release, built once (``python -m fabmesh.testenv.assets --node`` builds it too)."""
+    require_root_tools("go", "nsenter", "iptables", "bridge")
+    return ensure_flanneld()

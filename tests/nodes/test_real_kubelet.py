@@ -1,8 +1,8 @@
 """One real node (containerd 1.6 + runc + kubelet 1.37) on a lab host: it registers Ready and runs a
 Pod created through the API with the real CNI bridge plugin, and the box's own namespace gains no
 interface, address or route for it. ``kubectl logs`` is not tested here: the API server on the box's
-loopback cannot dial a kubelet without a route into the lab (it needs the API server in the mesh,
-issue 14), so the Pod's output is read from the log file kubelet wrote."""
+loopback cannot dial a kubelet without a route into the lab, so the Pod's output is read from the log
+file kubelet wrote (``test_mesh_kubectl.py`` runs the API server inside the mesh for ``kubectl logs``)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from fabmesh.kubectl import doctor as c
 from fabmesh.kubectl import status as st
 from fabmesh.kubectl.doctor import Check, CheckName, ClusterState, Status
 from fabmesh.kubectl.graph import mesh_dot, quote
+from fabmesh.mesh import tunnelstatus
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, PeerShard, Role, dump_yaml
+from fabmesh.mesh.tunnelstatus import NodeReport, Tunnel, TunnelState
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import issue_leaf, new_ca
 
@@ -25,7 +27,8 @@ NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 NS = "fabmesh-system"
 FLANNEL = {"flannel.alpha.coreos.com/backend-type": "vxlan",
            "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
-           "flannel.alpha.coreos.com/public-ip": "198.51.100.1"}
+           "flannel.alpha.coreos.com/public-ip": "198.51.100.1",
+           "flannel.alpha.coreos.com/kube-subnet-manager": "true"}
 
 CA = new_ca(now=NOW - timedelta(days=10), lifetime=timedelta(days=3650))
 SHORT_CA = new_ca(now=NOW - timedelta(days=10), lifetime=timedelta(days=30))  # ends in 20 days
@@ -317,7 +320,10 @@ FLANNEL_CASES = {
         [(Status.PASS, "all 2 edge node(s) carry conn's flannel annotations")]),
     "edge-missing-annotations-fails": (
         [connector(), node("e1", "192.0.2.1", {SETTINGS.edge_label: ""})],
-        [(Status.FAIL, "e1: missing flannel annotations backend-type, backend-data, public-ip")]),
+        [(Status.FAIL, "e1: missing flannel annotations backend-type, backend-data, public-ip, kube-subnet-manager")]),
+    "edge-without-lease-marker-fails": (  # real flanneld skips such a Node: no cloud node routes its pod CIDR
+        [connector(), edge("e1", "192.0.2.1", annotations={"flannel.alpha.coreos.com/kube-subnet-manager": "false"})],
+        [(Status.FAIL, "e1: stale flannel annotations kube-subnet-manager (differ from conn)")]),
     "edge-with-stale-public-ip-fails": (
         [connector(), edge("e1", "192.0.2.1", annotations={"flannel.alpha.coreos.com/public-ip": "203.0.113.7"})],
         [(Status.FAIL, "e1: stale flannel annotations public-ip (differ from conn)")]),
@@ -331,6 +337,38 @@ FLANNEL_CASES = {
 @pytest.mark.parametrize(("nodes", "expected"), FLANNEL_CASES.values(), ids=FLANNEL_CASES.keys())
 def test_flannel_annotations(nodes: list[dict[str, Any]], expected: list[tuple[Status, str]]) -> None:
     assert_matches(c.check_flannel(nodes, SETTINGS), expected)
+
+
+def held(obj: dict[str, Any], deleting: timedelta | None = None) -> dict[str, Any]:
+    """``obj`` with the operator's flannel finalizer, and deleting for ``deleting`` before NOW."""
+    meta = {**obj["metadata"], "finalizers": ["fabmesh.io/flannel-release"]}
+    if deleting is not None:
+        meta["deletionTimestamp"] = (NOW - deleting).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {**obj, "metadata": meta}
+
+
+RELEASE_CASES = {
+    "held-edges-pass": ([connector(), held(edge("e1", "192.0.2.1"))],
+                        [(Status.PASS, "no Node waits for the operator to release its flannel annotations")]),
+    "deletion-in-progress-passes": ([held(edge("e1", "192.0.2.1"), timedelta(seconds=5))],
+                                    [(Status.PASS, "no Node waits")]),
+    "deletion-held-for-minutes-fails": ([held(edge("e1", "192.0.2.1"), timedelta(minutes=5))],
+                                        [(Status.FAIL, "e1: deletion waits for finalizer fabmesh.io/flannel-release "
+                                                       "since 2030-06-01T11:55:00Z")]),
+    "unlabelled-node-still-held-warns": ([held(node("x1", annotations={"fabmesh.io/flannel-copy": "{}"}))],
+                                         [(Status.WARN, "x1: not an edge but still holds finalizer "
+                                                        "fabmesh.io/flannel-release and fabmesh.io/flannel-copy")]),
+}
+
+
+@pytest.mark.parametrize(("nodes", "expected"), RELEASE_CASES.values(), ids=RELEASE_CASES.keys())
+def test_flannel_release(nodes: list[dict[str, Any]], expected: list[tuple[Status, str]]) -> None:
+    assert_matches(c.check_flannel_release(nodes, NOW, SETTINGS), expected)
+
+
+def test_a_deleting_edge_without_flannel_keys_is_not_reported_missing_them() -> None:
+    stripped = held(node("e1", "192.0.2.1", {SETTINGS.edge_label: ""}), timedelta(seconds=5))
+    assert [x.status for x in c.check_flannel([connector(), stripped], SETTINGS)] == [Status.PASS]
 
 
 CONNECTOR_CASES = {
@@ -403,12 +441,118 @@ def test_invalid_node_events(events: list[dict[str, Any]] | None, expected: list
     assert_matches(c.check_invalid_node_events(events, [E1, CLOUD]), expected)
 
 
+# -- live state: TunnelStatus ----------------------------------------------------------------------
+
+def tunnel_status(name: str, *tunnels: tuple[str, str], cms: list[dict[str, Any]] | None = None,
+                  written: datetime = NOW, server: datetime = NOW, error: str = "", nat: bool = False,
+                  keepalive: int | None = 20, generation: str | None = None) -> dict[str, Any]:
+    """A TunnelStatus object as the API returns it: (peer, state) tunnels, the server's write time."""
+    cm = next((x for x in cms or [] if x["metadata"]["name"] == f"fabmesh-agent-{name}"), None)
+    applied = generation or (tunnelstatus.config_generation({"mesh.yaml": cm["data"]["mesh.yaml"]}) if cm else "x")
+    report = NodeReport(role="edge", config_generation=applied, last_error=error, tunnels_expected=len(tunnels),
+                        tunnels_up=sum(1 for _, s in tunnels if s == "up"), nat_keepalive_s=keepalive,
+                        written_at=cluster.format_time(written),
+                        tunnels=tuple(Tunnel(peer=p, state=TunnelState(s), nat_local=nat) for p, s in tunnels))
+    return {"metadata": {"name": name, "managedFields": [
+        {"manager": "fabmesh", "subresource": "status", "time": cluster.format_time(server)}]},
+            "status": report.to_api()}
+
+
+HEALTHY_CMS = [mesh_cm("e1", "conn", "e2"), mesh_cm("e2", "conn", "e1"), shard_cm(0, "e1", "e2")]
+HEALTHY_STATUSES = [tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS),
+                    tunnel_status("e2", ("conn", "up"), ("e1", "up"), cms=HEALTHY_CMS),
+                    tunnel_status("conn", ("e1", "up"), ("e2", "up"))]
+
+
+def observed(*objs: dict[str, Any]) -> dict[str, cluster.Observed]:
+    return cluster.observed_by_node(list(objs))
+
+
+LIVE_CASES = {
+    "all-up": (HEALTHY_STATUSES, set()),
+    "cut-edge-tunnel-fails": ([tunnel_status("e1", ("conn", "unresponsive"), ("e2", "up"), cms=HEALTHY_CMS),
+                               *HEALTHY_STATUSES[1:]], {(CheckName.TUNNELS_UP, Status.FAIL)}),
+    "last-error-fails": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS, error="routes: EPERM"),
+                          *HEALTHY_STATUSES[1:]], {(CheckName.TUNNELS_UP, Status.FAIL)}),
+    "no-status-from-an-edge-warns": ([HEALTHY_STATUSES[0], HEALTHY_STATUSES[2]],
+                                     {(CheckName.TUNNEL_STATUS, Status.WARN)}),
+    "stale-status-warns": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS,
+                                          written=NOW - timedelta(hours=1), server=NOW - timedelta(hours=1)),
+                            *HEALTHY_STATUSES[1:]], {(CheckName.TUNNEL_STATUS, Status.WARN)}),
+    "lagging-generation-fails": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), generation="0ld"),
+                                  *HEALTHY_STATUSES[1:]], {(CheckName.GENERATION, Status.FAIL)}),
+    "clock-40s-ahead-warns": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS,
+                                             written=NOW + timedelta(seconds=40)), *HEALTHY_STATUSES[1:]],
+                              {(CheckName.NODE_CLOCK, Status.WARN)}),
+    "clock-an-hour-behind-fails": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS,
+                                                  written=NOW - timedelta(hours=1)), *HEALTHY_STATUSES[1:]],
+                                   {(CheckName.NODE_CLOCK, Status.FAIL)}),
+    "nat-without-keepalive-fails": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS, nat=True,
+                                                   keepalive=0), *HEALTHY_STATUSES[1:]],
+                                    {(CheckName.NAT_KEEPALIVE, Status.FAIL)}),
+    "nat-with-keepalive-passes": ([tunnel_status("e1", ("conn", "up"), ("e2", "up"), cms=HEALTHY_CMS, nat=True),
+                                   *HEALTHY_STATUSES[1:]], set()),
+    "community-pair-without-tunnel-is-relayed": ([tunnel_status("e1", ("conn", "up")),
+                                                  tunnel_status("e2", ("conn", "up")), HEALTHY_STATUSES[2]],
+                                                 {(CheckName.RELAYED, Status.WARN),
+                                                  (CheckName.GENERATION, Status.FAIL)}),
+}
+
+
+@pytest.mark.parametrize(("statuses", "not_pass"), LIVE_CASES.values(), ids=LIVE_CASES.keys())
+def test_doctor_learns_from_live_state(statuses: list[dict[str, Any]],
+                                       not_pass: set[tuple[CheckName, Status]]) -> None:
+    found = c.run_checks(healthy_state(statuses=statuses))
+    assert {(x.name, x.status) for x in found if x.status is not Status.PASS} == not_pass
+
+
+def test_an_unlistable_status_warns_once_and_skips_the_live_checks() -> None:
+    found = c.run_checks(healthy_state(statuses=None))
+    assert [(x.name, x.status) for x in found if x.status is not Status.PASS] == [
+        (CheckName.TUNNEL_STATUS, Status.WARN)]
+    assert CheckName.TUNNELS_UP not in {x.name for x in found}
+
+
+def test_a_cut_tunnel_names_node_peer_and_state() -> None:
+    found = c.check_tunnels_up(observed(tunnel_status("e1", ("conn", "unresponsive"), ("e2", "up"))))
+    assert [x.message.split(" since")[0] for x in found] == ["e1: tunnel to conn is unresponsive"]
+
+
+def test_status_rows_show_live_state_and_generation() -> None:
+    nodes = healthy_state().nodes
+    statuses = [tunnel_status("e1", ("conn", "up"), ("e2", "down"), cms=HEALTHY_CMS, error="boom",
+                              server=NOW - timedelta(seconds=42)),
+                tunnel_status("e2", ("conn", "up"), ("e1", "up"), generation="0ld")]
+    rows = {r.name: r for r in st.status_rows(nodes, HEALTHY_CMS, None, [], SETTINGS,
+                                              observed=cluster.observed_by_node(statuses), server_now=NOW)}
+    e1, e2 = rows["e1"], rows["e2"]
+    assert (e1.tunnels_up, e1.tunnels_expected, e1.last_error, e1.status_age_s) == (1, 2, "boom", 42)
+    assert e1.generation_applied == e1.generation_wanted
+    assert e2.generation_applied == "0ld" != e2.generation_wanted
+    assert rows["conn"].generation_applied is None  # it has published no status
+
+
+def test_graph_colours_tunnels_by_what_the_nodes_report() -> None:
+    nodes = healthy_state().nodes
+    text = mesh_dot(nodes, HEALTHY_CMS, SETTINGS, observed(
+        tunnel_status("e1", ("conn", "up"), ("e2", "unresponsive")), tunnel_status("e2", ("conn", "up"), ("e1", "up"))))
+    assert '"e1" -- "e2" [color=red, penwidth=2, fontcolor=red, label="unresponsive"];' in text
+    assert '"conn" -- "e1" [color=green3, penwidth=2];' in text
+
+
+def test_graph_draws_a_community_pair_without_a_tunnel_as_relayed_instead_of_direct() -> None:
+    nodes = healthy_state().nodes
+    text = mesh_dot(nodes, [mesh_cm("e1", "conn"), mesh_cm("e2", "conn")], SETTINGS)
+    assert '"e1" -- "e2" [style=dashed, color=orange' in text
+
+
 # -- all checks together --------------------------------------------------------------------------
 
 def healthy_state(**changes: Any) -> ClusterState:
     nodes = [connector(), CLOUD, edge("e1", "192.0.2.1", "a", pod_cidr="10.233.0.0/24"),
              edge("e2", "192.0.2.2", "a", pod_cidr="10.233.1.0/24")]
     base: dict[str, Any] = dict(
+        statuses=HEALTHY_STATUSES,
         nodes=nodes, configmaps=[mesh_cm("e1", "conn", "e2"), mesh_cm("e2", "conn", "e1"), shard_cm(0, "e1", "e2")],
         secrets=[secret("fabmesh-tls-e1", leaf("e1", 300)), secret("fabmesh-tls-e2", leaf("e2", 300)),
                  secret("fabmesh-connector-tls-conn", leaf("conn", 300)), CA_SECRET],
@@ -444,7 +588,9 @@ def test_status_rows_cover_every_role_and_column() -> None:
                                              {"e1": 1})}
     assert list(rows) == ["cloud", "conn", "e1", "e2"]
     assert rows["e1"] == st.StatusRow(name="e1", role=Role.EDGE, pod_cidr="10.233.0.0/24", communities=("a",),
-                                     cert_expires=rows["e1"].cert_expires, agent="Pending", peers=2, tunnels_up=1)
+                                     cert_expires=rows["e1"].cert_expires, agent="Pending", peers=2, tunnels_up=1,
+                                     generation_wanted=tunnelstatus.config_generation(
+                                         {"mesh.yaml": state.configmaps[0]["data"]["mesh.yaml"]}))
     assert rows["e1"].cert_expires is not None and rows["e1"].cert_expires.startswith("2031-03-2")
     assert (rows["e2"].agent, rows["e2"].tunnels_up) == (None, None)
     assert (rows["conn"].role, rows["conn"].peers, rows["conn"].agent) == (Role.CONNECTOR, 2, None)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.unit
 SETTINGS = OperatorSettings()
 FLANNEL = {"flannel.alpha.coreos.com/backend-type": "vxlan",
            "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
-           "flannel.alpha.coreos.com/public-ip": "198.51.100.1"}
+           "flannel.alpha.coreos.com/public-ip": "198.51.100.1",
+           "flannel.alpha.coreos.com/kube-subnet-manager": "true"}  # flanneld writes all four on its Node
 
 
 def raw(name: str, ip: str | None, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
@@ -118,7 +119,30 @@ def test_deleted_node_is_dropped_from_the_ipam_record() -> None:
 def test_edge_gets_the_connectors_flannel_annotations_and_only_changed_keys_are_patched() -> None:
     result, _ = run(CONNECTOR, edge("e1", "192.0.2.1", annotations={**FLANNEL}))
     patch = result.node_patches["e1"]
-    assert set(patch.annotations) == {"fabmesh.io/pod-cidr"}
+    # The copied keys are there already; only the record of the copy and the finalizer are new.
+    assert set(patch.annotations) == {"fabmesh.io/pod-cidr", "fabmesh.io/flannel-copy"}
+    assert patch.finalizers == ("fabmesh.io/flannel-release",)
+    assert patch.spec_pod_cidr == "10.233.0.0/24"
+
+
+def test_edge_gets_what_real_flanneld_needs_for_a_lease_pointing_at_the_connector() -> None:
+    # flanneld's kube subnet manager makes a lease only from a Node with the kube-subnet-manager marker
+    # and a spec.podCIDR; the vxlan backend then routes that CIDR to the VtepMAC and public-ip given.
+    connector = raw("conn", "198.51.100.1", {CONNECTOR_LABEL: ""},
+                    {k: v for k, v in FLANNEL.items() if not k.endswith("kube-subnet-manager")})
+    result, _ = run(connector, edge("e1", "192.0.2.1"))
+    patch = result.node_patches["e1"]
+    assert patch.annotations == {
+        "fabmesh.io/pod-cidr": "10.233.0.0/24",
+        "flannel.alpha.coreos.com/backend-type": "vxlan",
+        "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"0a:58:0a:f4:00:01"}',
+        "flannel.alpha.coreos.com/public-ip": "198.51.100.1",
+        "flannel.alpha.coreos.com/kube-subnet-manager": "true",  # written, not copied: the connector lacks it
+        "fabmesh.io/flannel-copy": '{"backend-data":"{\\"VNI\\":1,\\"VtepMAC\\":\\"0a:58:0a:f4:00:01\\"}",'
+                                   '"backend-type":"vxlan","public-ip":"198.51.100.1"}',
+    }
+    # ...and, in the same write, the finalizer that lets the operator take them back before the Node goes.
+    assert patch.finalizers == ("fabmesh.io/flannel-release",)
     assert patch.spec_pod_cidr == "10.233.0.0/24"
 
 
