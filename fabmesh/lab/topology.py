@@ -162,6 +162,13 @@ DEFAULT = Topology(
     ))
 
 
+# The default lab plus one edge alone behind an endpoint-independent NAT of its own (site-3), in no
+# community: relabelled into community a, edge-4 and edge-1 are a cone-NAT pair on two sites, which
+# only hole punching connects directly (the e2e lab, and bench/bench_nat.py's relabel figure).
+THREE_SITES = Topology(nats=(*DEFAULT.nats, LabNat(name="site-3", type=NatType.MASQUERADE)),
+                       nodes=(*DEFAULT.nodes, LabNode(name="edge-4", role=LabRole.EDGE, nat="site-3")))
+
+
 class TopologyError(ValueError):
     pass
 

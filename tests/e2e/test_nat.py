@@ -1,8 +1,8 @@
 """Edges behind NAT: nothing on the WAN gets in, edges reach out over NAT-T, the connector never dials them.
 
-Runs on the default lab (every edge behind a NAT router: edge-1 and edge-2 on one
-endpoint-independent site, edge-3 behind a symmetric NAT), shared with the other
-e2e modules through the ``running_lab`` fixture.
+Runs on the e2e lab (every edge behind a NAT router: edge-1 and edge-2 on one
+endpoint-independent site, edge-3 behind a symmetric NAT, edge-4 alone behind another
+endpoint-independent one), shared with the other e2e modules through the ``running_lab`` fixture.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab import faults, probe
 from fabmesh.lab.state import LabState
 from fabmesh.testenv.hosts import NatRouter, Network, sh, wait_for
@@ -87,6 +88,43 @@ def test_edges_on_one_site_tunnel_directly_over_their_lan_addresses(running_lab:
     assert sa["state"] == "ESTABLISHED" and sa["initiator"] == "yes"
     assert (sa["local-host"], sa["remote-host"]) == (running_lab.host("edge-1").wan_ip,
                                                       running_lab.host("edge-2").wan_ip)
+
+
+def test_edges_on_one_site_punch_through_over_their_lan_addresses(running_lab: LabState) -> None:
+    """edge-1 and edge-2 are both behind NAT, so their pair is mediated; the check that wins is the
+    one between their LAN addresses (the router does not hairpin), never one through the relay."""
+    with vici(running_lab, "edge-1") as charon:
+        conns = charon.conns()
+        sas = dict(charon.ike_sas())
+    assert "mediation@connector-1" in conns and not sas["mediation@connector-1"].get("child-sas")
+    assert sas["mediation@connector-1"]["state"] == "ESTABLISHED"
+    assert sas["edge-2"]["remote-host"] == running_lab.host("edge-2").wan_ip
+
+
+def test_a_cone_nat_pair_on_two_sites_becomes_direct_by_mediation(running_lab: LabState) -> None:
+    """edge-4 (site-3) joins edge-1's community (site-1): neither can be dialled, the connector mediates,
+    and the direct IKE_SA runs between the two routers' WAN addresses. ``lab status`` (``probe.check``)
+    sees the probes counted by that SA, with no relay on the way."""
+    kube = Kube(load_api_client(running_lab.kubeconfig))
+    assert "edge-4" not in established(running_lab, "edge-1")
+    kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {"community.fabmesh.io/a": ""}}})
+    try:
+        wait_for(lambda: "edge-4" in established(running_lab, "edge-1"), timeout=60, interval=0.5,
+                 what="edge-1's direct tunnel with edge-4")
+        with vici(running_lab, "edge-1") as charon:
+            sa = dict(charon.ike_sas())["edge-4"]
+        assert sa["remote-host"] == running_lab.host("edge-4").public_ip(running_lab)  # site-3's router
+        assert sa["initiator"] == "yes" and sa["nat-local"] == "yes" and sa["nat-remote"] == "yes", sa
+        pairs = {(p["src"], p["dst"]): p for p in probe.check(running_lab, wait=10)["pairs"]}
+        for src, dst in (("edge-1", "edge-4"), ("edge-4", "edge-1")):
+            pair = pairs[(f"pod-{src}", f"pod-{dst}")]
+            assert pair["ok"] and pair["path"] == "direct" and "intended" not in pair, pair
+            sent = {(e["host"], e["sa"]) for e in pair["evidence"] if e["packets_out"]}
+            assert (src, dst) in sent and ("connector-1", dst) not in sent, pair
+    finally:
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {"community.fabmesh.io/a": None}}})
+        wait_for(lambda: "edge-4" not in established(running_lab, "edge-1"), timeout=60, interval=0.5,
+                 what="edge-1 to drop edge-4 again")
 
 
 def _status(state: LabState, src: str, dst: str) -> dict:
