@@ -169,6 +169,13 @@ THREE_SITES = Topology(nats=(*DEFAULT.nats, LabNat(name="site-3", type=NatType.M
                        nodes=(*DEFAULT.nodes, LabNode(name="edge-4", role=LabRole.EDGE, nat="site-3")))
 
 
+# Every kind of edge the NAT work covers, for the e2e lab: THREE_SITES plus edge-5 with a public
+# address and no NAT, in community b with edge-2 (behind site-1's cone NAT): a public/NATed pair,
+# which hole punching connects directly as well.
+ALL_EDGE_KINDS = Topology(nats=THREE_SITES.nats,
+                          nodes=(*THREE_SITES.nodes, LabNode(name="edge-5", role=LabRole.EDGE, communities=("b",))))
+
+
 class TopologyError(ValueError):
     pass
 

@@ -2,7 +2,8 @@
 
 Runs on the e2e lab (every edge behind a NAT router: edge-1 and edge-2 on one
 endpoint-independent site, edge-3 behind a symmetric NAT, edge-4 alone behind another
-endpoint-independent one), shared with the other e2e modules through the ``running_lab`` fixture.
+endpoint-independent one; edge-5 on the WAN with a public address), shared with the other e2e
+modules through the ``running_lab`` fixture.
 """
 
 from __future__ import annotations
@@ -190,3 +191,20 @@ def test_edges_come_back_without_intervention_when_their_nat_router_changes_its_
         assert ping_ok(pod(running_lab, "cloud-2").netns, pod(running_lab, edge).ip, count=3)
         assert ping_ok(pod(running_lab, edge).netns, pod(running_lab, "edge-3").ip, count=3)  # relayed
     assert observed_path(running_lab, "edge-1", "edge-2") == (True, "direct")  # their LAN tunnel never moved
+
+
+def test_a_public_edge_has_no_nat_and_punches_through_to_a_natted_community_peer(running_lab: LabState) -> None:
+    """edge-5 has its own address on the WAN: the connector sees that address, and with edge-2 (behind
+    site-1's cone NAT, community b) it gets a mediated direct tunnel whose far end is site-1's router."""
+    public = running_lab.host("edge-5")
+    assert public.nat is None and public.public_ip(running_lab) == public.wan_ip
+    with vici(running_lab, "connector-1") as charon:
+        sa = dict(charon.ike_sas())["edge-5"]
+    assert sa["remote-host"] == public.wan_ip and sa.get("initiator") != "yes", sa
+    wait_for(lambda: "edge-5" in established(running_lab, "edge-2"), timeout=60, interval=0.5,
+             what="edge-2's direct tunnel with edge-5")
+    with vici(running_lab, "edge-5") as charon:
+        direct = dict(charon.ike_sas())["edge-2"]
+    assert direct["remote-host"] == running_lab.host("edge-2").public_ip(running_lab), direct  # site-1's router
+    for src, dst in (("edge-2", "edge-5"), ("edge-5", "edge-2")):
+        assert observed_path(running_lab, src, dst) == (True, "direct")
