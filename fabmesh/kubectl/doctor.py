@@ -28,6 +28,7 @@ from fabmesh.mesh.names import (
     POD_CIDR_ANNOTATION,
     STATUS_ANNOTATION,
 )
+from fabmesh.mesh.timestamps import format_time, parse_time
 from fabmesh.mesh.tunnelstatus import TunnelState
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
@@ -114,11 +115,11 @@ def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
 
 def _expiry_check(what: str, not_after: datetime, now: datetime, hint: str) -> Check | None:
     if not_after <= now:
-        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {cluster.format_time(not_after)}", hint)
+        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {format_time(not_after)}", hint)
     if not_after - now < EXPIRY_WARNING:
         days = (not_after - now).days
         return Check(CheckName.CERTIFICATES, Status.WARN,
-                     f"{what} expires in {days} day(s), at {cluster.format_time(not_after)}", hint)
+                     f"{what} expires in {days} day(s), at {format_time(not_after)}", hint)
     return None
 
 
@@ -306,7 +307,7 @@ def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, leas
                       hint)]
     spec = lease.get("spec") or {}
     holder = spec.get("holderIdentity")
-    renewed = cluster.parse_time(spec.get("renewTime"))
+    renewed = parse_time(spec.get("renewTime"))
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
     if not holder or renewed is None:
         return [Check(CheckName.LEADER, Status.FAIL, f"Lease {namespace}/{lease_name} has no holder", hint)]
@@ -352,9 +353,9 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
         meta = node.get("metadata") or {}
         if involved.get("uid") and involved["uid"] != meta.get("uid"):
             continue
-        when = cluster.parse_time(event.get("lastTimestamp") or event.get("eventTime")
+        when = parse_time(event.get("lastTimestamp") or event.get("eventTime")
                            or (event.get("metadata") or {}).get("creationTimestamp"))
-        created = cluster.parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if when and created and when < created:
             continue
         key = (involved["name"], event.get("message", ""))
@@ -362,7 +363,7 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
     if not latest:
         return [Check(CheckName.INVALID_NODES, Status.PASS, f"no {INVALID_NODE_REASON} events on current nodes")]
     return [Check(CheckName.INVALID_NODES, Status.WARN,
-                  f"{node}: {message}" + (f" (last {cluster.format_time(when)})" if when > never else ""),
+                  f"{node}: {message}" + (f" (last {format_time(when)})" if when > never else ""),
                   f"fix the field named on the Node; kubectl describe node {node}")
             for (node, message), when in sorted(latest.items())]
 
@@ -416,7 +417,7 @@ def check_generation(nodes: Sequence[Obj], configmaps: Sequence[Obj], observed: 
             continue
         if server_date is not None and written is not None and server_date - written < GENERATION_GRACE:
             continue  # still being projected
-        since = f" since {cluster.format_time(written)}" if written else ""
+        since = f" since {format_time(written)}" if written else ""
         problems.append(Check(CheckName.GENERATION, Status.FAIL,
                               f"{name_of(node)}: runs config {applied or 'none'}, its ConfigMaps hold {wanted}{since}",
                               f"the agent cannot use what it is given (see the node's lastError: kubectl fabmesh "
@@ -449,7 +450,7 @@ def check_node_clocks(observed: Mapping[str, cluster.Observed]) -> list[Check]:
     """Each node's clock (its writtenAt) against the API server's (the write's managedFields time)."""
     problems = []
     for name, seen in sorted(observed.items()):
-        written = cluster.parse_time(seen.report.written_at)
+        written = parse_time(seen.report.written_at)
         if written is None or seen.server_time is None:
             continue
         skew = written - seen.server_time

@@ -16,6 +16,7 @@ from fabmesh.kubectl.doctor import Check, CheckName, ClusterState, Status
 from fabmesh.kubectl.graph import mesh_dot, mesh_json, quote
 from fabmesh.mesh import tunnelstatus
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, PeerShard, Role, dump_yaml
+from fabmesh.mesh.timestamps import format_time
 from fabmesh.mesh.tunnelstatus import NodeReport, Tunnel, TunnelState
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import issue_leaf, new_ca
@@ -451,10 +452,10 @@ def tunnel_status(name: str, *tunnels: tuple[str, str], cms: list[dict[str, Any]
     applied = generation or (tunnelstatus.config_generation({"mesh.yaml": cm["data"]["mesh.yaml"]}) if cm else "x")
     report = NodeReport(role="edge", config_generation=applied, last_error=error, tunnels_expected=len(tunnels),
                         tunnels_up=sum(1 for _, s in tunnels if s == "up"), nat_keepalive_s=keepalive,
-                        written_at=cluster.format_time(written),
+                        written_at=format_time(written),
                         tunnels=tuple(Tunnel(peer=p, state=TunnelState(s), nat_local=nat) for p, s in tunnels))
     return {"metadata": {"name": name, "managedFields": [
-        {"manager": "fabmesh", "subresource": "status", "time": cluster.format_time(server)}]},
+        {"manager": "fabmesh", "subresource": "status", "time": format_time(server)}]},
             "status": report.to_api()}
 
 
