@@ -201,6 +201,15 @@ class Netlink:
             changes.append(self._changed(f"action=set-up dev={name}"))
         return changes
 
+    def delete_link(self, name: str) -> list[str]:
+        """Delete the link ``name`` (our bridge, on uninstall); nothing when it is gone already."""
+        index = self.link_index(name)
+        if index is None:
+            return []
+        if not self._write_tolerating(f"link {name}: delete", {errno.ENODEV}, _Object.LINK, _Verb.DEL, index=index):
+            return []
+        return [self._changed(f"action=delete-link dev={name}")]
+
     def addresses(self) -> list[str]:
         """Every address configured in the namespace (IPv4 and IPv6), as plain strings."""
         found = []
@@ -223,6 +232,18 @@ class Netlink:
         self._write_tolerating(f"{device}: add address {host}", {errno.EEXIST}, _Object.ADDR, _Verb.ADD,
                                index=index, address=str(host.ip), prefixlen=host.network.prefixlen)
         return [self._changed(f"action=add-address dev={device} address={host}")]
+
+    def remove_host_address(self, device: str, address: str) -> list[str]:
+        """Take the host address (/32 or /128) ``address`` off ``device``; nothing when it is not there."""
+        index = self.link_index(device)
+        interface = ipaddress.ip_interface(address)
+        host = ipaddress.ip_interface(f"{interface.ip}/{interface.max_prefixlen}")
+        if index is None or not self._has_address(index, host):
+            return []
+        if not self._write_tolerating(f"{device}: delete address {host}", {errno.EADDRNOTAVAIL}, _Object.ADDR,
+                                      _Verb.DEL, index=index, address=str(host.ip), prefixlen=host.network.prefixlen):
+            return []
+        return [self._changed(f"action=delete-address dev={device} address={host}")]
 
     def device_towards(self, destination: str) -> str | None:
         """The device the kernel would send a packet to ``destination`` out of (``ip route get``)."""
