@@ -56,6 +56,10 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
                         help=f"the Pod's annotations as the downward API writes them (the operator's Pods mount "
                         f"them at {POD_ANNOTATIONS_FILE}): {TEARDOWN_ANNOTATION}=<token> there means an uninstall, "
                         "and the loop removes everything it programmed (default: none, never)")
+    parser.add_argument("--termination-log", type=Path, default=None,
+                        help="with --teardown-file: once everything is removed, write the token here and exit 0 "
+                        "(the operator's Pods pass /dev/termination-log: kubelet reports it to the API as the "
+                        "container's termination message); default: stay up, idle")
     parser.add_argument("--status-namespace", default="fabmesh-system",
                         help="namespace of the TunnelStatus objects (default: fabmesh-system)")
     if not edge:
@@ -86,7 +90,7 @@ def options(args: argparse.Namespace) -> NodeLoopOptions:
         ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
         node_name=getattr(args, "node_name", None), status=_status_target(args), charon_conf=args.charon_conf,
-        teardown_file=args.teardown_file)
+        teardown_file=args.teardown_file, termination_log=args.termination_log)
 
 
 def run(args: argparse.Namespace) -> int:

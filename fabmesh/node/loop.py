@@ -72,6 +72,9 @@ class NodeLoopOptions:
     status: StatusTarget | None = None  # where to publish the TunnelStatus; None: nowhere
     charon_conf: Path | None = None  # charon's strongswan.conf; None: next to the VICI socket
     teardown_file: Path | None = None  # the Pod's annotations (downward API); None: never torn down
+    # After a teardown, write its token here and exit 0 (kubelet reports it as the container's
+    # termination message); None: stay up, idle
+    termination_log: Path | None = None
 
 
 class NodeLoop:
@@ -321,6 +324,18 @@ class NodeLoop:
         except Exception:  # the status is a report: it never stops the data plane's loop
             log.exception("publishing the tunnel status failed; trying again at the next poll")
 
+    def _exit_torn_down(self, token: str, termination_log: Path) -> int:
+        """The answer the uninstall hook reads whatever the node can reach: kubelet's own report of this
+        container's termination message. The TunnelStatus may never arrive: an edge's only way to the API
+        is often the connector tunnel that the teardown has just removed."""
+        try:
+            termination_log.write_text(token)
+        except OSError as exc:
+            log.error("teardown done but %s not writable: %s", termination_log, exc)
+            return 1
+        log.info("teardown token=%s done: exiting (nothing left to run until the Pod is deleted)", token)
+        return 0
+
     def _watched(self) -> list[Path]:
         """The directories whose change starts a pass at once: config, TLS, the Pod's annotations."""
         extra = [self.options.teardown_file.parent] if self.options.teardown_file else []
@@ -347,6 +362,8 @@ class NodeLoop:
                 self.last_error = f"reconcile pass failed: {exc}"
                 ok = False
             self._publish_guarded()
+            if self.torn_down is not None and self.options.termination_log is not None:
+                return self._exit_torn_down(self.torn_down, self.options.termination_log)
             period = self.last_good.mesh.settings.resync_period_s if self.last_good else RETRY_S
             deadline = time.monotonic() + (period if ok else RETRY_S)
             next_check = time.monotonic() + LIVENESS_S

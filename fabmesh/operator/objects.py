@@ -75,6 +75,7 @@ def status_role_name(node: str) -> str:
 
 
 STATUS_TOKEN_DIR = "/var/run/secrets/fabmesh.io/status"
+TERMINATION_LOG = "/dev/termination-log"  # the containers' default terminationMessagePath
 STATUS_VERBS = ("get", "patch", "update")
 
 
@@ -191,7 +192,7 @@ def _node_args(metrics_port: int, metrics_address: str) -> list[str]:
     return ["--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
             "--status-token-file", f"{STATUS_TOKEN_DIR}/token", "--status-ca-file", f"{STATUS_TOKEN_DIR}/ca.crt",
             "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
-            "--teardown-file", POD_ANNOTATIONS_FILE,
+            "--teardown-file", POD_ANNOTATIONS_FILE, "--termination-log", TERMINATION_LOG,
             "--metrics-port", str(metrics_port), *(["--metrics-address", metrics_address] if metrics_address else [])]
 
 

@@ -8,7 +8,9 @@ on their own when they stop. The hook tells them apart from a restart by asking,
    put the flannel finalizer back on every edge).
 2. Ask every running agent and connector Pod to tear down: annotate it ``fabmesh.io/teardown=<token>``
    (``fabmesh/node/teardown.py``). Each node removes routes, rule, iptables chains, ipsets, xfrm
-   policies, charon connections, its bridge and conflist, and reports the token in its TunnelStatus.
+   policies, charon connections, its bridge and conflist, then reports the token in its TunnelStatus
+   and exits 0 with the token as its termination message (kubelet reports that, whatever the node can
+   reach: an edge's way to the API is often the connector tunnel the teardown has just removed).
 3. Wait for those reports, at most ``node_timeout_s``: a node that never answers (kubelet down,
    partitioned) must not hold an uninstall for ever. The nodes left are printed with the by-hand
    command (``fabmesh agent cleanup``, docs/operator.md), and the uninstall goes on.
@@ -77,10 +79,12 @@ def wait_for_nodes(kube: Kube, settings: OperatorSettings, targets: Targets, tok
     done: set[str] = set()
     while True:
         try:
-            done = answered(kube.list("tunnelstatuses", settings.namespace), token)
+            statuses = kube.list("tunnelstatuses", settings.namespace)
         except ApiError as exc:
-            if not exc.not_found:  # no CRD: nobody can answer; wait out the timeout all the same
+            if not exc.not_found:  # no CRD: the Pods' termination messages still answer
                 raise
+            statuses = []
+        done = answered(statuses, kube.list("pods", settings.namespace, MANAGED_SELECTOR), token)
         left = waiting(targets, done)
         if not left or clock() >= deadline:
             return left

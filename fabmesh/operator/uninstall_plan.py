@@ -61,9 +61,26 @@ def teardown_targets(pods: Iterable[Mapping[str, Any]]) -> Targets:
     return Targets(asked=asked, unreachable=unreachable)
 
 
-def answered(statuses: Iterable[Mapping[str, Any]], token: str) -> set[str]:
-    """Nodes whose TunnelStatus reports this uninstall's teardown done (``status.teardown == token``)."""
-    return {s["metadata"]["name"] for s in statuses if (s.get("status") or {}).get("teardown") == token}
+def answered(statuses: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]], token: str) -> set[str]:
+    """Nodes that report this uninstall's teardown done, by either of two ways.
+
+    Their TunnelStatus (``status.teardown == token``), written by the node itself; or, as kubelet reports
+    it, a node-loop container that exited 0 with the token as its termination message (the node loop exits
+    so once done: an edge often reaches the API only through the connector tunnel the teardown removes).
+    """
+    done = {s["metadata"]["name"] for s in statuses if (s.get("status") or {}).get("teardown") == token}
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or labels.get(KIND_LABEL) not in NODE_KINDS:
+            continue
+        for status in (pod.get("status") or {}).get("containerStatuses") or ():
+            if status.get("name") != labels.get(KIND_LABEL):
+                continue
+            ends = [(status.get(k) or {}).get("terminated") or {} for k in ("state", "lastState")]
+            if any(e.get("exitCode") == 0 and (e.get("message") or "").strip() == token for e in ends):
+                done.add(node)
+    return done
 
 
 def waiting(targets: Targets, done: set[str]) -> list[str]:

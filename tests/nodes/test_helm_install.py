@@ -434,16 +434,11 @@ def _uninstall_with_hook_log(helm: Helm, cluster: Cluster, timeout_s: float) -> 
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), "".join(logs.values())
 
 
-def test_helm_uninstall_removes_the_charts_objects(cluster: Cluster, release: float, helm: Helm, admin: Kube,
-                                                  control_plane: ControlPlane,
-                                                  node_network: tuple[Network, NodeLink]) -> None:
-    """Runs last in this module: it uninstalls the release; its pre-delete hook asks both nodes to tear down.
-
-    The connector node reports its teardown (its TunnelStatus) at the ``kubernetes`` Service, as every
-    fabmesh Pod does: it gets kube-proxy here, as every node of a real cluster has (the edge reaches the
-    Service through the connector, so through that kube-proxy too).
-    """
-    cluster.connector.start_kube_proxy(control_plane, node_network[1], cluster_cidr="10.244.0.0/16")
+def test_helm_uninstall_removes_the_charts_objects(cluster: Cluster, release: float, helm: Helm,
+                                                  admin: Kube) -> None:
+    """Runs last in this module: it uninstalls the release; its pre-delete hook asks both nodes to tear down,
+    and both answer, as kubelet reports their node loops' exit (neither node reaches the ``kubernetes``
+    Service here, and the edge's way to it would be the tunnel it has just removed)."""
     started = time.monotonic()
     done, hook_log = _uninstall_with_hook_log(helm, cluster, timeout_s=300)
     took = time.monotonic() - started

@@ -71,10 +71,36 @@ def test_only_a_report_of_this_uninstalls_token_counts_as_an_answer() -> None:
     targets = Targets(asked={"a": "pa", "b": "pb", "c": "pc"}, unreachable={})
     statuses = [_status("a", "tok"), _status("b", "an-older-uninstall"), _status("c", None),
                 {"metadata": {"name": "d"}}]
-    done = answered(statuses, "tok")
+    done = answered(statuses, [], "tok")
     assert done == {"a"}
     assert waiting(targets, done) == ["b", "c"]
-    assert waiting(targets, answered([_status(n, "tok") for n in "abc"], "tok")) == []
+    assert waiting(targets, answered([_status(n, "tok") for n in "abc"], [], "tok")) == []
+
+
+def _exited(kind: str, node: str, where: str, code: int, message: str, container: str | None = None
+            ) -> dict[str, Any]:
+    pod = _pod(f"fabmesh-{kind}-{node}", kind, node)
+    other = "running" if where == "lastState" else "waiting"
+    pod["status"]["containerStatuses"] = [
+        {"name": "strongswan", "state": {"running": {}}},
+        {"name": container or kind, where: {"terminated": {"exitCode": code, "message": message}},
+         **({"state": {other: {}}} if where == "lastState" else {})}]
+    return pod
+
+
+@pytest.mark.parametrize(("pod", "done"), [
+    pytest.param(_exited("agent", "e1", "state", 0, "tok"), {"e1"}, id="agent-exited-with-the-token"),
+    pytest.param(_exited("agent", "e1", "lastState", 0, "tok\n"), {"e1"}, id="restarted-since-last-state-counts"),
+    pytest.param(_exited("connector", "c1", "state", 0, "tok"), {"c1"}, id="connector"),
+    pytest.param(_exited("agent", "e1", "state", 1, "tok"), set(), id="failed-exit-is-no-answer"),
+    pytest.param(_exited("agent", "e1", "state", 0, "older"), set(), id="another-uninstalls-token"),
+    pytest.param(_exited("agent", "e1", "state", 0, "tok", container="strongswan"), set(),
+                 id="only-the-node-loop-container-answers"),
+])
+def test_a_node_loop_that_exited_with_the_token_as_kubelet_reports_it_has_answered(
+        pod: dict[str, Any], done: set[str]) -> None:
+    """The edge's TunnelStatus may never arrive (its way to the API went with its tunnel): kubelet's report does."""
+    assert answered([], [pod], "tok") == done
 
 
 def test_pods_go_before_their_config_and_identities_and_every_operator_kind_is_deleted() -> None:
