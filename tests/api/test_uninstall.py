@@ -13,7 +13,7 @@ import sys
 
 from fabmesh.mesh.names import FLANNEL_FINALIZER, MANAGED_SELECTOR, POD_CIDR_ANNOTATION, TEARDOWN_ANNOTATION
 from fabmesh.mesh.tunnelstatus import PLURAL
-from fabmesh.operator.objects import agent_pod_name
+from fabmesh.operator.objects import agent_pod_name, connector_pod_name
 from fabmesh.testenv.cluster import install_release_hook_rbac
 from fabmesh.testenv.controlplane import ControlPlane
 from fabmesh.testenv.hosts import stop_pid, wait_for
@@ -47,31 +47,38 @@ def test_uninstall_hook_fences_the_operator_waits_for_the_nodes_that_answer_and_
     assert POD_CIDR_ANNOTATION in nodes(env)["e1"]["metadata"]["annotations"]
     assert FLANNEL_FINALIZER in nodes(env)["e1"]["metadata"]["finalizers"]
     stop_pid(operator.pid)  # as the scaled-down Deployment would; its Lease is still fresh
-    # e1's agent runs (as a kubelet would report it); e2's never started: it cannot answer.
-    env.kube.merge_patch("pods", agent_pod_name("e1"), {"status": {"phase": "Running"}}, env.namespace, sub="status")
+    # e1's and e2's agents run (as a kubelet would report it); the connector's never started: it cannot answer.
+    for edge_name in ("e1", "e2"):
+        env.kube.merge_patch("pods", agent_pod_name(edge_name), {"status": {"phase": "Running"}}, env.namespace,
+                             sub="status")
 
     hook_run = subprocess.Popen([sys.executable, "-m", "fabmesh.cli", "operator", "--uninstall", "--kubeconfig",
                                  str(hook), "--config", str(env.settings_file), "--release-wait", "60",
                                  "--node-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        def asked() -> str | None:
-            pod = env.kube.get("pods", agent_pod_name("e1"), env.namespace) or {}
+        def asked(pod_name: str) -> str | None:
+            pod = env.kube.get("pods", pod_name, env.namespace) or {}
             return (pod.get("metadata", {}).get("annotations") or {}).get(TEARDOWN_ANNOTATION)
 
-        token = wait_for(asked, timeout=60, what="e1's agent Pod asked to tear down")
-        assert (env.kube.get("pods", agent_pod_name("e2"), env.namespace)["metadata"].get("annotations") or {}
-                ).get(TEARDOWN_ANNOTATION) is None
-        assert hook_run.poll() is None, "the hook must wait for e1's answer"
+        token = wait_for(lambda: asked(agent_pod_name("e1")), timeout=60, what="e1's agent Pod asked to tear down")
+        assert asked(agent_pod_name("e2")) == token
+        assert asked(connector_pod_name("connector-1")) is None  # Pending: nobody there to ask
+        # e1 answers in its TunnelStatus; e2 as kubelet reports its agent's exit (its termination message).
         env.kube.merge_patch(PLURAL, "e1", {"status": {"role": "edge", "teardown": token}}, env.namespace,
                              sub="status")
+        assert hook_run.poll() is None, "the hook must wait for e2's answer"
+        env.kube.merge_patch("pods", agent_pod_name("e2"), {"status": {"containerStatuses": [{
+            "name": "agent", "image": "fabmesh", "imageID": "", "ready": False, "restartCount": 1,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": token}}}]}},
+            env.namespace, sub="status")
         out, err = hook_run.communicate(timeout=120)
     finally:
         if hook_run.poll() is None:
             hook_run.kill()
     print(f"\n[observed] hook stdout:\n{out}\n[observed] hook stderr:\n{err}")
     assert hook_run.returncode == 0, err
-    assert "node=e1 teardown done" in out
-    assert "node=e2 NOT cleaned" in err and "fabmesh agent cleanup" in err
+    assert "node=e1 teardown done" in out and "node=e2 teardown done" in out
+    assert "node=connector-1 NOT cleaned" in err and "fabmesh connector cleanup" in err
 
     deployment = env.kube._call("GET", f"/apis/apps/v1/namespaces/{env.namespace}/deployments/fabmesh-operator")
     assert deployment["spec"]["replicas"] == 0

@@ -164,6 +164,8 @@ def test_operator_pods_mount_their_own_annotations_and_pass_the_teardown_file() 
         args = parser.parse_args(main["args"])
         args.status_token_file = None  # no status target needed to check the option
         assert options(args).teardown_file == Path(POD_ANNOTATIONS_FILE)
+        assert options(args).termination_log == Path("/dev/termination-log")
+        assert main.get("terminationMessagePath", "/dev/termination-log") == "/dev/termination-log"
 
 
 def test_the_teardown_token_is_reported_and_a_change_of_it_is_worth_a_write() -> None:
