@@ -481,7 +481,8 @@ def _left_on_node(node: KubeNode) -> dict[str, object]:
         "routes": {t: out("ip", "route", "show", "table", t).strip() for t in FABMESH_TABLES
                    if out("ip", "route", "show", "table", t).strip()},
         "links": [name for name in links if name == "fabmesh0" or name.startswith("ipsec")],
-        "conflist": [str(p) for p in node.paths.cni_conf_dir.glob("*fabmesh*")],
+        # operator.settings.node.cni_conf_name (10-fabmesh-lab.conflist on the cloud nodes is the test's own bridge)
+        "conflist": [str(p) for p in node.paths.cni_conf_dir.glob("10-fabmesh.conflist")],
         "xfrm": out("ip", "xfrm", "policy", "show").strip(),
         "charon": charons,
     }
