@@ -23,10 +23,17 @@ one site with a direct tunnel, edge-3 behind a symmetric NAT), then, in this ord
   pod -> cloud-2's pod. Nothing is done by hand: the edge's DPD, sent from the
   new mapping, makes the connector move the IKE_SA and its CHILD_SA to the new
   address. Last, since it moves edge-3.
+* ``relabel-direct`` (``--mediation``, on the ``THREE_SITES`` lab instead): edge-4, alone
+  behind a cone NAT of its own, is labelled into edge-1's community (site-1); the figure is
+  the time from the label patch to the first probe edge-1 pod -> edge-4 pod that the SA
+  counters see on the direct edge-1/edge-4 CHILD_SA (the path ``lab status`` reports), hole
+  punched with the connector as mediation server. Three rounds (label, measure, unlabel, wait
+  for the direct tunnel to go).
 
 Each measurement records the load average (1 min) before and after it.
 
     KUBEBUILDER_ASSETS=... python -m bench.bench_nat [--seconds 5] [--rounds 3] [--skip-paths] [--skip-cut] [--json]
+    KUBEBUILDER_ASSETS=... python -m bench.bench_nat --mediation [--json]
 """
 
 from __future__ import annotations
@@ -59,9 +66,11 @@ from bench.bench_dataplane import (
     lab_paths,
     ping,
 )
+from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab import bringup, faults, probe, teardown
+from fabmesh.lab import paths as observed_paths
 from fabmesh.lab.state import LabState
-from fabmesh.lab.topology import DEFAULT
+from fabmesh.lab.topology import DEFAULT, THREE_SITES
 from fabmesh.mesh.model import TunnelSettings
 from fabmesh.pki.authority import KeyPair, issue_leaf, new_ca
 from fabmesh.strongswan.driver import Charon
@@ -250,6 +259,41 @@ def wan_change(state: LabState) -> dict[str, Any]:
             "load_before": load_before, "load_after": load()}
 
 
+def _observed(state: LabState, src: str, dst: str) -> observed_paths.Observed:
+    """One probe from ``src``'s pod to ``dst``'s, and the path the SA counters saw (lab status's rule)."""
+    a = next(p for p in state.pods if p.node == src)
+    b = next(p for p in state.pods if p.node == dst)
+    edges = {h.name for h in state.hosts if h.role == "edge"}
+    connector = next(h.name for h in state.hosts if h.role == "connector")
+    before = probe.read_counters(state)
+    if not probe.ping(a.netns, b.ip):
+        return observed_paths.Observed.NONE
+    counted = observed_paths.counted(before, probe.read_counters(state))
+    return observed_paths.observed_path(src, dst, edges, connector, counted)
+
+
+def relabel_direct(state: LabState, rounds: int = 3) -> dict[str, Any]:
+    kube = Kube(load_api_client(state.kubeconfig))
+    label = "community.fabmesh.io/a"
+    seconds = []
+    for _ in range(rounds):
+        assert _observed(state, "edge-1", "edge-4") is observed_paths.Observed.RELAYED
+        started = time.monotonic()
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {label: ""}}})
+        while _observed(state, "edge-1", "edge-4") is not observed_paths.Observed.DIRECT:
+            if time.monotonic() - started > 120:
+                raise TimeoutError("no direct path edge-1 -> edge-4 within 120 s")
+            time.sleep(0.1)
+        seconds.append(round(time.monotonic() - started, 2))
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {label: None}}})
+        deadline = time.monotonic() + 120
+        relayed = observed_paths.Observed.RELAYED
+        while _observed(state, "edge-1", "edge-4") is not relayed and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return {"event": "edge-4 (site-3, cone NAT) labelled into edge-1's community (site-1, cone NAT)",
+            "relabel_to_direct_s": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
@@ -258,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cut-hold", type=float, default=20.0, help="seconds the direct pair stays cut")
     parser.add_argument("--skip-paths", action="store_true", help="no throughput/latency")
     parser.add_argument("--skip-cut", action="store_true", help="no cut/heal of the direct pair")
+    parser.add_argument("--mediation", action="store_true",
+                        help="only the time from relabel to a hole-punched direct path (THREE_SITES lab)")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="bench-nat-"))
 
@@ -266,15 +312,18 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {"nproc": os.cpu_count(), "load_start": load()}
     try:
-        state = bringup.up(DEFAULT, directory / "lab", timeout=120)
+        state = bringup.up(THREE_SITES if args.mediation else DEFAULT, directory / "lab", timeout=120)
         probe.check(state, wait=60)
-        if not args.skip_paths:
-            result["paths"] = paths(state, directory / "baseline", args.seconds, args.rounds, progress)
-            progress(json.dumps(result["paths"]))
-        if not args.skip_cut:
-            result["cut_direct"] = cut_direct(state, args.cut_hold)
-            progress(json.dumps(result["cut_direct"]))
-        result["wan_change"] = wan_change(state)
+        if args.mediation:
+            result["relabel_direct"] = relabel_direct(state)
+        else:
+            if not args.skip_paths:
+                result["paths"] = paths(state, directory / "baseline", args.seconds, args.rounds, progress)
+                progress(json.dumps(result["paths"]))
+            if not args.skip_cut:
+                result["cut_direct"] = cut_direct(state, args.cut_hold)
+                progress(json.dumps(result["cut_direct"]))
+            result["wan_change"] = wan_change(state)
     finally:
         teardown.down(directory / "lab")
     result["load_end"] = load()

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("fabmesh.kubectl.command", "check the mesh for common faults (kubectl plugin)"),
     "graph": ("fabmesh.kubectl.command", "the mesh as Graphviz DOT (kubectl plugin)"),
     "tunnels": ("fabmesh.kubectl.command", "one node's tunnels as it reports them (kubectl plugin)"),
+    "ping": ("fabmesh.kubectl.command", "ping from a Pod and name the path the tunnels saw (kubectl plugin)"),
 }
 
 
@@ -62,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def kubectl_plugin(argv: Sequence[str] | None = None) -> int:
-    """``kubectl fabmesh status|doctor|graph|tunnels``: the same commands, under kubectl's plugin name."""
-    parser = build_parser(("status", "doctor", "graph", "tunnels"), prog="kubectl fabmesh")
+    """``kubectl fabmesh status|doctor|graph|tunnels|ping``: the same commands, under kubectl's plugin name."""
+    parser = build_parser(("status", "doctor", "graph", "tunnels", "ping"), prog="kubectl fabmesh")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)

@@ -15,12 +15,13 @@ import base64
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from fabmesh.mesh import topology
 from fabmesh.mesh.model import MeshConfigError, NodeMesh, Role, parse_node_mesh, parse_peer_shard
 from fabmesh.mesh.names import POD_CIDR_ANNOTATION, STATUS_ANNOTATION
+from fabmesh.mesh.timestamps import parse_time
 from fabmesh.mesh.tunnelstatus import NodeReport, config_generation, parse_report
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
@@ -139,18 +140,6 @@ def cert_not_after(secret: Obj) -> datetime:
     return describe(pem).not_after
 
 
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def agent_pods_by_node(pods: Sequence[Obj]) -> dict[str, Obj]:

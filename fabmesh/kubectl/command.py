@@ -1,7 +1,9 @@
-"""``fabmesh status|doctor|graph`` (and ``kubectl fabmesh ...``): fetch the objects, hand them to the pure
-modules, print.
+"""``fabmesh status|doctor|graph|tunnels|ping`` (and ``kubectl fabmesh ...``): fetch the objects, hand them to
+the pure modules, print.
 
-Everything is read-only. The plugin needs ``list nodes`` and, in the fabmesh
+Everything is read-only, except that ``ping`` runs ``ping`` in the source Pod: it needs ``get pods``,
+``create pods/exec`` in the source's namespace, ``list nodes`` and ``get nodes/proxy`` (docs/operator.md,
+"Debugging"). The plugin needs ``list nodes`` and, in the fabmesh
 namespace, ``list configmaps, pods, tunnelstatuses`` and ``get leases`` (the
 chart's ClusterRole ``fabmesh-status-viewer`` covers TunnelStatus); without ``list
 secrets`` certificate dates come from the Nodes' status annotation, without
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,16 +29,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException
+from kubernetes.stream import stream
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
+from websocket import WebSocketException
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
-from fabmesh.kubectl import cluster, doctor, status
+from fabmesh.kubectl import cluster, doctor, ping, status
 from fabmesh.kubectl.cluster import format_time
-from fabmesh.kubectl.graph import mesh_dot
+from fabmesh.kubectl.graph import mesh_dot, mesh_json
 from fabmesh.kubectl.tunnels import tunnel_rows
 from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
+from fabmesh.mesh.probepath import Counters, counted
 from fabmesh.mesh.tunnelstatus import PLURAL, parse_report
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
@@ -49,7 +58,12 @@ DESCRIPTIONS = {
               "Exits 1 when any check FAILs, else 0.",
     "graph": "Print the mesh as Graphviz DOT: communities as clusters, tunnels as solid edges coloured by the "
              "state the nodes report (green up, red not up), pairs relayed through the connector as dashed edges "
-             "(orange when they share a community and should be direct). --output renders it with Graphviz's dot.",
+             "(orange when they share a community and should be direct). --output renders it with Graphviz's dot; "
+             "--output json prints the nodes and edges as JSON.",
+    "ping": "Ping DST from SRC's Pod (pods/exec) and name the path the tunnels observed: direct, relayed or "
+            "cloud, from the CHILD_SA packet counters of the source's node, the destination's node and the "
+            "active connector, read through the API server's node proxy before and after the probe. "
+            "Exits 1 when the probe got no reply or no tunnel counted it.",
     "tunnels": "One node's tunnels as its agent (or the connector) last reported them in its TunnelStatus: peer, "
                "state, since when, endpoints, NAT, bytes and packets both ways, path.",
 }
@@ -93,9 +107,26 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
         parser.add_argument("node", help="the node (edge or connector) whose tunnels to show")
         parser.add_argument("--output", "-o", choices=["table", "json"], default="table",
                             help="table (default) or json (the TunnelStatus report)")
+    elif name == "ping":
+        parser.add_argument("src", metavar="SRC", help="[NAMESPACE/]POD, pod/NAME or node/NAME (a node: from a "
+                            "Running hostNetwork Pod there, fabmesh's agent Pod first); a bare NAME is a Pod if one "
+                            "exists, else a Node")
+        parser.add_argument("dst", metavar="DST", help="as SRC, or an IP address (its node found from the Nodes' "
+                            "InternalIPs and pod CIDRs)")
+        parser.add_argument("--pod-namespace", default="default",
+                            help="the namespace of a POD without NAMESPACE/ (default: default)")
+        parser.add_argument("--container", "-c", default=None, help="the source Pod's container (default: its first)")
+        parser.add_argument("--count", type=int, default=3, help="echo requests to send (default: 3)")
+        parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                            help=f"the agents' and connector's --metrics-port (default: {DEFAULT_METRICS_PORT})")
+        parser.add_argument("--metrics-timeout", type=float, default=5.0,
+                            help="seconds to wait for one node's metrics through the node proxy (default: 5)")
+        parser.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                            help="text (default) or json (schema in docs/operator.md, \"Debugging\")")
     else:
-        parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png",
-                            help="render to this file with Graphviz's dot instead of printing DOT")
+        parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE.svg|FILE.png|json",
+                            help="render to this file with Graphviz's dot instead of printing DOT; json: print "
+                                 "the nodes and edges as JSON")
     parser.set_defaults(func=_guarded(RUNNERS[name]))
 
 
@@ -297,7 +328,8 @@ def _render(dot_text: str, output: Path, dot: str) -> None:
 
 def run_graph(args: argparse.Namespace) -> int:
     dot = None
-    if args.output is not None:
+    as_json = args.output is not None and str(args.output) == "json"
+    if args.output is not None and not as_json:
         if args.output.suffix.lower().lstrip(".") not in RENDER_FORMATS:
             raise CannotRun(f"--output {args.output}: the file name must end in .svg or .png")
         dot = shutil.which("dot")
@@ -308,7 +340,11 @@ def run_graph(args: argparse.Namespace) -> int:
     kube = _kube(args)
     nodes = _read("nodes", lambda: kube.list("nodes"))
     configmaps = _read(f"configmaps in {ns}", lambda: kube.list("configmaps", ns))
-    text = mesh_dot(nodes, configmaps, settings, cluster.observed_by_node(_statuses(kube, ns)))
+    observed = cluster.observed_by_node(_statuses(kube, ns))
+    if as_json:
+        print(json.dumps(mesh_json(nodes, configmaps, settings, observed), indent=2))
+        return 0
+    text = mesh_dot(nodes, configmaps, settings, observed)
     if dot is None:
         sys.stdout.write(text)
     else:
@@ -343,6 +379,156 @@ def run_tunnels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get_raw(kube: Kube, path: str, accept: str = "text/plain") -> str:
+    """A GET as text (a node-proxied /metrics, which our JSON client would try to decode), query included."""
+    _, url, headers, _, _ = kube.api.param_serialize(method="GET", resource_path=path,
+                                                     header_params={"Accept": accept},
+                                                     auth_settings=["BearerToken"])
+    response = kube.api.call_api("GET", url, header_params=headers, _request_timeout=kube.timeout)
+    response.read()
+    text = response.data.decode(errors="replace") if response.data else ""
+    if not 200 <= response.status < 300:
+        raise ApiError(response.status, response.reason or "", text)
+    return text
+
+
+def _read_counters(kube: Kube, hosts: list[str], port: int) -> tuple[Counters, dict[str, str]]:
+    """The hosts' CHILD_SA counters, one after the other in the given order; and the hosts not read, with why."""
+    found: Counters = {}
+    unread = {}
+    for host in hosts:
+        try:
+            text = _get_raw(kube, f"/api/v1/nodes/{host}:{port}/proxy/metrics")
+            counters = ping.counters_from_metrics(host, text)
+        except ApiError as exc:
+            unread[host] = f"{host} ({exc.status} {exc.reason}: {exc.body.strip()[:120]})"
+            continue
+        except (TimeoutError, ReadTimeoutError, ConnectTimeoutError):
+            unread[host] = f"{host} (no answer through the API server's node proxy within {kube.timeout:g}s)"
+            continue
+        except (Urllib3Error, OSError, ValueError) as exc:
+            unread[host] = f"{host} ({exc})"
+            continue
+        if counters is None:
+            unread[host] = f"{host} (its metrics have no {ping.SA_PACKETS_SAMPLE}: an older agent?)"
+            continue
+        found.update(counters)
+    return found, unread
+
+
+def _exec_refusal(exc: ApiException) -> str:
+    """The API server's words from a refused exec: the WebSocket client packs status, headers and body into
+    ``reason`` (``Handshake status 403 Forbidden -+-+- {headers} -+-+- {body}``)."""
+    parts = str(exc.reason or "").split(" -+-+- ")
+    status_line = parts[0].removeprefix("Handshake status ").strip()
+    try:
+        message = json.loads(parts[-1]).get("message", "") if len(parts) > 1 else ""
+    except ValueError:
+        message = ""
+    return f"{status_line or exc.status}" + (f": {message}" if message else "")
+
+
+def _exec(kube: Kube, pod: dict[str, Any], container: str | None, argv: list[str], timeout: float) -> str:
+    """Run ``argv`` in the Pod through the pods/exec API; its stdout and stderr together."""
+    meta = pod["metadata"]
+    container = container or pod["spec"]["containers"][0]["name"]
+    try:
+        ws = stream(CoreV1Api(kube.api).connect_get_namespaced_pod_exec, meta["name"], meta["namespace"],
+                    container=container, command=argv, stdin=False, stdout=True, stderr=True, tty=False,
+                    _preload_content=False, _request_timeout=timeout)
+    except ApiException as exc:
+        raise CannotRun(f"cannot exec in Pod {meta['namespace']}/{meta['name']}: {_exec_refusal(exc)}; "
+                        "is its node reachable from the API server (kubectl logs works?), and may you use "
+                        "pods/exec?") from exc
+    except (Urllib3Error, OSError, WebSocketException) as exc:
+        raise CannotRun(f"cannot exec in Pod {meta['namespace']}/{meta['name']}: {exc}") from exc
+    output = []
+    deadline = time.monotonic() + timeout
+    while ws.is_open() and time.monotonic() < deadline:
+        ws.update(timeout=1)
+        output.append(ws.read_stdout() if ws.peek_stdout() else "")
+        output.append(ws.read_stderr() if ws.peek_stderr() else "")
+    ws.close()
+    return "".join(output)
+
+
+def _resolve(kube: Kube, ref: ping.Ref, nodes: list[dict[str, Any]], role: str) -> tuple[ping.End, Any]:
+    """The end, and for a source the Pod to exec in."""
+    named = {cluster.name_of(n): n for n in nodes}
+    if ref.kind is ping.Kind.IP:
+        if role == "SRC":
+            raise CannotRun(f"SRC {ref.name}: an IP address cannot run a probe; name a Pod or a Node")
+        return ping.ip_end(ref.name, nodes), None
+    pod = None
+    if ref.kind in (ping.Kind.POD, None):
+        pod = _read(f"pod {ref.namespace}/{ref.name}", lambda: kube.get("pods", ref.name, ref.namespace))
+        if pod is None and ref.kind is ping.Kind.POD:
+            raise CannotRun(f"{role} {ref.name}: no Pod {ref.namespace}/{ref.name}")
+    try:
+        if pod is not None:
+            return ping.pod_end(pod), pod
+        if ref.name not in named:
+            raise CannotRun(f"{role} {ref.name}: no Pod {ref.namespace}/{ref.name} and no Node {ref.name}")
+        end = ping.node_end(named[ref.name])
+    except ping.RefError as exc:
+        raise CannotRun(f"{role}: {exc}") from exc
+    if role == "DST":
+        return end, None
+    selector = urllib.parse.quote(f"spec.nodeName={ref.name}")
+    pods = _read(f"pods on {ref.name}", lambda: json.loads(_get_raw(kube, f"/api/v1/pods?fieldSelector={selector}",
+                                                                    "application/json")).get("items", []))
+    host_pod = ping.exec_pod_on(ref.name, pods)
+    if host_pod is None:
+        raise CannotRun(f"SRC node/{ref.name}: no Running hostNetwork Pod on it to probe from; name a Pod on "
+                        "that node instead")
+    return end, host_pod
+
+
+def _print_verdict(v: ping.Verdict) -> None:
+    def side(end: ping.End) -> str:
+        what = f"{end.namespace}/{end.name}" if end.namespace else end.name
+        return f"{end.kind.value} {what} ({end.ip}, node {end.node or '?'})"
+
+    print(f"{side(v.source)} -> {side(v.destination)}: {v.received}/{v.transmitted} replies")
+    intended = f" (the rules intend {v.intended.value})" if v.intended and v.intended.value != v.path.value else ""
+    print(f"path: {v.path.value}{intended}" + (f": {v.reason}" if v.reason else ""))
+    if v.evidence:
+        print("\nSAs that counted the probe (and any other traffic in that window):")
+        print(_table(["HOST", "SA-PEER", "PKTS-IN", "PKTS-OUT"],
+                     [[c.host, c.peer, str(c.packets_in), str(c.packets_out)] for c in v.evidence]))
+    for host in v.unread:
+        print(f"(could not read the counters of {host})", file=sys.stderr)
+    if not v.ok and v.probe_output.strip():
+        print("\nping said:\n" + v.probe_output.rstrip(), file=sys.stderr)
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise CannotRun("--count must be at least 1")
+    settings, _ = _settings(args)
+    try:
+        src_ref, dst_ref = ping.parse_ref(args.src, args.pod_namespace), ping.parse_ref(args.dst, args.pod_namespace)
+    except ping.RefError as exc:
+        raise CannotRun(str(exc)) from exc
+    kube = _kube(args)
+    nodes = _read("nodes", lambda: kube.list("nodes"))
+    metrics = Kube(kube.api, timeout=args.metrics_timeout)
+    source, pod = _resolve(kube, src_ref, nodes, "SRC")
+    destination, _ = _resolve(kube, dst_ref, nodes, "DST")
+    mesh = ping.mesh_of(nodes, settings)
+    hosts = ping.tunnel_hosts(source.node, destination.node, mesh)
+    before, unread = _read_counters(metrics, hosts, args.metrics_port)
+    output = _exec(kube, pod, args.container, ping.ping_argv(destination.ip, args.count), timeout=args.count + 15)
+    after, unread_after = _read_counters(metrics, list(reversed(hosts)), args.metrics_port)
+    result = ping.verdict(source, destination, mesh, ping.parse_ping(output), counted(before, after),
+                          [{**unread_after, **unread}[h] for h in hosts if h in unread or h in unread_after], output)
+    if args.output == "json":
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        _print_verdict(result)
+    return 0 if result.ok else 1
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "status": run_status, "doctor": run_doctor, "graph": run_graph, "tunnels": run_tunnels,
+    "status": run_status, "doctor": run_doctor, "graph": run_graph, "tunnels": run_tunnels, "ping": run_ping,
 }

@@ -28,6 +28,7 @@ from fabmesh.mesh.names import (
     POD_CIDR_ANNOTATION,
     STATUS_ANNOTATION,
 )
+from fabmesh.mesh.timestamps import format_time, parse_time
 from fabmesh.mesh.tunnelstatus import TunnelState
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
@@ -114,11 +115,11 @@ def check_pod_cidr_overlap(nodes: Sequence[Obj]) -> list[Check]:
 
 def _expiry_check(what: str, not_after: datetime, now: datetime, hint: str) -> Check | None:
     if not_after <= now:
-        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {cluster.format_time(not_after)}", hint)
+        return Check(CheckName.CERTIFICATES, Status.FAIL, f"{what} expired at {format_time(not_after)}", hint)
     if not_after - now < EXPIRY_WARNING:
         days = (not_after - now).days
         return Check(CheckName.CERTIFICATES, Status.WARN,
-                     f"{what} expires in {days} day(s), at {cluster.format_time(not_after)}", hint)
+                     f"{what} expires in {days} day(s), at {format_time(not_after)}", hint)
     return None
 
 
@@ -306,7 +307,7 @@ def check_operator_leader(lease: Obj | None, now: datetime, namespace: str, leas
                       hint)]
     spec = lease.get("spec") or {}
     holder = spec.get("holderIdentity")
-    renewed = cluster.parse_time(spec.get("renewTime"))
+    renewed = parse_time(spec.get("renewTime"))
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
     if not holder or renewed is None:
         return [Check(CheckName.LEADER, Status.FAIL, f"Lease {namespace}/{lease_name} has no holder", hint)]
@@ -352,9 +353,9 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
         meta = node.get("metadata") or {}
         if involved.get("uid") and involved["uid"] != meta.get("uid"):
             continue
-        when = cluster.parse_time(event.get("lastTimestamp") or event.get("eventTime")
+        when = parse_time(event.get("lastTimestamp") or event.get("eventTime")
                            or (event.get("metadata") or {}).get("creationTimestamp"))
-        created = cluster.parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if when and created and when < created:
             continue
         key = (involved["name"], event.get("message", ""))
@@ -362,7 +363,7 @@ def check_invalid_node_events(events: Sequence[Obj] | None, nodes: Sequence[Obj]
     if not latest:
         return [Check(CheckName.INVALID_NODES, Status.PASS, f"no {INVALID_NODE_REASON} events on current nodes")]
     return [Check(CheckName.INVALID_NODES, Status.WARN,
-                  f"{node}: {message}" + (f" (last {cluster.format_time(when)})" if when > never else ""),
+                  f"{node}: {message}" + (f" (last {format_time(when)})" if when > never else ""),
                   f"fix the field named on the Node; kubectl describe node {node}")
             for (node, message), when in sorted(latest.items())]
 
@@ -416,7 +417,7 @@ def check_generation(nodes: Sequence[Obj], configmaps: Sequence[Obj], observed: 
             continue
         if server_date is not None and written is not None and server_date - written < GENERATION_GRACE:
             continue  # still being projected
-        since = f" since {cluster.format_time(written)}" if written else ""
+        since = f" since {format_time(written)}" if written else ""
         problems.append(Check(CheckName.GENERATION, Status.FAIL,
                               f"{name_of(node)}: runs config {applied or 'none'}, its ConfigMaps hold {wanted}{since}",
                               f"the agent cannot use what it is given (see the node's lastError: kubectl fabmesh "
@@ -449,7 +450,7 @@ def check_node_clocks(observed: Mapping[str, cluster.Observed]) -> list[Check]:
     """Each node's clock (its writtenAt) against the API server's (the write's managedFields time)."""
     problems = []
     for name, seen in sorted(observed.items()):
-        written = cluster.parse_time(seen.report.written_at)
+        written = parse_time(seen.report.written_at)
         if written is None or seen.server_time is None:
             continue
         skew = written - seen.server_time
@@ -486,9 +487,14 @@ def check_nat_keepalive(observed: Mapping[str, cluster.Observed]) -> list[Check]
 
 def check_relayed_pairs(nodes: Sequence[Obj], observed: Mapping[str, cluster.Observed],
                         settings: OperatorSettings) -> list[Check]:
-    """Edges that share a community and yet have no direct tunnel in either one's status: they are relayed."""
+    """Edges that share a community and yet have no direct tunnel up between them: they are relayed.
+
+    Either neither lists the other (no direct tunnel was planned), or it is listed and one end reports it
+    not up (the agents drop a dead direct tunnel and relay the pair; while it is ``unresponsive`` packets
+    between them are lost until they do).
+    """
     edges = {name_of(n): cluster.communities_of(n, settings) for n in nodes if role_of(n, settings) is Role.EDGE}
-    peers = {name: {t.peer for t in seen.report.tunnels} for name, seen in observed.items()
+    peers = {name: {t.peer: t.state for t in seen.report.tunnels} for name, seen in observed.items()
              if not seen.report.truncated}
     problems, pairs = [], 0
     for a, b in combinations(sorted(edges), 2):
@@ -502,6 +508,17 @@ def check_relayed_pairs(nodes: Sequence[Obj], observed: Mapping[str, cluster.Obs
                                   "their traffic is relayed through the connector",
                                   f"kubectl describe node {a} {b} (FabmeshInvalidNode events: no usable endpoint?); "
                                   "behind NAT on both sides, hole punching may have failed"))
+            continue
+        states = [s for s in (peers[a].get(b), peers[b].get(a)) if s is not None]
+        worst = next((s for s in states if s is not TunnelState.UP), None)
+        if worst is not None:
+            problems.append(Check(CheckName.RELAYED, Status.WARN,
+                                  f"{a} and {b} share community {shared[0]} but their direct tunnel is "
+                                  f"{worst.value}: their traffic is relayed through the connector"
+                                  + (" once the agents drop it" if worst is TunnelState.UNRESPONSIVE else ""),
+                                  f"kubectl fabmesh ping a pod on {a} to one on {b} shows the path; kubectl fabmesh "
+                                  f"tunnels {a}: can they reach each other on UDP 500/4500 (NAT, firewall)? hole "
+                                  "punching may have failed"))
     return problems or [Check(CheckName.RELAYED, Status.PASS,
                               f"{pairs} community pair(s) with a direct tunnel")]
 

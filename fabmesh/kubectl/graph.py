@@ -19,7 +19,9 @@ picture of a lab or a site, not meant for a 10,000-node cluster.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 from fabmesh.kubectl.cluster import (
     Obj,
@@ -92,6 +94,59 @@ def _tunnel_style(state: TunnelState | None) -> str:
     return f" [color=red, penwidth=2, fontcolor=red, label={quote(state.value)}]"
 
 
+@dataclass(frozen=True)
+class GraphEdge:
+    """One line of the picture: a planned tunnel (with what its ends report) or a pair relayed by the connector."""
+
+    a: str
+    b: str
+    kind: str  # "tunnel" or "relayed"
+    state: TunnelState | None = None  # tunnels: the worse of what the two ends report; None: nobody reports it
+    via: str | None = None  # relayed: the connector
+    instead_of_direct: bool = False  # relayed although the pair shares a community
+
+    def as_json(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "kind": self.kind, "state": self.state.value if self.state else None,
+                "via": self.via, "insteadOfDirect": self.instead_of_direct}
+
+
+def graph_edges(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings,
+                observed: Mapping[str, Observed] | None = None) -> list[GraphEdge]:
+    """Every edge of the picture, sorted: the planned tunnels, then the relayed pairs (what DOT and JSON draw)."""
+    ordered = sorted(nodes, key=name_of)
+    direct = tunnels(ordered, configmaps, settings)
+    seen = observed or {}
+    out = [GraphEdge(a, b, "tunnel", observed_state(a, b, seen)) for a, b in sorted(direct)]
+    connector = active_connector(ordered, settings)
+    if connector is None:
+        return out
+    communities = {name_of(n): communities_of(n, settings) for n in ordered}
+    roles = {name_of(n): role_of(n, settings) for n in ordered}
+    edges = [name for name, role in roles.items() if role is Role.EDGE]
+    for a, b in combinations(edges, 2):
+        if (a, b) in direct:
+            continue
+        if shares_community(communities[a], communities[b]):
+            # Planned direct but in no ConfigMap (no usable endpoint): relayed instead of direct.
+            out.append(GraphEdge(a, b, "relayed", via=name_of(connector), instead_of_direct=True))
+        elif intended_path(a, b, roles, communities) is Path.RELAYED:
+            out.append(GraphEdge(a, b, "relayed", via=name_of(connector)))
+    return out
+
+
+def _role_name(role: Role | None) -> str:
+    return role.value if role is not None else "invalid"
+
+
+def mesh_json(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings,
+              observed: Mapping[str, Observed] | None = None) -> dict[str, Any]:
+    """``graph --output json``: the nodes (role, communities) and :func:`graph_edges`."""
+    return {"version": 1,
+            "nodes": [{"name": name_of(n), "role": _role_name(role_of(n, settings)),
+                       "communities": list(communities_of(n, settings))} for n in sorted(nodes, key=name_of)],
+            "edges": [e.as_json() for e in graph_edges(nodes, configmaps, settings, observed)]}
+
+
 def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: OperatorSettings,
              observed: Mapping[str, Observed] | None = None) -> str:
     """The whole mesh as one undirected DOT graph; the same cluster always gives the same text."""
@@ -112,22 +167,14 @@ def mesh_dot(nodes: Sequence[Obj], configmaps: Sequence[Obj], settings: Operator
         out.append("  }")
     out.extend(_node_statement(n, settings, "  ") for n in ordered if len(communities[name_of(n)]) != 1)
 
-    direct = tunnels(ordered, configmaps, settings)
-    seen = observed or {}
-    out.extend(f"  {quote(a)} -- {quote(b)}{_tunnel_style(observed_state(a, b, seen))};" for a, b in sorted(direct))
-    connector = active_connector(ordered, settings)
-    if connector is not None:
-        label = quote(f"relayed via {name_of(connector)}")
-        roles = {name_of(n): role_of(n, settings) for n in ordered}
-        edges = [name for name, role in roles.items() if role is Role.EDGE]
-        for a, b in combinations(edges, 2):
-            if (a, b) in direct:
-                continue
-            if shares_community(communities[a], communities[b]):
-                # Planned direct but in no ConfigMap (no usable endpoint): relayed instead of direct.
-                out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=orange, fontcolor=orange, "
-                           f"label={quote(f'relayed via {name_of(connector)}, not direct')}];")
-            elif intended_path(a, b, roles, communities) is Path.RELAYED:
-                out.append(f"  {quote(a)} -- {quote(b)} [style=dashed, color=gray50, label={label}];")
+    for e in graph_edges(ordered, configmaps, settings, observed):
+        if e.kind == "tunnel":
+            out.append(f"  {quote(e.a)} -- {quote(e.b)}{_tunnel_style(e.state)};")
+        elif e.instead_of_direct:
+            out.append(f"  {quote(e.a)} -- {quote(e.b)} [style=dashed, color=orange, fontcolor=orange, "
+                       f"label={quote(f'relayed via {e.via}, not direct')}];")
+        else:
+            out.append(f"  {quote(e.a)} -- {quote(e.b)} [style=dashed, color=gray50, "
+                       f"label={quote(f'relayed via {e.via}')}];")
     out.append("}")
     return "\n".join(out) + "\n"

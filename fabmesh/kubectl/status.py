@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fabmesh.kubectl import cluster
 from fabmesh.kubectl.cluster import Obj, name_of, role_of
 from fabmesh.mesh.model import NodeMesh, Role
+from fabmesh.mesh.timestamps import format_time
 from fabmesh.operator import objects as o
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import PKIError
@@ -67,12 +68,12 @@ def _cert_expires(node: Obj, secret_name: str | None, secrets: Mapping[str, Obj]
         return None
     if secrets is None:  # not allowed to read Secrets: the operator's annotation says the same
         moment = cluster.annotated_cert_expiry(node)
-        return cluster.format_time(moment) if moment else None
+        return format_time(moment) if moment else None
     secret = secrets.get(secret_name)
     if secret is None:
         return None
     try:
-        return cluster.format_time(cluster.cert_not_after(secret))
+        return format_time(cluster.cert_not_after(secret))
     except (ValueError, PKIError):
         return "unreadable"
 

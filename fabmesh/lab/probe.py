@@ -4,7 +4,7 @@ The rules for which tunnels should exist and which path a pair takes live in
 :mod:`fabmesh.mesh.topology`; this module only reads the placement (Node
 labels from the API, so a ``kubectl label`` shows up here) and observes. A
 pair's ``path`` is observed: every ping is bracketed by readings of every
-tunnel host's CHILD_SA counters and :mod:`fabmesh.lab.paths` names the path
+tunnel host's CHILD_SA counters and :mod:`fabmesh.mesh.probepath` names the path
 from the SAs that carried it (the ``evidence``); ``intended`` is added where
 the rules call for another path.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fabmesh.kube.client import Kube, load_api_client
-from fabmesh.lab import paths
 from fabmesh.lab.state import LabState
+from fabmesh.mesh import probepath as paths
 from fabmesh.mesh import topology
 from fabmesh.mesh.model import Role
 from fabmesh.mesh.topology import LabelError, LabelKeys, read_labels

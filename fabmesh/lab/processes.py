@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fabmesh.lab.apiproxy import SERVER as API_SERVER
 from fabmesh.lab.state import LabState
-from fabmesh.mesh.model import Backend
+from fabmesh.mesh.model import Backend, NodeSettings
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.testenv.hosts import Host, stop_pid
 
@@ -83,7 +83,8 @@ def start_node_process(state: LabState, name: str) -> int:
 
 def start_charon(state: LabState, name: str) -> int:
     """Start one host's charon; record and return its PID."""
-    pid = host(state, name).start_charon(backend=state.backend).pid
+    # The agents' pod bridge, as the operator's strongswan container ignores it (strongswan/conf.py).
+    pid = host(state, name).start_charon(backend=state.backend, ignore_interfaces=(NodeSettings().bridge,)).pid
     state.pids[f"charon-{name}"] = pid
     state.save()
     return pid

@@ -162,6 +162,20 @@ DEFAULT = Topology(
     ))
 
 
+# The default lab plus one edge alone behind an endpoint-independent NAT of its own (site-3), in no
+# community: relabelled into community a, edge-4 and edge-1 are a cone-NAT pair on two sites, which
+# only hole punching connects directly (the e2e lab, and bench/bench_nat.py's relabel figure).
+THREE_SITES = Topology(nats=(*DEFAULT.nats, LabNat(name="site-3", type=NatType.MASQUERADE)),
+                       nodes=(*DEFAULT.nodes, LabNode(name="edge-4", role=LabRole.EDGE, nat="site-3")))
+
+
+# Every kind of edge the NAT work covers, for the e2e lab: THREE_SITES plus edge-5 with a public
+# address and no NAT, in community b with edge-2 (behind site-1's cone NAT): a public/NATed pair,
+# which hole punching connects directly as well.
+ALL_EDGE_KINDS = Topology(nats=THREE_SITES.nats,
+                          nodes=(*THREE_SITES.nodes, LabNode(name="edge-5", role=LabRole.EDGE, communities=("b",))))
+
+
 class TopologyError(ValueError):
     pass
 

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from fabmesh.mesh.crypto import Kind, proposal_problem
@@ -175,6 +175,13 @@ class Peer(_Model):
     # which keeps the key, changes no peer's config. "" = no pin, the CA alone decides (hand-written
     # configs); the operator always pins.
     pubkey: str = Field(default="", pattern=r"^[A-Za-z0-9+/]*={0,2}$")
+    # Hole punching (strongSwan mediation, RFC-draft "IKE mediation"). On an edge: the name of the peer
+    # (the connector) that mediates this edge-edge tunnel; the edge then dials it through that peer's
+    # mediation connection instead of at an endpoint, and keeps a mediation IKE_SA with the mediator.
+    mediated_by: DNS1123 | None = None
+    # On the connector: this edge also holds a mediation IKE_SA with us, under the same identities as
+    # its data IKE_SA (so that IKE_SA must not replace the data one, see node/tunnels.py).
+    mediation_client: bool = False
 
     @property
     def id(self) -> str:
@@ -216,6 +223,24 @@ class NodeMesh(_Model):
 
     def local_ts(self, peer: Peer) -> tuple[str, ...]:
         return peer.local_subnets or self.local_subnets
+
+    def mediators(self) -> tuple[Peer, ...]:
+        """The peers some other peer is mediated by, in name order: each gets a mediation connection."""
+        names = {p.mediated_by for p in self.peers if p.mediated_by}
+        return tuple(sorted((p for p in self.peers if p.name in names), key=lambda p: p.name))
+
+    @model_validator(mode="after")
+    def _mediators_are_dialable_peers(self) -> NodeMesh:
+        by_name = {p.name: p for p in self.peers}
+        for i, peer in enumerate(self.peers):
+            if peer.mediated_by is None:
+                continue
+            mediator = by_name.get(peer.mediated_by)
+            if mediator is None or mediator.endpoint is None or mediator.mediated_by is not None:
+                raise PydanticCustomError(
+                    "fabmesh", "peers[{i}].mediated_by: {value} is not a peer of this node with an endpoint "
+                    "(the mediation server is dialled directly)", {"i": i, "value": repr(peer.mediated_by)})
+        return self
 
 
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)

@@ -47,7 +47,7 @@ from fabmesh.firewall.rules import firewall_chains, firewall_jumps, mesh_ipset, 
 from fabmesh.mesh.dataplane import Chain, IPSet, Jump, Route, XfrmPolicy, block_policies, bypass_policies
 from fabmesh.mesh.model import Backend, NodeMesh, Peer, Role
 from fabmesh.node.cni import gateway
-from fabmesh.node.tunnels import desired_connections
+from fabmesh.node.tunnels import desired_connections, initiated
 
 RULE_PRIORITY = 100
 LIBIPSEC_DEVICE = "ipsec0"
@@ -160,7 +160,7 @@ def desired_state(mesh: NodeMesh, cert_pem: str, *, uplink: str | None = None,
         chains=firewall_chains(tunnel_mtu=mesh.tunnel.mtu, masquerade=masquerade, tunnel=tunnel),
         jumps=firewall_jumps(),
         connections=desired_connections(mesh, cert_pem),
-        initiators=frozenset(p.name for p in mesh.peers if p.initiate), skipped=tuple(skipped),
+        initiators=frozenset(initiated(mesh)), skipped=tuple(skipped),
         rejected=tuple(note for _, note in sorted(problems.items())),
         anchors=tuple(sorted(anchors)), xfrm=tuple(sorted(xfrm)))
 

@@ -27,6 +27,7 @@ nothing is left.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import signal
@@ -80,7 +81,7 @@ class NodeLoopOptions:
 class NodeLoop:
     def __init__(self, options: NodeLoopOptions) -> None:
         self.options = options
-        self.metrics = Metrics()
+        self.metrics = Metrics(self._list_ike_sas)
         self.stop = threading.Event()
         self.last_good: NodeConfig | None = None
         self.applier: NodeApplier | None = None
@@ -122,6 +123,14 @@ class NodeLoop:
                 return charon.sas()
         except ViciError:
             return {}
+
+    def _list_ike_sas(self) -> list[tuple[str, dict]]:
+        """Every IKE_SA for a scrape of ``fabmesh_sa_packets`` (the metrics server's thread: its own session)."""
+        try:
+            with Charon(self.options.vici_socket, timeout=5) as charon:
+                return charon.ike_sas()
+        except ViciError:
+            return []
 
     def _active_elsewhere(self) -> str | None:
         """The active connector's name when it is not this node (``--node-name``); else None."""
@@ -211,7 +220,8 @@ class NodeLoop:
             self.applier = NodeApplier(config.mesh.node.name, self.options.vici_socket, self.options.state_dir,
                                        self._cni_path(config))
         sas = self._observe_sas()
-        remotes = frozenset(sa.get("remote-host", "") for sa in sas.values()) - {""}
+        # A mediated IKE_SA waiting for its connectivity checks has no peer address yet ("%any").
+        remotes = frozenset(a for sa in sas.values() if _is_ip(a := sa.get("remote-host", "")))
         conflist = render_conflist(config.mesh, self.options.ipam_data_dir) if config.mesh.node.pod_cidr else None
         state = desired_state(config.mesh, config.cert_pem, uplink=self._uplink(config), conflist=conflist,
                               ike_remotes=remotes)
@@ -221,7 +231,9 @@ class NodeLoop:
             self.last_error = "; ".join(report.errors)
         sas = self._observe_sas()
         self._export(config, sas)
-        missing = [p for p in state.initiators if sas.get(p, {}).get("state") != "ESTABLISHED"]
+        # A mediated pair that cannot punch through (a symmetric NAT) is relayed, which is healthy.
+        mediated = {p.name for p in config.mesh.peers if p.mediated_by}
+        missing = [p for p in state.initiators - mediated if sas.get(p, {}).get("state") != "ESTABLISHED"]
         self.healthy = report.ok and not missing
         self.metrics.passes.labels("ok" if report.ok else "error").inc()
         self.metrics.duration.observe(time.monotonic() - started)
@@ -381,3 +393,11 @@ class NodeLoop:
                 self.stop.wait(POLL_S)
         log.info("stopping; the data plane is left as it is")
         return 0
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

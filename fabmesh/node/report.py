@@ -25,13 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from fabmesh.mesh.timestamps import format_time
 from fabmesh.mesh.tunnelstatus import MAX_LISTED_TUNNELS, NodeReport, Tunnel, TunnelState
 
 LIVENESS_TASKS = frozenset({"IKE_DPD"})
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _int(value: Any) -> int:
@@ -81,11 +78,11 @@ def observe(role: str, peers: Iterable[str], sas: Mapping[str, Mapping[str, Any]
         state = tunnel_state(sa, peer in waited)
         old = before.get(peer)
         if state is TunnelState.UP and sa is not None and sa.get("established") is not None:
-            since = _iso(now - timedelta(seconds=_int(sa.get("established"))))
+            since = format_time(now - timedelta(seconds=_int(sa.get("established"))))
             if old is not None and old.state is state and old.since:
                 since = old.since  # charon's seconds tick: keep the first value, not a jittering one
         else:
-            since = old.since if old is not None and old.state is state and old.since else _iso(now)
+            since = old.since if old is not None and old.state is state and old.since else format_time(now)
         children = list(((sa or {}).get("child-sas") or {}).values())
         tunnels.append(Tunnel(
             peer=peer, state=state, since=since,
@@ -103,7 +100,7 @@ def observe(role: str, peers: Iterable[str], sas: Mapping[str, Mapping[str, Any]
         listed = [t for t in tunnels if t.state is not TunnelState.UP][:max_listed]
     return NodeReport(role=role, config_generation=generation, last_error=last_error,
                       tunnels_expected=len(tunnels), tunnels_up=up, nat_keepalive_s=nat_keepalive_s,
-                      tunnels=tuple(listed), truncated=len(listed) < len(tunnels), written_at=_iso(now))
+                      tunnels=tuple(listed), truncated=len(listed) < len(tunnels), written_at=format_time(now))
 
 
 def waiting_peers(sas: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:

@@ -22,6 +22,7 @@ from kubernetes import client
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from fabmesh.kube.client import ApiError, Kube
+from fabmesh.mesh.timestamps import parse_time
 from fabmesh.mesh.tunnelstatus import PLURAL, NodeReport, parse_report
 from fabmesh.node.report import decide
 
@@ -45,15 +46,6 @@ def in_cluster_server() -> str | None:
         return None
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class StatusWriter:
@@ -89,7 +81,7 @@ class StatusWriter:
             kube = self._client()
             if not self._loaded:  # after a restart: what this node wrote last, so an unchanged report waits
                 self.written = parse_report(kube.get(PLURAL, t.name, t.namespace, sub="status"))
-                self.written_at = _parse_time(self.written.written_at) if self.written else None
+                self.written_at = parse_time(self.written.written_at) if self.written else None
                 self._loaded = True
             decision = decide(report, self.written, self.written_at, self.clock(),
                               self._min_interval, self._heartbeat)
@@ -109,7 +101,7 @@ class StatusWriter:
         if self.written is None or self.written.key() != report.key():
             log.info("node=%s action=write-status reason=%s tunnels-up=%d/%d generation=%s", t.name,
                      decision.reason, report.tunnels_up, report.tunnels_expected, report.config_generation)
-        self.written, self.written_at = report, _parse_time(report.written_at)
+        self.written, self.written_at = report, parse_time(report.written_at)
         return True
 
     def set_limits(self, min_interval_s: float, heartbeat_s: float) -> None:

@@ -19,19 +19,47 @@ CA bundle, a peer's renewed certificate with the same key) are replaced in
 place: ``load-conn`` under the same name swaps charon's peer config while the
 established IKE_SAs keep running on the one they were made with, and the next
 IKE_SA uses the new credentials. So a renewal or a CA roll drops no tunnel.
+
+A mediated connection (hole punching, ``node/tunnels.py``) can hang: when the
+connectivity checks find no working pair (a symmetric NAT) or lose a race
+inside charon (``connect_manager.c``: the peer's forwarded ME_CONNECT handled
+before the answer to our own, "checklist with id ... not found"), charon keeps
+the waiting IKE_SA forever ("this should (can?) not happen") and never tries
+again. An attempt still not established :data:`MEDIATION_STUCK_S` after it was
+first seen is ended here and started anew, so a pair that can punch through
+gets its direct tunnel at a later attempt, and one that cannot stays relayed.
+Ending the attempt does not always free charon: after the lost race its
+connect manager keeps the pair registered as "in progress" and queues every
+later attempt from the same side ("mediation with the same peer is already in
+progress, queued") until charon restarts. So the responder of a mediated pair
+initiates too when the pair has had no IKE_SA for :data:`MEDIATION_RESPONDER_S`
+(its own connect manager is clear); should both sides then build an IKE_SA, the
+responder side's ``unique = replace`` keeps one. After a charon restart every
+mediated connection is initiated once, responder or not, as soon as the
+mediation IKE_SA is up: the peer still holds the old direct IKE_SA, which only
+a new one (INITIAL_CONTACT) ends before DPD does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fabmesh.mesh.model import split_pems
-from fabmesh.strongswan.driver import Charon
+from fabmesh.strongswan.driver import Charon, ViciError
+
+# Punching through takes about a second (checks every 25 ms, one second to settle on the best pair).
+MEDIATION_STUCK_S = 10.0
+# How long a mediated pair may stay without an IKE_SA before its responder initiates too.
+MEDIATION_RESPONDER_S = 30.0
+# How long a pass waits for a mediation IKE_SA it starts (inside the VICI session's 10 s timeout).
+MEDIATION_WAIT_MS = 5000
 
 
 def digest(value: Any) -> str:
@@ -40,9 +68,12 @@ def digest(value: Any) -> str:
 
 def session_digest(conn: Mapping[str, Any]) -> str:
     """The digest of what an established IKE_SA depends on: all but credentials (this node's own
-    certificate, the CA bundle). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal
-    keeps it, a revocation replaces it."""
+    certificate, the CA bundle) and ``unique``, which charon checks only when a new IKE_SA is made
+    (the connector switches an edge to ``no`` when it becomes a mediation client, and must not cut
+    its tunnel for that). A peer's pinned public key (``remote.pubkeys``) stays in: a renewal keeps
+    it, a revocation replaces it."""
     view = json.loads(json.dumps(conn))
+    view.pop("unique", None)
     view.get("local", {}).pop("certs", None)
     view.get("remote", {}).pop("cacerts", None)
     return digest(view)
@@ -70,10 +101,15 @@ class TunnelChanges:
 
 
 class TunnelSync:
-    def __init__(self, connect: Callable[[], Charon], state_file: Path) -> None:
+    def __init__(self, connect: Callable[[], Charon], state_file: Path,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``connect`` opens a VICI session; the session's socket path identifies the charon run."""
         self._connect = connect
         self._state_file = state_file
+        self._clock = clock
+        self._waiting: dict[str, tuple[str, float]] = {}  # mediated conn -> (IKE_SA uniqueid, first seen)
+        self._rejoin: set[str] = set()  # mediated conns to initiate once after a charon restart
+        self._absent: dict[str, float] = {}  # mediated conn -> since when it has had no IKE_SA
         self.writes = 0
 
     def _read_state(self) -> dict[str, Any]:
@@ -140,8 +176,41 @@ class TunnelSync:
             reach = set(initiators)
             if restarted:
                 reach |= {n for n, c in desired.items() if c.get("remote_addrs") != ["%any"]}
-            for name in sorted(reach):
-                if name in desired and _needs_initiate(sas.get(name)):
+                # Mediated peers too, responder or not, once the mediation IKE_SA is up (a later pass).
+                self._rejoin = {n for n, c in desired.items() if c.get("mediated_by")}
+            self._rejoin &= desired.keys()
+            reach |= self._rejoin
+            # The responder of a mediated pair steps in when the pair stays without a direct IKE_SA.
+            reach |= {n for n, c in desired.items() if c.get("mediated_by") and self._overdue(n, sas.get(n))}
+            for name in sorted(reach & desired.keys(), key=lambda n: (_stage(desired[n]), n)):
+                if not desired[name].get("children"):  # a mediation connection: an IKE_SA only
+                    # Only beside an established data IKE_SA with the same peer: charon forces
+                    # unique=replace on mediation connections, so a first IKE_SA would carry
+                    # INITIAL_CONTACT and make the peer drop the data one (node/tunnels.py).
+                    if sas.get(name) is None and _data_sa_up(desired, sas, name):
+                        # Waited for (a few round trips), so this pass can start the mediated ones.
+                        # Not up in time: the mediated connections wait for a later pass.
+                        with contextlib.suppress(ViciError):
+                            charon.initiate_ike(name, timeout_ms=MEDIATION_WAIT_MS)
+                        self.writes += 1
+                        changes.initiated.append(name)
+                        sas = charon.sas()
+                elif (mediation := desired[name].get("mediated_by")) and \
+                        sas.get(mediation, {}).get("state") != "ESTABLISHED":
+                    # charon would start the mediation connection itself, INITIAL_CONTACT and all.
+                    continue
+                elif name in self._rejoin:
+                    self._rejoin.discard(name)
+                    if sas.get(name, {}).get("state") != "ESTABLISHED":
+                        charon.initiate(name, name)
+                        self.writes += 1
+                        changes.initiated.append(name)
+                elif mediation and self._stuck(name, sas.get(name)):
+                    charon.terminate_ike(name)
+                    charon.initiate(name, name)
+                    self.writes += 2
+                    changes.initiated.append(name)
+                elif _needs_initiate(sas.get(name)):
                     charon.initiate(name, name)
                     self.writes += 1
                     changes.initiated.append(name)
@@ -158,10 +227,53 @@ class TunnelSync:
         self._state_file.unlink(missing_ok=True)
         return loaded
 
+    def _overdue(self, name: str, sa: dict[str, Any] | None) -> bool:
+        """Whether a mediated connection has had no IKE_SA for :data:`MEDIATION_RESPONDER_S` (our
+        side's view: the initiator may be stuck in charon, see the module docstring)."""
+        now = self._clock()
+        if sa is not None:
+            self._absent.pop(name, None)
+            return sa.get("state") != "ESTABLISHED"  # our own attempt: stuck handling follows
+        since = self._absent.setdefault(name, now)
+        if now - since < MEDIATION_RESPONDER_S:
+            return False
+        self._absent[name] = now
+        return True
+
+    def _stuck(self, name: str, sa: dict[str, Any] | None) -> bool:
+        """Whether the mediated connection's IKE_SA has waited too long to establish."""
+        if sa is None or sa.get("state") == "ESTABLISHED":
+            self._waiting.pop(name, None)
+            return False
+        ident, now = str(sa.get("uniqueid", "")), self._clock()
+        seen = self._waiting.setdefault(name, (ident, now))
+        if seen[0] != ident:
+            self._waiting[name] = (ident, now)
+            return False
+        if now - seen[1] < MEDIATION_STUCK_S:
+            return False
+        del self._waiting[name]
+        return True
+
 
 def _charon_run(socket_path: Path) -> str:
     st = socket_path.stat()
     return f"{st.st_ino}:{st.st_ctime_ns}"
+
+
+def _stage(conn: Mapping[str, Any]) -> int:
+    """Initiation order within a pass: data connections, then mediation ones, then mediated ones."""
+    if not conn.get("children"):
+        return 1
+    return 2 if conn.get("mediated_by") else 0
+
+
+def _data_sa_up(desired: Mapping[str, dict[str, Any]], sas: Mapping[str, dict[str, Any]], name: str) -> bool:
+    """Whether a connection with CHILD_SAs to the same peer identity as ``name`` has an established IKE_SA."""
+    peer = desired[name].get("remote", {}).get("id")
+    return any(conn.get("children") and conn.get("remote", {}).get("id") == peer
+               and sas.get(other, {}).get("state") == "ESTABLISHED"
+               for other, conn in desired.items() if other != name)
 
 
 def _needs_initiate(sa: dict[str, Any] | None) -> bool:

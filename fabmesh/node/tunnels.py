@@ -40,6 +40,35 @@ Choices, and why:
   loopback alias, it is not the address packets leave by. ``%any`` answers on
   the address the packet arrived at and initiates from the one the kernel routes
   by, which is exactly what the peer sees.
+
+Hole punching (strongSwan mediation, "IKE mediation"; Debian's charon has it compiled in):
+* An edge with a peer ``mediated_by`` the connector holds one more connection,
+  ``mediation@<connector>`` (:func:`mediation_name`): ``mediation = yes``, no CHILD_SA, same
+  identities and pin as its data connection. Over it the connector relays each side's
+  candidate endpoints (ME_CONNECT) and both edges send connectivity checks from port 4500, which
+  opens both NATs' mappings; the initiator then makes the IKE_SA straight to the address that
+  answered. Both edges of a pair need it up: the responder is reached over it.
+* The mediated connection dials nobody itself: ``remote_addrs = %any``, ``mediated_by`` and
+  ``mediation_peer`` (the other edge's identity, under which the connector knows its mediation
+  IKE_SA). One-initiator and pinning are unchanged: the lower-named edge initiates, and the direct
+  IKE_SA is authenticated by the pinned key like any other.
+* ``unique``: the connector needs no connection of its own for mediation. charon (5.9,
+  ``ike_me.c`` ``process_r_ms``: "FIXME: we should check whether the current peer_config is
+  configured as mediation connection") serves mediation on whatever peer config the edge's IKE_SA
+  selected, and with the same identities and addresses that is the edge's data connection. So on
+  the connector the edge's mediation IKE_SA and its data IKE_SA share one peer config, and
+  ``unique = replace`` would make each evict the other (``ike_sa_manager.c`` ``check_uniqueness``
+  replaces an established IKE_SA whose peer config ``equals`` the new one's). For a mediation
+  client the connector therefore uses ``unique = no``: a rebooted edge still clears its stale
+  IKE_SAs, because its first IKE_SA carries INITIAL_CONTACT, which charon honours under ``no`` (it
+  destroys every IKE_SA of that identity pair). On the edge the two connections differ
+  (``mediation``), so its data connection keeps ``replace``. charon forces ``unique = replace`` on
+  a mediation connection (``vici_config.c``: "force unique connections for mediation
+  connections"), so its first IKE_SA carries INITIAL_CONTACT when the edge has no other IKE_SA
+  with the connector, and the connector then destroys the data IKE_SA of that identity pair
+  without a word (seen in the lab when both were initiated at once). The agent therefore starts
+  the mediation connection only once the data IKE_SA is up (``TunnelSync``): that IKE_SA is the
+  contact, and the data one is the IKE_SA that carries INITIAL_CONTACT after a reboot.
 """
 
 from __future__ import annotations
@@ -65,6 +94,32 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
     if tunnel.backend is Backend.KERNEL:
         # Charon's outbound fwd policy overrides our fwd block while the SA is up (node/desired.py).
         child["policies_fwd_out"] = "yes"
+    conn = _ike(mesh, peer, cert_pem)
+    if peer.mediation_client:
+        conn["unique"] = "no"
+    if peer.mediated_by:
+        conn["remote_addrs"] = ["%any"]
+        conn["mediated_by"] = mediation_name(peer.mediated_by)
+        conn["mediation_peer"] = peer.id
+    conn["children"] = {peer.name: child}
+    return conn
+
+
+def mediation_name(mediator: str) -> str:
+    """The name of the mediation connection to ``mediator``; '@' is in no node name (DNS-1123)."""
+    return f"mediation@{mediator}"
+
+
+def mediation_connection(mesh: NodeMesh, mediator: Peer, cert_pem: str) -> dict[str, Any]:
+    """The IKE_SA an edge keeps with its mediation server: no CHILD_SA; ``unique`` stays ``replace``,
+    which charon would force anyway."""
+    conn = _ike(mesh, mediator, cert_pem)
+    conn["mediation"] = "yes"
+    return conn
+
+
+def _ike(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
+    tunnel = mesh.tunnel
     return {
         "version": "2",
         "local_addrs": ["%any"],
@@ -80,7 +135,6 @@ def connection(mesh: NodeMesh, peer: Peer, cert_pem: str) -> dict[str, Any]:
         "keyingtries": "1",
         "local": {"auth": "pubkey", "certs": [cert_pem], "id": mesh.node.name},
         "remote": _remote_auth(mesh, peer),
-        "children": {peer.name: child},
     }
 
 
@@ -109,5 +163,13 @@ def _remote_auth(mesh: NodeMesh, peer: Peer) -> dict[str, Any]:
 
 
 def desired_connections(mesh: NodeMesh, cert_pem: str) -> dict[str, dict[str, Any]]:
-    """Connection name -> load-conn body, for every peer, in name order."""
-    return {peer.name: connection(mesh, peer, cert_pem) for peer in sorted(mesh.peers, key=lambda p: p.name)}
+    """Connection name -> load-conn body, for every peer, then every mediation server, in name order."""
+    conns = {peer.name: connection(mesh, peer, cert_pem) for peer in sorted(mesh.peers, key=lambda p: p.name)}
+    for mediator in mesh.mediators():
+        conns[mediation_name(mediator.name)] = mediation_connection(mesh, mediator, cert_pem)
+    return conns
+
+
+def initiated(mesh: NodeMesh) -> set[str]:
+    """The connections this node initiates: its initiating peers and its mediation connections."""
+    return {p.name for p in mesh.peers if p.initiate} | {mediation_name(m.name) for m in mesh.mediators()}

@@ -24,7 +24,8 @@ So, per edge:
   Event. Age is not ownership (an older hostile edge could otherwise take a newcomer's
   address); their pod CIDRs and tunnels are untouched, only kubelet's ``/32`` is lost
   until one of them changes address;
-* its endpoint is the ExternalIP, else the InternalIP, if outside every mesh range, not a
+* its endpoint is the ExternalIP, else the InternalIP (then the edge counts as behind NAT,
+  ``Vetted.public`` false, and its community tunnels are hole-punched, ``plan.py``), if outside every mesh range, not a
   cloud node's address and not an address another edge announces. Edges may share an
   ExternalIP (one NAT router, several edges). An edge without a usable endpoint keeps its
   connector tunnel (the connector accepts edges from any address) and is relayed, without
@@ -64,6 +65,7 @@ class EdgeAddresses:
 class Vetted:
     announced: str | None  # the host network offered to the mesh, e.g. "192.168.1.10/32"
     endpoint: str | None  # where peers send IKE; None: no direct tunnels
+    public: bool = False  # the endpoint is the ExternalIP: peers can dial it (else the edge is taken as NATed)
 
 
 def mesh_ranges(settings: OperatorSettings) -> tuple[Network, ...]:
@@ -101,7 +103,7 @@ def vet_edges(edges: Sequence[EdgeAddresses], cloud_addresses: Iterable[str],
 
     vetted: dict[str, Vetted] = {}
     for edge in edges:
-        endpoint = None
+        endpoint, public = None, False
         for text, field in ((edge.external, edge.external_field), (edge.internal, None)):
             if not text:
                 continue
@@ -110,13 +112,14 @@ def vet_edges(edges: Sequence[EdgeAddresses], cloud_addresses: Iterable[str],
             problem = _inside_mesh(ip, ranges) or _cloud_address(ip, cloud) or (
                 f"is announced by node {owner}" if owner not in (None, edge.name) else None)
             if problem is None:
-                endpoint = str(ip)
+                endpoint, public = str(ip), text == edge.external
                 break
             if field is not None:  # an InternalIP refused here was refused above, with its own Event
                 errors.append(InvalidNode(edge.name, field, f"ExternalIP {ip} {problem}: not used as the "
                                           "IKE endpoint (peers would stop routing it into the mesh)"))
         ip = announced.get(edge.name)
-        vetted[edge.name] = Vetted(announced=str(ipaddress.ip_network(ip)) if ip else None, endpoint=endpoint)
+        vetted[edge.name] = Vetted(announced=str(ipaddress.ip_network(ip)) if ip else None, endpoint=endpoint,
+                                   public=public)
     return vetted, errors
 
 

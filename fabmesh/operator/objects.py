@@ -227,7 +227,8 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
             main,
             {"name": "strongswan", "image": images.strongswan_image,
              "imagePullPolicy": images.image_pull_policy,
-             "args": ["charon", "--run-dir", "/var/run/fabmesh", "--backend", settings.tunnel.backend.value],
+             "args": ["charon", "--run-dir", "/var/run/fabmesh", "--backend", settings.tunnel.backend.value,
+                      "--ignore-interface", settings.node.bridge],
              "securityContext": hardened({"add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"], "drop": ["ALL"]}),
              "resources": images.strongswan_resources.to_api(),
              # charon refuses to start without its pid file, /var/run/charon.pid (compiled in).

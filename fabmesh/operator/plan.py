@@ -25,6 +25,16 @@ Topology (the rules themselves are :mod:`fabmesh.mesh.topology`'s):
   invalid (a bad label, a contradicting ``spec.podCIDR``) stays in its peers'
   configs with its last good values, read from its own agent ConfigMap (what
   those peers were last told), until its Node is deleted or loses the edge label.
+* Hole punching (``settings.hole_punching``, on by default): a community pair
+  where either edge is behind NAT (no usable ExternalIP, ``Vetted.public``) is
+  mediated by the active connector: both edges' peer entries for each other
+  carry ``mediated_by`` (the endpoint stays, for the record: charon dials
+  nobody for a mediated peer), and the connector marks those edges as
+  mediation clients (``node/tunnels.py`` says what charon makes of it). Two
+  public edges dial each other directly. A pair that cannot punch through
+  (symmetric NAT, UDP blocked) is relayed by the connector tunnel, whose
+  selectors cover the whole pool anyway. A held edge counts as behind NAT when
+  its last config had a mediated peer.
 * Every other cloud node routes edge node addresses (and, where the cloud CNI is not flannel,
   the edge pod pool) via the active connector's InternalIP: ``cloud`` is the one document their
   route agents read (:mod:`fabmesh.mesh.cloud`), written even without a connector so that they
@@ -216,6 +226,16 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
     to_connector_peer = None if connector is None or (keys is not None and not connector_pin) else _peer(
         name=connector.name, role=Role.CONNECTOR, endpoint=connector.endpoint, subnets=to_connector, initiate=True,
         pubkey=connector_pin)
+    # Hole punching needs a mediator every edge can dial and authenticate: the active connector's peer entry.
+    mediator = to_connector_peer.name if settings.hole_punching and to_connector_peer is not None else None
+    natted = {name for name in own if not (vetted[name].public if name not in held
+                                           else not any(p.mediated_by for p in held[name].peers))}
+    mediated_initiator = {name: p.model_copy(update={"mediated_by": mediator})
+                          for name, p in initiator.items()} if mediator else {}
+    mediated_responder = {name: p.model_copy(update={"mediated_by": mediator})
+                          for name, p in responder.items()} if mediator else {}
+    # Edges with a mediated peer: the connector serves them mediation. A held edge keeps its last config.
+    clients = {h for h, m in held.items() if any(p.mediated_by for p in m.peers)}
     for node in ready:
         cidr = result.cidrs[node.name]
         before, after = community_peers_of(node.name, communities[node.name], members)
@@ -226,7 +246,17 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         # Peers sorting before the node initiate to it (it responds); it initiates to those after.
         if unpinned:
             before, after = [n for n in before if n in pins], [n for n in after if n in pins]
-        peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
+        if mediator is None:
+            peers = [*map(responder.__getitem__, before), *map(initiator.__getitem__, after)]
+        elif node.name in natted:  # every community pair of a NATed edge is mediated
+            peers = [*map(mediated_responder.__getitem__, before), *map(mediated_initiator.__getitem__, after)]
+            if peers:
+                clients.add(node.name)
+        else:  # a public edge: mediated with NATed peers only
+            peers = [*((mediated_responder if n in natted else responder)[n] for n in before),
+                     *((mediated_initiator if n in natted else initiator)[n] for n in after)]
+            if natted.intersection(before) or natted.intersection(after):
+                clients.add(node.name)
         if to_connector_peer is not None:
             name = to_connector_peer.name  # peers are listed by name: the connector takes its place
             at = bisect.bisect(before, name) if name < node.name else len(before) + bisect.bisect(after, name)
@@ -266,7 +296,8 @@ def plan(nodes: Sequence[NodeInfo], settings: OperatorSettings, ca_cert: str,
         for name in sorted(pins):
             # Seen from the connector an edge has no fixed address (NAT): it accepts it from anywhere.
             shards[shard_of(name, settings.connector_shards)].append(
-                _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name]))
+                _peer(name=name, role=Role.EDGE, subnets=own[name], pubkey=pins[name],
+                      mediation_client=name in clients))
         result.connector_shards = {i: tuple(peers) for i, peers in shards.items()}
     result.cloud = _cloud_routes(connector, [vetted[name].announced for name in pins], settings)
     return result

@@ -142,6 +142,11 @@ class OperatorSettings(BaseModel):
     # How long each step of a CA roll waits for every node to apply the one before (ca_roll.py).
     ca_roll_settle_s: float = Field(default=600.0, ge=0)
     connector_shards: int = Field(default=16, ge=1, le=256)
+    # Hole punching: a community pair where either edge has no ExternalIP (behind NAT) gets its direct
+    # tunnel through the active connector acting as strongSwan mediation server; the pair is relayed
+    # through the connector while no direct tunnel can be made. False: such pairs dial the peer's
+    # endpoint (its InternalIP), which reaches only edges on the same LAN.
+    hole_punching: bool = True
     resync_period_s: float = Field(default=60.0, gt=0)
     tunnel: TunnelSettings = TunnelSettings()
     node: NodeSettings = NodeSettings()

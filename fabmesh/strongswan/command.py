@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
     parser.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.KERNEL.value,
                         help="kernel ESP (default) or userspace libipsec for kernels without ESP")
     parser.add_argument("--log-file", type=Path, default=None, help="charon log file (default: stderr only)")
+    parser.add_argument("--ignore-interface", action="append", default=[], metavar="DEVICE",
+                        help="a device charon neither uses for IKE nor offers as a hole-punching candidate "
+                             "(the pod bridge); repeatable")
     parser.set_defaults(func=run)
 
 
@@ -26,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     conf = args.run_dir / "strongswan.conf"
     conf.write_text(render_strongswan_conf(backend=Backend(args.backend), vici_socket=args.run_dir / "charon.vici",
-                                           log_file=args.log_file))
+                                           log_file=args.log_file,
+                                           ignore_interfaces=tuple(args.ignore_interface)))
     os.execve(CHARON, [CHARON], {**os.environ, "STRONGSWAN_CONF": str(conf)})
     return 0  # not reached

@@ -17,6 +17,16 @@ so the router's UDP mapping for port 4500 never expires between packets: the
 connector never initiates to an edge, so a lost mapping would cut the edge off
 until its next DPD or rekey.
 
+Hole punching (strongSwan mediation, ``node/tunnels.py``): charon offers its peer
+every address it has as a candidate endpoint and keeps the best pair that
+answers a connectivity check, host addresses first. The pod bridge's address
+(the pod CIDR's gateway) is inside the edge pool, which the connector tunnel
+carries: a check to it would be answered *through the relay*, and the
+"direct" tunnel would ride inside the connector's. ``ignore_interfaces``
+(``charon.interfaces_ignore``, exact names) keeps such devices out of
+charon's view; IKE never uses them, and libipsec's local-address check for
+the pod CIDR's selector is met by the anchor address the agent puts on ``lo``.
+
 We load an explicit plugin list (``load_modular = no``) so a stray file in
 ``/etc/strongswan.d`` can never change what a node runs.
 """
@@ -53,6 +63,7 @@ def render_strongswan_conf(
     install_routes: bool = False,
     log_level: int = 1,
     keep_alive_s: int = 20,
+    ignore_interfaces: tuple[str, ...] = (),
 ) -> str:
     """Return the text of strongswan.conf.
 
@@ -69,4 +80,5 @@ def render_strongswan_conf(
         log_level=log_level,
         keep_alive_s=keep_alive_s,
         ike_fwmark=IKE_FWMARK,
+        ignore_interfaces=", ".join(ignore_interfaces),
     )

@@ -93,10 +93,14 @@ class Charon:
         return result
 
     def sas(self) -> dict[str, dict[str, Any]]:
-        """IKE_SAs by connection name (the last one wins if a connection has several)."""
+        """IKE_SAs by connection name (the last one wins if a connection has several), except that an
+        IKE_SA without CHILD_SA never hides one with: on the connector an edge's mediation IKE_SA shares
+        the name of its data connection (``node/tunnels.py``)."""
         result: dict[str, dict[str, Any]] = {}
         for item in self._call("list-sas", lambda: list(self._session.list_sas())):
-            result.update(decode(item))
+            for name, sa in decode(item).items():
+                if name not in result or sa.get("child-sas") or not result[name].get("child-sas"):
+                    result[name] = sa
         return result
 
     def ike_sas(self) -> list[tuple[str, dict[str, Any]]]:
@@ -110,6 +114,11 @@ class Charon:
         if ike:
             message["ike"] = ike
         self._call(f"initiate {child}", lambda: list(self._session.initiate(message)))
+
+    def initiate_ike(self, ike: str, timeout_ms: int = -1) -> None:
+        """Start an IKE_SA without a CHILD_SA (a mediation connection has none to start)."""
+        message = {"ike": ike, "timeout": str(timeout_ms), "init-limits": "no"}
+        self._call(f"initiate {ike}", lambda: list(self._session.initiate(message)))
 
     def rekey_child(self, child: str) -> int:
         """Start rekeying the CHILD_SAs named ``child``; returns how many matched.

@@ -112,7 +112,8 @@ class Host:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(*args, check=check, ns=self.netns)
 
-    def start_charon(self, backend: Backend = Backend.LIBIPSEC, install_routes: bool = False) -> Charon:
+    def start_charon(self, backend: Backend = Backend.LIBIPSEC, install_routes: bool = False,
+                     ignore_interfaces: tuple[str, ...] = ()) -> Charon:
         rundir = self.directory / "run"
         rundir.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "strongswan.conf"
@@ -120,7 +121,7 @@ class Host:
         vici_socket = rundir / "charon.vici"
         conf.write_text(render_strongswan_conf(
             backend=backend, vici_socket=Path("/run/charon.vici"), log_file=log,
-            install_routes=install_routes))
+            install_routes=install_routes, ignore_interfaces=ignore_interfaces))
         env = dict(os.environ, STRONGSWAN_CONF=str(conf))
         with open(self.directory / "charon.stderr", "ab") as stderr:
             proc = subprocess.Popen(

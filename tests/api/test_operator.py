@@ -23,6 +23,7 @@ from fabmesh.mesh.model import Peer, Role, parse_peer_shard
 from fabmesh.node.desired import desired_state
 from fabmesh.operator import ca_roll
 from fabmesh.operator import objects as o
+from fabmesh.operator.plan import shard_of
 from fabmesh.operator.reconcile import Reconciler
 from fabmesh.pki.authority import (
     describe,
@@ -168,7 +169,9 @@ def test_relabel_into_community_rewrites_only_the_affected_configmaps(operator_e
     time.sleep(2 * env.settings.resync_period_s)
     after = {k: v["metadata"]["resourceVersion"] for k, v in configmaps(env).items()}
     changed = {k for k in after if before.get(k) != after[k]}
-    assert changed == {"fabmesh-agent-e1", "fabmesh-agent-e2", "fabmesh-agent-e3"}
+    # e3's connector entry too: with a mediated peer now, it is a mediation client there (unique=no).
+    shard = f"fabmesh-connector-peers-{shard_of('e3', env.settings.connector_shards):02d}"
+    assert changed == {"fabmesh-agent-e1", "fabmesh-agent-e2", "fabmesh-agent-e3", shard}
     e3 = mesh_of(configmaps(env)["fabmesh-agent-e3"])
     assert {p.name for p in e3.peers} == {"connector-1", "e1", "e2"}
     assert [p.initiate for p in e3.peers if p.name in ("e1", "e2")] == [False, False]

@@ -100,8 +100,13 @@ class Node:
             return charon.sas()
 
     def routes(self) -> set[str]:
-        out = self.host.run("ip", "-j", "route", "show", "table", TABLE).stdout
-        return {r["dst"] for r in json.loads(out or "[]")}
+        """The routes in our table; none while the agent has not created the table yet."""
+        proc = self.host.run("ip", "-j", "route", "show", "table", TABLE, check=False)
+        if proc.returncode != 0 and "does not exist" in proc.stderr:
+            return set()
+        if proc.returncode != 0:
+            raise AssertionError(f"ip route show table {TABLE}: {proc.stderr.strip()}")
+        return {r["dst"] for r in json.loads(proc.stdout or "[]")}
 
     def scrape(self, address: str, port: int) -> str | None:
         """GET /metrics from inside the namespace; None when nothing answers."""

@@ -108,9 +108,9 @@ def test_api_server_down_leaves_the_data_plane_working(running_lab: LabState) ->
 
 def test_relabelled_edge_behind_another_nat_is_relayed_when_no_direct_tunnel_can_be_made(
         running_lab: LabState) -> None:
-    """edge-3 (symmetric NAT, site-2) joins edge-1's community (site-1): edge-1 loads the direct
-    connection and tries it, but nothing can reach edge-3's LAN address from another site. The
-    pair must stay reachable through the connector, and ``lab status`` must say so."""
+    """edge-3 (symmetric NAT, site-2) joins edge-1's community (site-1): edge-1 loads the mediated
+    connection and tries to punch through, which a symmetric NAT defeats. The pair must stay
+    reachable through the connector, and ``lab status`` must say so."""
     kube = Kube(load_api_client(running_lab.kubeconfig))
     assert "edge-3" not in established(running_lab, "edge-1")
     kube.merge_patch("nodes", "edge-3", {"metadata": {"labels": {"community.fabmesh.io/a": ""}}})

@@ -1,8 +1,9 @@
 """Edges behind NAT: nothing on the WAN gets in, edges reach out over NAT-T, the connector never dials them.
 
-Runs on the default lab (every edge behind a NAT router: edge-1 and edge-2 on one
-endpoint-independent site, edge-3 behind a symmetric NAT), shared with the other
-e2e modules through the ``running_lab`` fixture.
+Runs on the e2e lab (every edge behind a NAT router: edge-1 and edge-2 on one
+endpoint-independent site, edge-3 behind a symmetric NAT, edge-4 alone behind another
+endpoint-independent one; edge-5 on the WAN with a public address), shared with the other e2e
+modules through the ``running_lab`` fixture.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fabmesh.kube.client import Kube, load_api_client
 from fabmesh.lab import faults, probe
 from fabmesh.lab.state import LabState
 from fabmesh.testenv.hosts import NatRouter, Network, sh, wait_for
@@ -89,6 +91,43 @@ def test_edges_on_one_site_tunnel_directly_over_their_lan_addresses(running_lab:
                                                       running_lab.host("edge-2").wan_ip)
 
 
+def test_edges_on_one_site_punch_through_over_their_lan_addresses(running_lab: LabState) -> None:
+    """edge-1 and edge-2 are both behind NAT, so their pair is mediated; the check that wins is the
+    one between their LAN addresses (the router does not hairpin), never one through the relay."""
+    with vici(running_lab, "edge-1") as charon:
+        conns = charon.conns()
+        sas = dict(charon.ike_sas())
+    assert "mediation@connector-1" in conns and not sas["mediation@connector-1"].get("child-sas")
+    assert sas["mediation@connector-1"]["state"] == "ESTABLISHED"
+    assert sas["edge-2"]["remote-host"] == running_lab.host("edge-2").wan_ip
+
+
+def test_a_cone_nat_pair_on_two_sites_becomes_direct_by_mediation(running_lab: LabState) -> None:
+    """edge-4 (site-3) joins edge-1's community (site-1): neither can be dialled, the connector mediates,
+    and the direct IKE_SA runs between the two routers' WAN addresses. ``lab status`` (``probe.check``)
+    sees the probes counted by that SA, with no relay on the way."""
+    kube = Kube(load_api_client(running_lab.kubeconfig))
+    assert "edge-4" not in established(running_lab, "edge-1")
+    kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {"community.fabmesh.io/a": ""}}})
+    try:
+        wait_for(lambda: "edge-4" in established(running_lab, "edge-1"), timeout=60, interval=0.5,
+                 what="edge-1's direct tunnel with edge-4")
+        with vici(running_lab, "edge-1") as charon:
+            sa = dict(charon.ike_sas())["edge-4"]
+        assert sa["remote-host"] == running_lab.host("edge-4").public_ip(running_lab)  # site-3's router
+        assert sa["initiator"] == "yes" and sa["nat-local"] == "yes" and sa["nat-remote"] == "yes", sa
+        pairs = {(p["src"], p["dst"]): p for p in probe.check(running_lab, wait=10)["pairs"]}
+        for src, dst in (("edge-1", "edge-4"), ("edge-4", "edge-1")):
+            pair = pairs[(f"pod-{src}", f"pod-{dst}")]
+            assert pair["ok"] and pair["path"] == "direct" and "intended" not in pair, pair
+            sent = {(e["host"], e["sa"]) for e in pair["evidence"] if e["packets_out"]}
+            assert (src, dst) in sent and ("connector-1", dst) not in sent, pair
+    finally:
+        kube.merge_patch("nodes", "edge-4", {"metadata": {"labels": {"community.fabmesh.io/a": None}}})
+        wait_for(lambda: "edge-4" not in established(running_lab, "edge-1"), timeout=60, interval=0.5,
+                 what="edge-1 to drop edge-4 again")
+
+
 def _status(state: LabState, src: str, dst: str) -> dict:
     """The pair as ``fabmesh lab status --json`` reports it."""
     pairs = {(p["src"], p["dst"]): p for p in probe.check(state, wait=10)["pairs"]}
@@ -152,3 +191,20 @@ def test_edges_come_back_without_intervention_when_their_nat_router_changes_its_
         assert ping_ok(pod(running_lab, "cloud-2").netns, pod(running_lab, edge).ip, count=3)
         assert ping_ok(pod(running_lab, edge).netns, pod(running_lab, "edge-3").ip, count=3)  # relayed
     assert observed_path(running_lab, "edge-1", "edge-2") == (True, "direct")  # their LAN tunnel never moved
+
+
+def test_a_public_edge_has_no_nat_and_punches_through_to_a_natted_community_peer(running_lab: LabState) -> None:
+    """edge-5 has its own address on the WAN: the connector sees that address, and with edge-2 (behind
+    site-1's cone NAT, community b) it gets a mediated direct tunnel whose far end is site-1's router."""
+    public = running_lab.host("edge-5")
+    assert public.nat is None and public.public_ip(running_lab) == public.wan_ip
+    with vici(running_lab, "connector-1") as charon:
+        sa = dict(charon.ike_sas())["edge-5"]
+    assert sa["remote-host"] == public.wan_ip and sa.get("initiator") != "yes", sa
+    wait_for(lambda: "edge-5" in established(running_lab, "edge-2"), timeout=60, interval=0.5,
+             what="edge-2's direct tunnel with edge-5")
+    with vici(running_lab, "edge-5") as charon:
+        direct = dict(charon.ike_sas())["edge-2"]
+    assert direct["remote-host"] == running_lab.host("edge-2").public_ip(running_lab), direct  # site-1's router
+    for src, dst in (("edge-2", "edge-5"), ("edge-5", "edge-2")):
+        assert observed_path(running_lab, src, dst) == (True, "direct")

@@ -113,6 +113,8 @@ SESSION_CASES = {
     "own-certificate-renewed": (_conn(LEAF.cert_pem, own="OWN-2"), False),
     "peer-key-replaced": (_conn(REISSUED.cert_pem), True),
     "traffic-selectors-changed": (_conn(LEAF.cert_pem, ts="10.233.9.0/24"), True),
+    # The connector's entry of an edge that becomes a mediation client: unique=no, for new IKE_SAs only.
+    "became-a-mediation-client": ({**_conn(LEAF.cert_pem), "unique": "no"}, False),
 }
 
 

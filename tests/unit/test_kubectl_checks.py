@@ -13,9 +13,10 @@ from fabmesh.kubectl import cluster
 from fabmesh.kubectl import doctor as c
 from fabmesh.kubectl import status as st
 from fabmesh.kubectl.doctor import Check, CheckName, ClusterState, Status
-from fabmesh.kubectl.graph import mesh_dot, quote
+from fabmesh.kubectl.graph import mesh_dot, mesh_json, quote
 from fabmesh.mesh import tunnelstatus
 from fabmesh.mesh.model import LocalNode, NodeMesh, Peer, PeerShard, Role, dump_yaml
+from fabmesh.mesh.timestamps import format_time
 from fabmesh.mesh.tunnelstatus import NodeReport, Tunnel, TunnelState
 from fabmesh.operator.settings import OperatorSettings
 from fabmesh.pki.authority import issue_leaf, new_ca
@@ -451,10 +452,10 @@ def tunnel_status(name: str, *tunnels: tuple[str, str], cms: list[dict[str, Any]
     applied = generation or (tunnelstatus.config_generation({"mesh.yaml": cm["data"]["mesh.yaml"]}) if cm else "x")
     report = NodeReport(role="edge", config_generation=applied, last_error=error, tunnels_expected=len(tunnels),
                         tunnels_up=sum(1 for _, s in tunnels if s == "up"), nat_keepalive_s=keepalive,
-                        written_at=cluster.format_time(written),
+                        written_at=format_time(written),
                         tunnels=tuple(Tunnel(peer=p, state=TunnelState(s), nat_local=nat) for p, s in tunnels))
     return {"metadata": {"name": name, "managedFields": [
-        {"manager": "fabmesh", "subresource": "status", "time": cluster.format_time(server)}]},
+        {"manager": "fabmesh", "subresource": "status", "time": format_time(server)}]},
             "status": report.to_api()}
 
 
@@ -496,6 +497,11 @@ LIVE_CASES = {
                                                   tunnel_status("e2", ("conn", "up")), HEALTHY_STATUSES[2]],
                                                  {(CheckName.RELAYED, Status.WARN),
                                                   (CheckName.GENERATION, Status.FAIL)}),
+    # hole punching failed (or the path between them died): both list the tunnel, it is not up
+    "community-pair-whose-direct-tunnel-is-down-is-relayed": (
+        [tunnel_status("e1", ("conn", "up"), ("e2", "connecting"), cms=HEALTHY_CMS),
+         tunnel_status("e2", ("conn", "up"), ("e1", "down"), cms=HEALTHY_CMS), HEALTHY_STATUSES[2]],
+        {(CheckName.RELAYED, Status.WARN), (CheckName.TUNNELS_UP, Status.FAIL)}),
 }
 
 
@@ -504,6 +510,15 @@ def test_doctor_learns_from_live_state(statuses: list[dict[str, Any]],
                                        not_pass: set[tuple[CheckName, Status]]) -> None:
     found = c.run_checks(healthy_state(statuses=statuses))
     assert {(x.name, x.status) for x in found if x.status is not Status.PASS} == not_pass
+
+
+def test_a_relayed_community_pair_names_the_state_of_its_direct_tunnel() -> None:
+    nodes = healthy_state().nodes
+    found = c.check_relayed_pairs(nodes, observed(tunnel_status("e1", ("conn", "up"), ("e2", "unresponsive")),
+                                                  tunnel_status("e2", ("conn", "up"), ("e1", "up"))), SETTINGS)
+    assert [(x.status, x.message) for x in found] == [(Status.WARN, (
+        "e1 and e2 share community a but their direct tunnel is unresponsive: their traffic is relayed through "
+        "the connector once the agents drop it"))]
 
 
 def test_an_unlistable_status_warns_once_and_skips_the_live_checks() -> None:
@@ -530,6 +545,24 @@ def test_status_rows_show_live_state_and_generation() -> None:
     assert e1.generation_applied == e1.generation_wanted
     assert e2.generation_applied == "0ld" != e2.generation_wanted
     assert rows["conn"].generation_applied is None  # it has published no status
+
+
+def test_graph_json_has_the_edges_the_dot_draws() -> None:
+    nodes = healthy_state().nodes
+    e3 = edge("e3", "192.0.2.3", "b")
+    cms = [mesh_cm("e1", "conn"), mesh_cm("e2", "conn"), mesh_cm("e3", "conn")]
+    got = mesh_json([*nodes, e3], cms, SETTINGS, observed(tunnel_status("e1", ("conn", "unresponsive"))))
+    assert got["nodes"][:2] == [{"name": "cloud", "role": "cloud", "communities": []},
+                                {"name": "conn", "role": "connector", "communities": []}]
+    assert got["edges"] == [
+        {"a": "conn", "b": "e1", "kind": "tunnel", "state": "unresponsive", "via": None, "insteadOfDirect": False},
+        {"a": "conn", "b": "e2", "kind": "tunnel", "state": None, "via": None, "insteadOfDirect": False},
+        {"a": "conn", "b": "e3", "kind": "tunnel", "state": None, "via": None, "insteadOfDirect": False},
+        {"a": "e1", "b": "e2", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": True},
+        {"a": "e1", "b": "e3", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": False},
+        {"a": "e2", "b": "e3", "kind": "relayed", "state": None, "via": "conn", "insteadOfDirect": False}]
+    dot = mesh_dot([*nodes, e3], cms, SETTINGS)
+    assert dot.count(" -- ") == len(got["edges"])
 
 
 def test_graph_colours_tunnels_by_what_the_nodes_report() -> None:

@@ -201,6 +201,7 @@ def test_chart_values_match_the_operator_defaults_for_tunnel_node_and_agent_reso
     defaults = OperatorSettings()
     assert values.tunnel == defaults.tunnel
     assert values.node == defaults.node
+    assert values.hole_punching is defaults.hole_punching is True
     assert values.agent_pods.resources == AgentPods().resources
     assert values.agent_pods.strongswan_resources == AgentPods().strongswan_resources
 

@@ -1,8 +1,12 @@
 """Which way a probe's packets went, read off the SA packet counters it moved (pure).
 
+One rule for the lab (``fabmesh lab status``, reading charon over VICI) and for
+``kubectl fabmesh ping`` (reading the same counters from the nodes'
+``fabmesh_sa_packets`` metric through the API server's node proxy).
+
 ``fabmesh lab status`` used to print the path the node labels call for; a pair
 whose direct tunnel was down still read ``direct``. Now every probe is
-bracketed by two readings of every tunnel host's CHILD_SA counters (``list-sas``
+bracketed by two readings of the tunnel hosts' CHILD_SA counters (``list-sas``
 ``packets-in``/``packets-out``), and the path is what the counters saw:
 
 * ``direct``: the source edge's CHILD_SA with the destination edge sent it;
@@ -45,14 +49,20 @@ class Counted:
         return {"host": self.host, "sa": self.peer, "packets_in": self.packets_in, "packets_out": self.packets_out}
 
 
+def child_key(key: str, child: Mapping[str, Any]) -> str:
+    """One CHILD_SA's identity across readings: a rekeyed SA gets a new one (charon's unique id, inbound SPI)."""
+    return f"{key}/{child.get('uniqueid', '')}/{child.get('spi-in', '')}"
+
+
+def child_packets(ike_sas: Iterable[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, str, int, int]]:
+    """(connection name, child key, packets in, packets out) of every CHILD_SA in ``list-sas`` items."""
+    return [(name, child_key(key, child), int(child.get("packets-in", 0)), int(child.get("packets-out", 0)))
+            for name, sa in ike_sas for key, child in (sa.get("child-sas") or {}).items()]
+
+
 def counters(host: str, ike_sas: Iterable[tuple[str, Mapping[str, Any]]]) -> Counters:
     """One host's CHILD_SA counters from ``list-sas`` items (connection name, IKE_SA)."""
-    out: Counters = {}
-    for name, sa in ike_sas:
-        for key, child in (sa.get("child-sas") or {}).items():
-            ident = f"{key}/{child.get('uniqueid', '')}/{child.get('spi-in', '')}"
-            out[(host, name, ident)] = (int(child.get("packets-in", 0)), int(child.get("packets-out", 0)))
-    return out
+    return {(host, name, ident): (pin, pout) for name, ident, pin, pout in child_packets(ike_sas)}
 
 
 def counted(before: Counters, after: Counters) -> list[Counted]:

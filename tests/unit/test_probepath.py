@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fabmesh.lab.paths import Counted, Observed, counted, counters, observed_path
+from fabmesh.mesh.probepath import Counted, Observed, counted, counters, observed_path
 
 pytestmark = pytest.mark.unit
 EDGES = {"edge-1", "edge-2", "edge-3"}
