@@ -64,7 +64,8 @@ def load_api_client(kubeconfig: str | None = None) -> client.ApiClient:
 def _path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
     group = {"leases": "/apis/coordination.k8s.io/v1", "tunnelstatuses": "/apis/fabmesh.io/v1alpha1",
              "serviceaccounts": "/api/v1", "roles": "/apis/rbac.authorization.k8s.io/v1",
-             "rolebindings": "/apis/rbac.authorization.k8s.io/v1"}.get(kind, "/api/v1")
+             "rolebindings": "/apis/rbac.authorization.k8s.io/v1",
+             "deployments": "/apis/apps/v1"}.get(kind, "/api/v1")
     path = group + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind}"
     if name:
         path += f"/{name}"
@@ -170,3 +171,8 @@ class Kube:
                 return False
             raise
         return True
+
+    def delete_collection(self, kind: str, namespace: str, labels: str) -> None:
+        """Delete every ``kind`` in ``namespace`` matching ``labels`` in one call (verb ``deletecollection``:
+        the caller never needs to read the objects, e.g. Secrets)."""
+        self._write("deletecollection", kind, "DELETE", _path(kind, namespace), query={"labelSelector": labels})

@@ -45,6 +45,14 @@ SPEC_HASH_ANNOTATION = "fabmesh.io/spec-hash"
 AGENT_SELECTOR = f"{MANAGED_SELECTOR},{KIND_LABEL}=agent"
 CONNECTOR_SELECTOR = f"{MANAGED_SELECTOR},{KIND_LABEL}=connector"
 
+# -- uninstall ---------------------------------------------------------------------------------------
+# The uninstall hook sets this on every agent and connector Pod (value: one token per uninstall); the Pod
+# reads its own annotations from a downward API file, removes what it programmed, and reports the token
+# in its TunnelStatus (status.teardown). See fabmesh/node/teardown.py.
+TEARDOWN_ANNOTATION = "fabmesh.io/teardown"
+POD_INFO_DIR = "/etc/fabmesh/pod"
+POD_ANNOTATIONS_FILE = f"{POD_INFO_DIR}/annotations"
+
 # Nodes are cluster-scoped; Events about them go to this namespace, as kubelet's do.
 EVENTS_NAMESPACE = "default"
 INVALID_NODE_REASON = "FabmeshInvalidNode"

@@ -82,10 +82,12 @@ class NodeReport(_Model):
     tunnels: tuple[Tunnel, ...] = ()
     truncated: bool = False  # some tunnels that are up are not listed (MAX_LISTED_TUNNELS)
     written_at: str | None = Field(default=None, alias="writtenAt")  # the writer's clock
+    # The uninstall token (fabmesh/node/teardown.py) this node has removed everything for; None: running.
+    teardown: str | None = Field(default=None, max_length=64)
 
     def key(self) -> tuple[object, ...]:
         return (self.role, self.config_generation, self.last_error, self.tunnels_expected, self.tunnels_up,
-                self.nat_keepalive_s, tuple(t.key() for t in self.tunnels))
+                self.nat_keepalive_s, tuple(t.key() for t in self.tunnels), self.teardown)
 
     def to_api(self) -> dict[str, object]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -201,6 +201,15 @@ class Netlink:
             changes.append(self._changed(f"action=set-up dev={name}"))
         return changes
 
+    def delete_link(self, name: str) -> list[str]:
+        """Delete the link ``name`` (our bridge, on uninstall); nothing when it is gone already."""
+        index = self.link_index(name)
+        if index is None:
+            return []
+        if not self._write_tolerating(f"link {name}: delete", {errno.ENODEV}, _Object.LINK, _Verb.DEL, index=index):
+            return []
+        return [self._changed(f"action=delete-link dev={name}")]
+
     def addresses(self) -> list[str]:
         """Every address configured in the namespace (IPv4 and IPv6), as plain strings."""
         found = []
@@ -220,9 +229,31 @@ class Netlink:
         host = ipaddress.ip_interface(f"{interface.ip}/{interface.max_prefixlen}")
         if self._has_address(index, host):
             return []
+        # An IPv4 address carries a label: ours says so, and an uninstall removes only what carries it.
+        label = {"label": _anchor_label(device)} if host.version == 4 else {}
         self._write_tolerating(f"{device}: add address {host}", {errno.EEXIST}, _Object.ADDR, _Verb.ADD,
-                               index=index, address=str(host.ip), prefixlen=host.network.prefixlen)
+                               index=index, address=str(host.ip), prefixlen=host.network.prefixlen, **label)
         return [self._changed(f"action=add-address dev={device} address={host}")]
+
+    def remove_host_address(self, device: str, address: str) -> list[str]:
+        """Take the host address (/32 or /128) ``address`` that :meth:`ensure_host_address` added off ``device``.
+
+        Nothing when it is not there; an IPv4 address without our label is someone else's (a node that
+        holds its own address on ``lo``) and stays. IPv6 has no labels: a /128 there is taken as ours.
+        """
+        index = self.link_index(device)
+        interface = ipaddress.ip_interface(address)
+        host = ipaddress.ip_interface(f"{interface.ip}/{interface.max_prefixlen}")
+        if index is None or not self._has_address(index, host):
+            return []
+        if host.version == 4 and not any(
+                m["index"] == index and m.get("local") == str(host.ip) and m.get("label") == _anchor_label(device)
+                for m in self._dump(_Object.ADDR, family=socket.AF_INET)):
+            return []
+        if not self._write_tolerating(f"{device}: delete address {host}", {errno.EADDRNOTAVAIL}, _Object.ADDR,
+                                      _Verb.DEL, index=index, address=str(host.ip), prefixlen=host.network.prefixlen):
+            return []
+        return [self._changed(f"action=delete-address dev={device} address={host}")]
 
     def device_towards(self, destination: str) -> str | None:
         """The device the kernel would send a packet to ``destination`` out of (``ip route get``)."""
@@ -462,6 +493,11 @@ class Netlink:
     def _changed(self, what: str) -> str:
         log.debug("netns=%s %s", self.netns or "-", what)
         return what
+
+
+def _anchor_label(device: str) -> str:
+    """``<device>:fm``, cut to the kernel's 15 characters (IFNAMSIZ)."""
+    return f"{device}:fm"[:15]
 
 
 def _family(version: int) -> int:

@@ -33,6 +33,7 @@ from fabmesh.firewall.iptables import IPTables
 from fabmesh.mesh.dataplane import Route
 from fabmesh.netlink.driver import Netlink, RouteChanges, RoutesNotApplied
 from fabmesh.node.desired import RULE_PRIORITY, NodeState
+from fabmesh.node.teardown import TeardownPlan
 from fabmesh.node.tunnel_sync import Credentials, TunnelSync
 from fabmesh.strongswan.driver import Charon
 from fabmesh.xfrm.driver import XfrmPolicies
@@ -151,6 +152,7 @@ class NodeApplier(DataplaneApplier):
     def __init__(self, node: str, vici_socket: Path, state_dir: Path, cni_conf_path: Path | None) -> None:
         super().__init__(node, "FABMESH-")
         self.cni_conf_path = cni_conf_path
+        self.vici_socket = vici_socket
         self.xfrm = XfrmPolicies(None)
         self.tunnels = TunnelSync(lambda: Charon(vici_socket), state_dir / "tunnels.json")
         self.file_writes = 0
@@ -177,6 +179,55 @@ class NodeApplier(DataplaneApplier):
         self._step(report, "tunnels", lambda: self._tunnels(state, creds))
         self._step(report, "routes", lambda: self._routes(state))
         return report
+
+    def teardown(self, plan: TeardownPlan) -> ApplyReport:
+        """Remove everything :meth:`apply` programs, for an uninstall (``fabmesh/node/teardown.py``).
+
+        The reverse of apply's order: no packet is routed into a tunnel whose policy is gone, and a
+        set is destroyed only after the rules naming it. ``ip_forward`` stays on: other software on
+        the node (kube-proxy, the cloud CNI) may rely on it, and turning it off is not ours to do.
+        """
+        report = ApplyReport()
+        self._step(report, "routes", lambda: self._set_routes(plan.route_table, RULE_PRIORITY, (), rule=False))
+        self._step(report, "tunnels", self._unload_tunnels)
+        if plan.anchors:
+            self._step(report, "anchors", lambda: self._remove_anchors(plan.anchors))
+        self._step(report, "xfrm", lambda: self.xfrm.set(()) if self.xfrm.list() else [])
+        self._step(report, "iptables", lambda: self.iptables.set((), (), prefix=self.prefix))
+        self._step(report, "ipset", lambda: self.ipsets.set((), prefix=self.prefix))
+        if plan.cni_conf:
+            self._step(report, "cni", lambda: self._remove_file(Path(plan.cni_conf or "")))
+        if plan.bridge:
+            self._step(report, "bridge", lambda: self._delete_link(plan.bridge or ""))
+        return report
+
+    def _unload_tunnels(self) -> list[str]:
+        """Unload and terminate every connection; nothing to do when charon is not running (by-hand cleanup)."""
+        if not self.vici_socket.exists():
+            return []
+        return [f"action=unload-conn peer={n}" for n in self.tunnels.unload_all()]
+
+    def _remove_anchors(self, anchors: tuple[str, ...]) -> list[str]:
+        with Netlink(None) as nl:
+            before = nl.writes
+            changes = [c for a in anchors for c in nl.remove_host_address("lo", a)]
+            self.netlink_writes += nl.writes - before
+        return changes
+
+    def _remove_file(self, path: Path) -> list[str]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return []
+        self.file_writes += 1
+        return [f"action=remove-cni-config path={path}"]
+
+    def _delete_link(self, name: str) -> list[str]:
+        with Netlink(None) as nl:
+            before = nl.writes
+            changes = nl.delete_link(name)
+            self.netlink_writes += nl.writes - before
+        return changes
 
     def _sysctls(self) -> list[str]:
         path = Path("/proc/sys/net/ipv4/ip_forward")

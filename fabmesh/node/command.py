@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fabmesh.mesh.names import POD_ANNOTATIONS_FILE, TEARDOWN_ANNOTATION
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.node.loop import NodeLoop, NodeLoopOptions
 from fabmesh.node.status_writer import IN_CLUSTER_TOKEN, StatusTarget, in_cluster_server
@@ -51,6 +52,14 @@ def add_node_flags(parser: argparse.ArgumentParser, *, edge: bool) -> None:
     parser.add_argument("--charon-conf", type=Path, default=None,
                         help="the strongswan.conf charon runs with, to report its NAT keepalive interval "
                         "(default: strongswan.conf next to --vici-socket, where `fabmesh charon` writes it)")
+    parser.add_argument("--teardown-file", type=Path, default=None,
+                        help=f"the Pod's annotations as the downward API writes them (the operator's Pods mount "
+                        f"them at {POD_ANNOTATIONS_FILE}): {TEARDOWN_ANNOTATION}=<token> there means an uninstall, "
+                        "and the loop removes everything it programmed (default: none, never)")
+    parser.add_argument("--termination-log", type=Path, default=None,
+                        help="with --teardown-file: once everything is removed, write the token here and exit 0 "
+                        "(the operator's Pods pass /dev/termination-log: kubelet reports it to the API as the "
+                        "container's termination message); default: stay up, idle")
     parser.add_argument("--status-namespace", default="fabmesh-system",
                         help="namespace of the TunnelStatus objects (default: fabmesh-system)")
     if not edge:
@@ -80,11 +89,50 @@ def options(args: argparse.Namespace) -> NodeLoopOptions:
         state_dir=args.state_dir, cni_conf_dir=getattr(args, "cni_conf_dir", None),
         ipam_data_dir=getattr(args, "ipam_data_dir", None), uplink=args.uplink,
         metrics_address=args.metrics_address, metrics_port=args.metrics_port,
-        node_name=getattr(args, "node_name", None), status=_status_target(args), charon_conf=args.charon_conf)
+        node_name=getattr(args, "node_name", None), status=_status_target(args), charon_conf=args.charon_conf,
+        teardown_file=args.teardown_file, termination_log=args.termination_log)
 
 
 def run(args: argparse.Namespace) -> int:
     return NodeLoop(options(args)).run()
+
+
+def cleanup(args: argparse.Namespace) -> int:
+    """By hand, on a node whose agent or connector never answered the uninstall: remove what it programmed.
+
+    Reads the node's settings from ``--config-dir`` when that is still there (a kubelet keeps a deleted
+    Pod's volumes only until it cleans them up), else uses the defaults or the flags given here.
+    """
+    from fabmesh.mesh.model import Backend, MeshConfigError, NodeSettings
+    from fabmesh.node.apply import NodeApplier
+    from fabmesh.node.config import load
+    from fabmesh.node.desired import desired_state
+    from fabmesh.node.teardown import plan_teardown
+
+    try:
+        config = load(args.config_dir, args.tls_dir)
+    except MeshConfigError:
+        config = None
+    settings = config.mesh.settings if config else NodeSettings()
+    overrides = {k: v for k, v in (("route_table", args.route_table), ("bridge", args.bridge),
+                                   ("cni_conf_name", args.cni_conf_name)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    anchors: tuple[str, ...] = ()
+    if config is not None and config.mesh.tunnel.backend is Backend.LIBIPSEC:
+        anchors = desired_state(config.mesh, config.cert_pem, ike_remotes=frozenset()).anchors
+    edge = args.command == "agent"
+    cni_dir = getattr(args, "cni_conf_dir", None)
+    plan = plan_teardown(settings, edge=edge, cni_conf_dir=str(cni_dir) if cni_dir else None,
+                         anchor_subnets=anchors)
+    applier = NodeApplier(config.mesh.node.name if config else "local", args.vici_socket, args.state_dir, None)
+    report = applier.teardown(plan)
+    for change in report.changes:
+        print(change)
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"fabmesh {args.command} cleanup: {len(report.changes)} change(s), "
+          f"{'nothing of fabmesh left' if report.ok else 'some steps failed, run again'}")
+    return 0 if report.ok else 1
 
 
 def status(args: argparse.Namespace) -> int:
@@ -139,6 +187,15 @@ def register_node_command(sub: argparse._SubParsersAction, name: str, help_text:
     parser.set_defaults(func=run)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.add_parser("run", help="run the reconcile loop (the default)").set_defaults(func=run)
+    clean = verbs.add_parser("cleanup", help="remove everything fabmesh programmed on this node (after an uninstall "
+                             "this node did not answer; docs/operator.md)")
+    clean.add_argument("--route-table", type=int, default=None, help="fabmesh's routing table (default: from "
+                       "--config-dir, else 2620)")
+    clean.add_argument("--bridge", default=None, help="an edge's pod bridge (default: from --config-dir, "
+                       "else fabmesh0)")
+    clean.add_argument("--cni-conf-name", default=None, help="an edge's conflist name (default: from "
+                       "--config-dir, else 10-fabmesh.conflist)")
+    clean.set_defaults(func=cleanup)
     st = verbs.add_parser("status", help="print peers, SAs and routes of the local node")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=status)

@@ -18,7 +18,11 @@ unloads its tunnels and routes, so edges and cloud routes follow the new one.
 A missing or malformed config keeps the last good state: it is logged, counted
 in ``fabmesh_config_errors_total``, and nothing is torn down. Stopping the loop
 (SIGTERM) leaves the data plane as it is, so restarting the agent loses no
-packet.
+packet. Only an uninstall removes it: the hook annotates the Pod with
+``fabmesh.io/teardown``, seen here through the downward API file
+(``--teardown-file``, ``fabmesh/node/teardown.py``); every pass then removes
+everything instead of applying, and the token goes into the TunnelStatus once
+nothing is left.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from fabmesh.node.liveness import DirectLiveness
 from fabmesh.node.metrics import Metrics, serve
 from fabmesh.node.report import observe, waiting_peers
 from fabmesh.node.status_writer import StatusTarget, StatusWriter
+from fabmesh.node.teardown import plan_teardown, requested
 from fabmesh.node.tunnels import is_direct
 from fabmesh.strongswan.driver import Charon, ViciError
 
@@ -67,6 +72,10 @@ class NodeLoopOptions:
     node_name: str | None = None  # a connector's own node: it stands by while mesh.yaml names another
     status: StatusTarget | None = None  # where to publish the TunnelStatus; None: nowhere
     charon_conf: Path | None = None  # charon's strongswan.conf; None: next to the VICI socket
+    teardown_file: Path | None = None  # the Pod's annotations (downward API); None: never torn down
+    # After a teardown, write its token here and exit 0 (kubelet reports it as the container's
+    # termination message); None: stay up, idle
+    termination_log: Path | None = None
 
 
 class NodeLoop:
@@ -86,6 +95,7 @@ class NodeLoop:
         self.waited: frozenset[str] = frozenset()  # peers whose SA waited for a DPD answer at the last poll
         self.last_error = ""
         self.next_status = 0.0  # monotonic time of the next status poll
+        self.torn_down: str | None = None  # the teardown token everything was removed for
 
     def _cni_path(self, config: NodeConfig) -> Path | None:
         if config.mesh.node.pod_cidr is None:
@@ -149,8 +159,52 @@ class NodeLoop:
         self.last_error = "; ".join(report.errors)
         return report.ok
 
+    def _teardown_token(self) -> str | None:
+        if self.options.teardown_file is None:
+            return None
+        try:
+            return requested(self.options.teardown_file.read_text())
+        except OSError:
+            return None
+
+    def tear_down(self, token: str) -> bool:
+        """Remove everything this node's loop programs (an uninstall); True when nothing is left."""
+        config = self.last_good
+        if config is None:
+            try:
+                config = load(self.options.config_dir, self.options.tls_dir)
+            except MeshConfigError:
+                config = None
+        settings = config.mesh.settings if config else NodeSettings()
+        edge = config is not None and config.mesh.node.pod_cidr is not None
+        anchors: tuple[str, ...] = ()
+        if config is not None and config.mesh.tunnel.backend is Backend.LIBIPSEC:
+            anchors = desired_state(config.mesh, config.cert_pem, ike_remotes=frozenset()).anchors
+        cni_dir = str(self.options.cni_conf_dir) if self.options.cni_conf_dir else None
+        plan = plan_teardown(settings, edge=edge, cni_conf_dir=cni_dir, anchor_subnets=anchors)
+        if self.applier is None:
+            name = self.options.node_name or (config.mesh.node.name if config else "")
+            self.applier = NodeApplier(name, self.options.vici_socket, self.options.state_dir, None)
+        if self.torn_down != token:
+            log.info("node=%s action=teardown token=%s: uninstall, removing everything fabmesh programmed",
+                     self.applier.node, token)
+        report = self.applier.teardown(plan)
+        self.last_error = "; ".join(report.errors)
+        if report.ok and self.torn_down != token:
+            log.info("node=%s action=teardown-done token=%s changes=%d", self.applier.node, token,
+                     len(report.changes))
+            self.torn_down = token
+            self.next_status = 0.0  # report it at once
+        return report.ok
+
     def run_pass(self) -> bool:
         """One observe-plan-apply pass; True when the node is fully as desired."""
+        token = self._teardown_token()
+        if token is not None:
+            return self.tear_down(token)
+        if self.torn_down is not None:
+            log.info("node=%s teardown annotation gone: applying the mesh again", self.options.node_name or "")
+            self.torn_down = None
         active = self._active_elsewhere()
         if active is not None:
             return self._stand_by(active)
@@ -193,7 +247,7 @@ class NodeLoop:
             return
         self.status_writer.set_limits(settings.status_min_interval_s, settings.status_heartbeat_s)
         sas = self._observe_sas()
-        standby = self.standby_for is not None
+        standby = self.standby_for is not None or self.torn_down is not None
         config = self.last_good
         peers = [] if standby or config is None else [p.name for p in config.mesh.peers]
         if config is None and self.options.node_name is None:
@@ -206,6 +260,8 @@ class NodeLoop:
                               generation=config.generation if config else None,
                               last_error=self.last_error if not standby else "",
                               nat_keepalive_s=self._keepalive())
+        if self.torn_down is not None:
+            self.report = self.report.model_copy(update={"teardown": self.torn_down})
         self.waited = waiting_peers(sas)
         self.status_writer.publish(self.report)
 
@@ -280,6 +336,23 @@ class NodeLoop:
         except Exception:  # the status is a report: it never stops the data plane's loop
             log.exception("publishing the tunnel status failed; trying again at the next poll")
 
+    def _exit_torn_down(self, token: str, termination_log: Path) -> int:
+        """The answer the uninstall hook reads whatever the node can reach: kubelet's own report of this
+        container's termination message. The TunnelStatus may never arrive: an edge's only way to the API
+        is often the connector tunnel that the teardown has just removed."""
+        try:
+            termination_log.write_text(token)
+        except OSError as exc:
+            log.error("teardown done but %s not writable: %s", termination_log, exc)
+            return 1
+        log.info("teardown token=%s done: exiting (nothing left to run until the Pod is deleted)", token)
+        return 0
+
+    def _watched(self) -> list[Path]:
+        """The directories whose change starts a pass at once: config, TLS, the Pod's annotations."""
+        extra = [self.options.teardown_file.parent] if self.options.teardown_file else []
+        return [self.options.config_dir, self.options.tls_dir, *extra]
+
     def _socket_mark(self) -> tuple[int, float] | None:
         try:
             st = self.options.vici_socket.stat()
@@ -292,7 +365,7 @@ class NodeLoop:
             signal.signal(sig, lambda *_: self.stop.set())
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         while not self.stop.is_set():
-            files = fingerprint(self.options.config_dir, self.options.tls_dir)
+            files = fingerprint(*self._watched())
             socket_mark = self._socket_mark()
             try:
                 ok = self.run_pass()
@@ -301,6 +374,8 @@ class NodeLoop:
                 self.last_error = f"reconcile pass failed: {exc}"
                 ok = False
             self._publish_guarded()
+            if self.torn_down is not None and self.options.termination_log is not None:
+                return self._exit_torn_down(self.torn_down, self.options.termination_log)
             period = self.last_good.mesh.settings.resync_period_s if self.last_good else RETRY_S
             deadline = time.monotonic() + (period if ok else RETRY_S)
             next_check = time.monotonic() + LIVENESS_S
@@ -309,7 +384,7 @@ class NodeLoop:
                     next_check = time.monotonic() + LIVENESS_S
                     if self.remove_dead_direct():
                         break
-                if fingerprint(self.options.config_dir, self.options.tls_dir) != files:
+                if fingerprint(*self._watched()) != files:
                     break
                 if self._socket_mark() != socket_mark:
                     break

@@ -216,6 +216,17 @@ class TunnelSync:
                     changes.initiated.append(name)
         return changes
 
+    def unload_all(self) -> list[str]:
+        """Unload and terminate every connection charon holds (an uninstall); the names unloaded."""
+        with self._connect() as charon:
+            loaded = sorted(charon.conns())
+            for name in loaded:
+                charon.unload_conn(name)
+                charon.terminate_ike(name)
+                self.writes += 2
+        self._state_file.unlink(missing_ok=True)
+        return loaded
+
     def _overdue(self, name: str, sa: dict[str, Any] | None) -> bool:
         """Whether a mediated connection has had no IKE_SA for :data:`MEDIATION_RESPONDER_S` (our
         side's view: the initiator may be stuck in charon, see the module docstring)."""

@@ -32,7 +32,17 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                         help="for an uninstall: once no operator holds the leader Lease, take the copied flannel "
                              "annotations off every Node and remove the fabmesh.io/flannel-release finalizer, exit")
     parser.add_argument("--release-wait", type=float, default=120.0, metavar="SECONDS",
-                        help="with --release: how long to wait for a running operator's Lease to lapse "
+                        help="with --release or --uninstall: how long to wait for a running operator's Lease to lapse "
+                             "(default: %(default)s)")
+    parser.add_argument("--uninstall", action="store_true",
+                        help="for helm uninstall (the chart's pre-delete hook): scale the operator's Deployment to 0, "
+                             "ask every agent and connector to remove what it programmed, wait for them, delete "
+                             "every object the operator created, release every Node, exit (docs/operator.md)")
+    parser.add_argument("--node-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="with --uninstall: how long to wait for the nodes' teardown reports; nodes that did "
+                             "not answer are named, to clean up by hand (default: %(default)s)")
+    parser.add_argument("--operator-deployment", default="fabmesh-operator", metavar="NAME",
+                        help="with --uninstall: the operator's Deployment in the settings' namespace "
                              "(default: %(default)s)")
     parser.set_defaults(func=run)
 
@@ -48,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from fabmesh.operator.reconcile import Reconciler
 
     api = load_api_client(args.kubeconfig)
+    if args.uninstall:
+        from fabmesh.operator.uninstall import uninstall
+
+        return uninstall(Kube(api, field_manager=args.field_manager), settings, deployment=args.operator_deployment,
+                         lease_wait_s=args.release_wait, node_timeout_s=args.node_timeout)
     if args.release:
         from fabmesh.operator.release import release_all
 

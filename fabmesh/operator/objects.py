@@ -29,7 +29,7 @@ import json
 from typing import Any
 
 from fabmesh.mesh import tunnelstatus
-from fabmesh.mesh.names import KIND_LABEL, MANAGED_BY, NODE_LABEL
+from fabmesh.mesh.names import KIND_LABEL, MANAGED_BY, NODE_LABEL, POD_ANNOTATIONS_FILE, POD_INFO_DIR
 from fabmesh.mesh.names import SPEC_HASH_ANNOTATION as SPEC_HASH
 from fabmesh.operator.settings import NodePods, OperatorSettings
 
@@ -75,6 +75,7 @@ def status_role_name(node: str) -> str:
 
 
 STATUS_TOKEN_DIR = "/var/run/secrets/fabmesh.io/status"
+TERMINATION_LOG = "/dev/termination-log"  # the containers' default terminationMessagePath
 STATUS_VERBS = ("get", "patch", "update")
 
 
@@ -191,6 +192,7 @@ def _node_args(metrics_port: int, metrics_address: str) -> list[str]:
     return ["--config-dir", "/etc/fabmesh/mesh", "--tls-dir", "/etc/fabmesh/tls",
             "--status-token-file", f"{STATUS_TOKEN_DIR}/token", "--status-ca-file", f"{STATUS_TOKEN_DIR}/ca.crt",
             "--vici-socket", "/var/run/fabmesh/charon.vici", "--state-dir", "/var/run/fabmesh",
+            "--teardown-file", POD_ANNOTATIONS_FILE, "--termination-log", TERMINATION_LOG,
             "--metrics-port", str(metrics_port), *(["--metrics-address", metrics_address] if metrics_address else [])]
 
 
@@ -209,6 +211,7 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
                          {"name": "mesh", "mountPath": "/etc/fabmesh/mesh", "readOnly": True},
                          {"name": "tls", "mountPath": "/etc/fabmesh/tls", "readOnly": True},
                          {"name": "status-token", "mountPath": STATUS_TOKEN_DIR, "readOnly": True},
+                         {"name": "pod-info", "mountPath": POD_INFO_DIR, "readOnly": True},
                          *mounts, {"name": "xtables-lock", "mountPath": "/run/xtables.lock"}]}
     spec: dict[str, Any] = {
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
@@ -237,6 +240,9 @@ def _node_pod(name: str, role: str, node: str, uid: str, settings: OperatorSetti
             {"name": "charon-run", "emptyDir": {"sizeLimit": "1Mi"}},
             *volumes,
             _status_volume(images.status_token_expiration_s),
+            # Its own annotations: fabmesh.io/teardown there is the uninstall (fabmesh/node/teardown.py).
+            {"name": "pod-info", "downwardAPI": {"items": [
+                {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
             {"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}},
         ],
     }

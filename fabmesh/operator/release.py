@@ -27,7 +27,7 @@ PAUSE_S = 2.0  # between the strip round and the finalizer round: watchers see t
 ROUNDS = 6
 
 
-def _leader_gone(kube: Kube, settings: OperatorSettings, wait_s: float) -> str | None:
+def leader_gone(kube: Kube, settings: OperatorSettings, wait_s: float) -> str | None:
     """None once the Lease is free or has not changed for its duration (our clock); else who holds it."""
     election = settings.leader_election
     seen, since = None, time.monotonic()
@@ -45,23 +45,31 @@ def _leader_gone(kube: Kube, settings: OperatorSettings, wait_s: float) -> str |
 
 
 def release_all(kube: Kube, settings: OperatorSettings, wait_s: float) -> int:
-    holder = _leader_gone(kube, settings, wait_s) if settings.leader_election.enabled else None
+    holder = leader_gone(kube, settings, wait_s) if settings.leader_election.enabled else None
     if holder is not None:
         print(f"fabmesh operator --release: operator {holder} still holds Lease "
               f"{settings.namespace}/{settings.leader_election.lease_name}; stop it first "
               "(scale Deployment fabmesh-operator to 0)", file=sys.stderr)
         return 2
+    return release_nodes(kube, settings)
+
+
+def release_nodes(kube: Kube, settings: OperatorSettings, what: str = "--release") -> int:
+    """The strip and finalizer rounds, once no operator runs; 0 when no Node holds anything of fabmesh's."""
     reconciler = Reconciler(kube, settings)
+    touched: set[str] = set()
     for _ in range(ROUNDS):
         releases = plan_release([read_hold(n, settings.edge_label) for n in kube.list("nodes")], everything=True)
         if not releases:
-            print("fabmesh operator --release: no Node carries fabmesh's flannel annotations or finalizer")
+            print(f"fabmesh operator {what}: no Node carries fabmesh's flannel annotations or finalizer"
+                  + (f" (released now: {','.join(sorted(touched))})" if touched else ""))
             return 0
+        touched |= {r.node for r in releases}
         result = PassResult(plan=MeshPlan())  # only its errors are used here
         for release in releases:
             reconciler.release_flannel(result, release)
         for error in result.errors:
-            print(f"fabmesh operator --release: {error}", file=sys.stderr)
+            print(f"fabmesh operator {what}: {error}", file=sys.stderr)
         time.sleep(PAUSE_S)
-    print("fabmesh operator --release: Nodes still hold fabmesh's finalizer; run again", file=sys.stderr)
+    print(f"fabmesh operator {what}: Nodes still hold fabmesh's finalizer; run again", file=sys.stderr)
     return 1

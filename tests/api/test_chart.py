@@ -320,7 +320,7 @@ def installed(helm: Helm, admin: Kube) -> Iterator[tuple[str, list[Obj], str]]:
     try:
         yield namespace, objects, result.stdout
     finally:
-        # No kubelet here would ever run the post-delete Job (test_uninstall_hook_... checks what it renders).
+        # No kubelet here would ever run the pre-delete Job (test_uninstall_hook_... checks what it renders).
         gone = helm.cluster("uninstall", RELEASE, "-n", namespace, "--no-hooks")
         assert gone.returncode == 0, gone.stdout + gone.stderr
 
@@ -349,21 +349,22 @@ def test_install_notes_tell_the_next_steps(installed: tuple[str, list[Obj], str]
         assert step in output, output
 
 
-def test_uninstall_hook_runs_the_release_as_its_own_locked_down_account(helm: Helm) -> None:
+def test_uninstall_hook_runs_the_uninstall_as_its_own_locked_down_account(helm: Helm) -> None:
     hooks = {(o["kind"], o["metadata"]["name"]): o for o in render_chart(helm.binary, "fm-render", hooks=True)
              if "helm.sh/hook" in (o["metadata"].get("annotations") or {})}
     assert set(hooks) == {(k, "fabmesh-release") for k in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding",
                                                            "Role", "RoleBinding", "Job")} | {
         ("ConfigMap", "fabmesh-release-settings")}
-    for obj in hooks.values():  # after the operator and its RBAC are gone; deleted once it has succeeded
+    for obj in hooks.values():  # before Helm deletes the operator (it fences it); deleted once it has succeeded
         annotations = obj["metadata"]["annotations"]
-        assert annotations["helm.sh/hook"] == "post-delete"
+        assert annotations["helm.sh/hook"] == "pre-delete"
         assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
     spec = hooks[("Job", "fabmesh-release")]["spec"]["template"]["spec"]
     assert spec["serviceAccountName"] == "fabmesh-release" and spec["restartPolicy"] == "Never"
     (release,) = spec["containers"]
     args = build_parser().parse_args(release["args"])
-    assert (args.command, args.release, str(args.config)) == ("operator", True, "/etc/fabmesh/operator.yaml")
+    assert (args.command, args.uninstall, str(args.config)) == ("operator", True, "/etc/fabmesh/operator.yaml")
+    assert (args.node_timeout, args.operator_deployment) == (120.0, "fabmesh-operator")
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert release["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                           "capabilities": {"drop": ["ALL"]}}
@@ -371,6 +372,9 @@ def test_uninstall_hook_runs_the_release_as_its_own_locked_down_account(helm: He
     settings = OperatorSettings.model_validate(yaml.safe_load(
         hooks[("ConfigMap", "fabmesh-release-settings")]["data"]["operator.yaml"]))
     assert settings.namespace == "fm-render"
+    quick = render_chart(helm.binary, "fm-render", {"operator": {"uninstallNodeTimeoutSeconds": 30}}, hooks=True)
+    (job,) = [o for o in quick if o["kind"] == "Job"]
+    assert build_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"]).node_timeout == 30
     off = render_chart(helm.binary, "fm-render", {"operator": {"releaseOnUninstall": False}}, hooks=True)
     assert not [o for o in off if "helm.sh/hook" in (o["metadata"].get("annotations") or {})]
 
@@ -446,18 +450,44 @@ def test_installed_rbac_is_least_privilege(installed: tuple[str, list[Obj], str]
     assert may(admin, installed[0], account, verb, group, resource, where) is expected
 
 
-# The uninstall hook's account, applied as helm applies it at post-delete: (id, verb, group, resource, namespace,
-# object name, allowed).
+# The uninstall hook's account, applied as helm applies it at pre-delete: (id, verb, group, resource, namespace,
+# object name, allowed). It deletes by label (deletecollection) and never reads a Secret or a ConfigMap.
 RELEASE_RBAC = [
     ("release-lists-nodes", "list", "", "nodes", None, None, True),
     ("release-patches-nodes", "patch", "", "nodes", None, None, True),
     ("release-gets-the-operator-lease", "get", "coordination.k8s.io", "leases", "own", "fabmesh-operator", True),
+    ("release-deletes-the-operator-lease", "delete", "coordination.k8s.io", "leases", "own", "fabmesh-operator",
+     True),
+    ("release-cannot-delete-another-lease", "delete", "coordination.k8s.io", "leases", "own", "other", False),
     ("release-cannot-get-another-lease", "get", "coordination.k8s.io", "leases", "own", "other", False),
     ("release-cannot-update-the-lease", "update", "coordination.k8s.io", "leases", "own", "fabmesh-operator", False),
     ("release-cannot-update-nodes", "update", "", "nodes", None, None, False),
     ("release-cannot-delete-nodes", "delete", "", "nodes", None, None, False),
     ("release-cannot-get-secrets", "get", "", "secrets", "own", None, False),
+    ("release-cannot-list-secrets", "list", "", "secrets", "own", None, False),
     ("release-cannot-list-configmaps", "list", "", "configmaps", "own", None, False),
+    ("release-cannot-get-configmaps", "get", "", "configmaps", "own", None, False),
+    ("release-deletes-secrets-by-label", "deletecollection", "", "secrets", "own", None, True),
+    ("release-deletes-configmaps-by-label", "deletecollection", "", "configmaps", "own", None, True),
+    ("release-deletes-accounts-by-label", "deletecollection", "", "serviceaccounts", "own", None, True),
+    ("release-deletes-roles-by-label", "deletecollection", "rbac.authorization.k8s.io", "roles", "own", None, True),
+    ("release-deletes-bindings-by-label", "deletecollection", "rbac.authorization.k8s.io", "rolebindings", "own",
+     None, True),
+    ("release-cannot-create-roles", "create", "rbac.authorization.k8s.io", "roles", "own", None, False),
+    ("release-cannot-bind", "create", "rbac.authorization.k8s.io", "rolebindings", "own", None, False),
+    ("release-cannot-delete-secrets-elsewhere", "deletecollection", "", "secrets", None, None, False),
+    ("release-annotates-pods", "patch", "", "pods", "own", None, True),
+    ("release-lists-pods", "list", "", "pods", "own", None, True),
+    ("release-deletes-pods-by-label", "deletecollection", "", "pods", "own", None, True),
+    ("release-cannot-create-pods", "create", "", "pods", "own", None, False),
+    ("release-cannot-exec-into-pods", "create", "", "pods/exec", "own", None, False),
+    ("release-reads-tunnel-statuses", "list", "fabmesh.io", "tunnelstatuses", "own", None, True),
+    ("release-deletes-tunnel-statuses", "deletecollection", "fabmesh.io", "tunnelstatuses", "own", None, True),
+    ("release-cannot-write-tunnel-status", "patch", "fabmesh.io", "tunnelstatuses/status", "own", None, False),
+    ("release-scales-the-operator", "patch", "apps", "deployments/scale", "own", "fabmesh-operator", True),
+    ("release-cannot-scale-another-deployment", "patch", "apps", "deployments/scale", "own", "other", False),
+    ("release-cannot-patch-the-operator", "patch", "apps", "deployments", "own", "fabmesh-operator", False),
+    ("release-cannot-delete-the-operator", "delete", "apps", "deployments", "own", "fabmesh-operator", False),
 ]
 
 
@@ -473,7 +503,9 @@ def release_hook_namespace(control_plane: ControlPlane, admin: Kube) -> str:
 def test_uninstall_hook_rbac_is_least_privilege(release_hook_namespace: str, admin: Kube, verb: str, group: str,
                                                 resource: str, where: str | None, name: str | None,
                                                 expected: bool) -> None:
-    attributes = {"verb": verb, "group": group, "resource": resource, **({"name": name} if name else {})}
+    resource, _, subresource = resource.partition("/")
+    attributes = {"verb": verb, "group": group, "resource": resource, "subresource": subresource,
+                  **({"name": name} if name else {})}
     if where is not None:
         attributes["namespace"] = release_hook_namespace
     review = admin._call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {

@@ -48,6 +48,7 @@ from fabmesh.mesh.model import parse_node_mesh
 from fabmesh.node.apply import NodeApplier
 from fabmesh.node.cni import render_conflist
 from fabmesh.node.desired import desired_state
+from fabmesh.node.teardown import plan_teardown
 from fabmesh.node.tunnel_sync import Credentials
 
 logging.basicConfig(stream=sys.stderr, level=logging.INFO)
@@ -55,10 +56,16 @@ config = json.loads(Path(sys.argv[1]).read_text())
 creds = Credentials(key_pem=config["key_pem"], ca_pem=config["ca_pem"])
 applier = NodeApplier(config["node"], Path(config["vici_socket"]), Path(config["state_dir"]),
                       Path(config["cni_conf_path"]))
+state = None
 for line in sys.stdin:
-    mesh = parse_node_mesh(Path(line.strip()).read_text())
-    state = desired_state(mesh, config["cert_pem"], conflist=render_conflist(mesh))
-    report = applier.apply(state, creds)
+    if line.strip() == "teardown":  # an uninstall: remove what the last apply programmed
+        plan = plan_teardown(mesh.settings, edge=True, cni_conf_dir=str(Path(config["cni_conf_path"]).parent),
+                             anchor_subnets=state.anchors)
+        report = applier.teardown(plan)
+    else:
+        mesh = parse_node_mesh(Path(line.strip()).read_text())
+        state = desired_state(mesh, config["cert_pem"], conflist=render_conflist(mesh))
+        report = applier.apply(state, creds)
     print(json.dumps({"changes": report.changes, "errors": report.errors, "writes": dict(applier.writes())}),
           flush=True)
 """
@@ -130,7 +137,8 @@ class Agent:
             "ca_pem": edge.ca.cert_pem}))
         return path
 
-    def apply(self, mesh_file: Path) -> dict[str, Any]:
+    def apply(self, mesh_file: Path | str) -> dict[str, Any]:
+        """Apply ``mesh_file``; the string ``teardown`` removes what the last apply programmed."""
         assert self.process.stdin and self.process.stdout
         self.process.stdin.write(f"{mesh_file}\n")
         self.process.stdin.flush()
@@ -307,6 +315,56 @@ def test_edge_applied_from_empty_gets_bridge_rule_routes_ipset_chains_tunnels_cn
 
     # (g) forwarding on, in the namespace
     assert _ip_forward(edge) == "1"
+
+
+def _fabmesh_left(edge: Edge) -> dict[str, Any]:
+    """What of the agent's is in the namespace; every value empty when nothing is."""
+    rules = [r for r in _json(edge, "ip", "-j", "-4", "rule", "show") if r.get("table") == TABLE]
+    tables = _iptables(edge)
+    return {
+        "rules": rules, "routes": _table_routes(edge),
+        "chains": {t: [c for c in chains if c.startswith("FABMESH-")] for t, chains in tables.items()
+                   if any(c.startswith("FABMESH-") for c in chains)},
+        "jumps": [r for chains in tables.values() for rules in chains.values() for r in rules if "FABMESH-" in r],
+        "ipsets": [n for n in edge.run("ipset", "list", "-n").stdout.split() if n.startswith("FABMESH-")],
+        "bridge": [link["ifname"] for link in _json(edge, "ip", "-j", "link", "show") if link["ifname"] == "fabmesh0"],
+        "conflist": edge.conflist.exists(), "conns": _conns(edge), "sas": _sas(edge),
+        "anchors": [a["local"] for a in _json(edge, "ip", "-j", "-4", "addr", "show", "dev", "lo")[0]["addr_info"]
+                    if a.get("label") == "lo:fm"],
+    }
+
+
+def _sas(edge: Edge) -> set[str]:
+    with Charon(edge.vici_socket) as charon:
+        return set(charon.sas())
+
+
+def test_teardown_removes_everything_the_agent_programmed_and_a_second_one_writes_nothing(
+        edge: Edge, agents: list[Agent]) -> None:
+    """The uninstall path (fabmesh/node/teardown.py); stopping without it leaves everything (the restart test)."""
+    agent = _start(agents, edge, "agent")
+    _applied(agent.apply(edge.mesh_file("mesh", edge.mesh())))
+    before = _fabmesh_left(edge)
+    assert all(before[k] for k in ("rules", "routes", "chains", "jumps", "ipsets", "bridge", "conflist", "conns",
+                                    "anchors")), before
+    _applied(agent.apply("teardown"))
+    assert not _fabmesh_left(edge)["anchors"]
+    # The same address on lo, put there by someone else (a node holding its own address there): never ours.
+    _applied(agent.apply(edge.mesh_file("mesh", edge.mesh())))
+    edge.run("ip", "addr", "del", "192.0.2.1/32", "dev", "lo")
+    edge.run("ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
+
+    torn = _applied(agent.apply("teardown"))
+    print(f"\n[observed] teardown changes: {torn['changes']}")
+    left = _fabmesh_left(edge)
+    assert not any(left.values()), left
+    assert _ip_forward(edge) == "1"  # not ours to turn off
+    assert "192.0.2.1/32" in edge.run("ip", "-4", "addr", "show", "dev", "lo").stdout
+    again = _applied(agent.apply("teardown"))
+    assert again["changes"] == [] and _delta(torn["writes"], again["writes"]) == {}, again
+
+    _applied(agent.apply(edge.mesh_file("mesh", edge.mesh())))  # the annotation gone: the mesh comes back
+    assert _fabmesh_left(edge)["routes"] == before["routes"]
 
 
 def test_resync_and_restarted_agent_write_nothing_to_an_unchanged_node(edge: Edge, agents: list[Agent]) -> None:
