@@ -39,12 +39,12 @@ from websocket import WebSocketException
 
 from fabmesh.kube.client import ApiError, Kube, load_api_client
 from fabmesh.kubectl import cluster, doctor, ping, status
-from fabmesh.kubectl.cluster import format_time
 from fabmesh.kubectl.graph import mesh_dot, mesh_json
 from fabmesh.kubectl.tunnels import tunnel_rows
 from fabmesh.mesh.names import AGENT_SELECTOR, EVENTS_NAMESPACE, STATUS_ANNOTATION
 from fabmesh.mesh.ports import DEFAULT_METRICS_PORT
 from fabmesh.mesh.probepath import Counters, counted
+from fabmesh.mesh.timestamps import format_time
 from fabmesh.mesh.tunnelstatus import PLURAL, parse_report
 from fabmesh.operator.settings import OperatorSettings, SettingsError, load_settings
 
