@@ -256,3 +256,40 @@ def _add_pods(admin: Kube, state: LabState, nodes: dict[str, KubeNode], images: 
         if h.role == "edge":
             h.pod_cidr = str(ipaddress.ip_network(f"{ip}/24", strict=False))
         state.save()
+
+
+def lab_processes(state: LabState) -> set[int]:
+    """Every process of the lab: what it recorded (control plane, flanneld, kubelets, kube-proxies), their
+    children, and everything in its nodes' cgroups (containerd, shims, every container)."""
+    from fabmesh.testenv import cgroups
+    from fabmesh.testenv.kubenode import node_cgroup_root
+
+    found = {pid for pid in state.pids.values() if Path(f"/proc/{pid}").exists()}
+    for h in state.hosts:
+        found |= cgroups.pids(node_cgroup_root(h.netns))
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def rss_mib(pids: set[int]) -> float:
+    """Sum of the processes' resident set sizes (VmRSS; shared pages count once per process)."""
+    total_kib = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total_kib += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total_kib / 1024
