@@ -198,8 +198,8 @@ def test_headless_service_slice_holds_the_pod_address_and_it_answers_there(lab: 
     pod_ip, cluster_ip = _serve(lab, "whoami-headless", "edge-2", headless=True)
     assert cluster_ip == "None"
     def listed() -> list[dict[str, Any]]:
-        return lab.admin._call("GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
-                               "?labelSelector=kubernetes.io/service-name%3Dwhoami-headless")["items"]
+        return lab.admin._call("GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+                               query={"labelSelector": "kubernetes.io/service-name=whoami-headless"})["items"]
 
     slices = wait_for(lambda: [s for s in listed() if any(e.get("addresses") for e in s.get("endpoints") or [])],
                       timeout=60, interval=0.5, what="the headless Service's EndpointSlice")
