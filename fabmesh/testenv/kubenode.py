@@ -59,6 +59,7 @@ from fabmesh.testenv.nodeconfig import (
 
 UNIX_PATH_MAX = 108  # sun_path, NUL included
 CONTAINER_LOGS = Path("/var/log/containers")  # kubelet's symlinks; a fixed path in kubelet
+HOST_LOCAL_DIR = Path("/var/lib/cni/networks")  # host-local IPAM's leases when a conflist names no dataDir
 
 
 class NodeError(RuntimeError):
@@ -343,7 +344,9 @@ def clean_node(paths: NodePaths, cgroup_root: str, after_kill: Callable[[], None
     (containers, shims, containerd), the mounts under its directory, its cgroups and log symlinks.
     Stop kubelet first, or it starts what this kills again."""
     netns = KubeNode.sandboxes_of(paths.containerd_socket)
+    containers = _containers(paths.containerd_socket)
     cgroups.kill_all(cgroup_root)
+    release_leases(containers)
     if after_kill is not None:
         after_kill()
     _unmount_under(paths.directory)
@@ -355,6 +358,32 @@ def clean_node(paths: NodePaths, cgroup_root: str, after_kill: Callable[[], None
             with contextlib.suppress(OSError):
                 if link.is_symlink() and str(os.readlink(link)).startswith(str(paths.pod_logs)):
                     link.unlink()
+
+
+def _containers(sock: Path) -> set[str]:
+    if not sock.exists():
+        return set()
+    listing = subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "containers", "ls", "-q"],
+                             capture_output=True, text=True)
+    return set(listing.stdout.split())
+
+
+def release_leases(containers: set[str], networks: Path = HOST_LOCAL_DIR) -> list[Path]:
+    """Delete host-local IPAM leases held by ``containers`` (a lease file holds its container's ID).
+
+    Killing a node skips CNI DEL, and a conflist without ``dataDir`` (fabmesh's, on edges) keeps its
+    leases in the box-wide ``/var/lib/cni/networks/<name>``: every run would leak its Pods'
+    addresses there until the range is exhausted. Only files naming one of ``containers`` go.
+    """
+    removed: list[Path] = []
+    if not containers or not networks.is_dir():
+        return removed
+    for lease in networks.glob("*/*"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if lease.is_file() and lease.read_text().split("\n", 1)[0].strip() in containers:
+                lease.unlink()
+                removed.append(lease)
+    return removed
 
 
 def shared_dir_argv(own: Path, shared: Path, cmd: list[str]) -> list[str]:

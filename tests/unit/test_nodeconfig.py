@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fabmesh.testenv.cgroups import v1_hierarchies
 from fabmesh.testenv.images import build_archive
-from fabmesh.testenv.kubenode import shared_dir_argv
+from fabmesh.testenv.kubenode import release_leases, shared_dir_argv
 from fabmesh.testenv.nodeconfig import (
     KUBELET_SYSCTLS,
     NodePaths,
@@ -113,3 +113,14 @@ def test_shared_dir_argv_binds_the_nodes_own_dir_then_execs_the_command() -> Non
     assert argv[5:7] == ["sh", "-c"]
     assert argv[7] == 'mount --bind /lab/hosts/edge-1/kube/cni/net.d /lab/cni && exec "$@"'
     assert argv[8:] == ["sh", "containerd", "--config", "/lab/c.toml"]
+
+
+def test_release_leases_deletes_only_the_leases_of_the_given_containers(tmp_path: Path) -> None:
+    network = tmp_path / "fabmesh"
+    network.mkdir()
+    (network / "10.233.0.2").write_text("a" * 64 + "\r\neth0")
+    (network / "10.233.0.3").write_text("b" * 64 + "\r\neth0")
+    (network / "last_reserved_ip.0").write_text("10.233.0.3")
+    removed = release_leases({"a" * 64}, tmp_path)
+    assert removed == [network / "10.233.0.2"]
+    assert sorted(p.name for p in network.iterdir()) == ["10.233.0.3", "last_reserved_ip.0"]
