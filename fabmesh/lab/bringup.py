@@ -151,9 +151,10 @@ def up_with_control_plane(topology: Topology, directory: Path, progress: Progres
 
 
 def _start_control_plane(state: LabState, directory: Path, timeout: float,
-                         host: LabHost | None = None) -> ControlPlane:
+                         host: LabHost | None = None, service_accounts: bool = False) -> ControlPlane:
     cp = ControlPlane(directory=directory, ready_timeout=max(90.0, timeout),
-                      netns=host.netns if host else None, host_address=host.wan_ip if host else None)
+                      netns=host.netns if host else None, host_address=host.wan_ip if host else None,
+                      service_accounts=service_accounts)
     try:
         cp.start()
     finally:  # etcd may run even if kube-apiserver never came up: record what did start

@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction, name: str, help_text: str) -> None
                     help="run etcd and kube-apiserver inside this cloud host's namespace (not the connector): the "
                     "API server then reaches edge kubelets through the mesh, as on a real cloud node; the "
                     "kubeconfig still works from the box (a loopback relay). Default: on the box's loopback")
+    up.add_argument("--nodes", choices=("process", "real"), default="process",
+                    help="process (default): the operator, agents and connector as processes, Nodes registered by "
+                    "the lab; real: every host a real node (kubelet + containerd, kube-proxy), fabmesh installed "
+                    "by 'helm install charts/fabmesh' with the image built here, the matrix pods real Pods; the "
+                    "API server runs in --api-host (default: the first cloud host that is not the connector). "
+                    "Heavier: see docs/real-nodes.md")
     up.set_defaults(func=_up)
     status = verbs.add_parser("status", help="re-check and print the matrix of the running lab")
     status.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -81,8 +87,18 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     started = time.monotonic()
     try:
-        state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout,
-                           backend=Backend(args.backend), api_host=args.api_host)
+        if args.nodes == "real":
+            from fabmesh.lab import realnodes
+
+            if args.backend != Backend.LIBIPSEC.value:
+                print("fabmesh lab: --nodes real runs libipsec only (the chart's value is set by the lab)",
+                      file=sys.stderr)
+                return 2
+            state = realnodes.up(topology, args.dir, progress=_progress, timeout=max(args.timeout, 300),
+                                 api_host=args.api_host)
+        else:
+            state = bringup.up(topology, args.dir, progress=_progress, timeout=args.timeout,
+                               backend=Backend(args.backend), api_host=args.api_host)
     except Exception as exc:
         print(f"fabmesh lab: bring-up failed: {exc}\nlogs: {args.dir / 'logs'}; clean up with "
               "'fabmesh lab down'", file=sys.stderr)

@@ -49,10 +49,35 @@ def expected_tunnels(state: LabState) -> dict[str, set[str]]:
     return topology.expected_tunnels({n: r for n, r in roles.items() if r is not None}, communities, connector)
 
 
+def vici_path(state: LabState, name: str) -> Path:
+    """Where one host's charon listens: ``hosts/<name>/run/charon.vici``.
+
+    With real nodes charon runs in the agent or connector Pod and its socket lies in the Pod's
+    emptyDir (the newest, should an old Pod's directory linger), a path longer than a unix socket
+    address may be: the short path is made a symlink to it (connect follows it), re-pointed when
+    the Pod is replaced.
+    """
+    short = Path(state.directory) / "hosts" / name / "run" / "charon.vici"
+    if state.nodes != "real":
+        return short
+    pods = Path(state.directory) / "hosts" / name / "kube" / "kubelet" / "pods"
+    found = list(pods.glob("*/volumes/kubernetes.io~empty-dir/run/charon.vici"))
+    if not found:
+        return short
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    if not short.is_symlink() or short.readlink() != newest:
+        short.parent.mkdir(parents=True, exist_ok=True)
+        tmp = short.with_suffix(".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(newest)
+        tmp.replace(short)
+    return short
+
+
 def established_tunnels(state: LabState, name: str) -> set[str]:
     """The peers one host's charon has an ESTABLISHED IKE_SA with a CHILD_SA to (empty if it does not answer)."""
     try:
-        with Charon(Path(state.directory) / "hosts" / name / "run" / "charon.vici", timeout=5) as charon:
+        with Charon(vici_path(state, name), timeout=5) as charon:
             return {n for n, sa in charon.sas().items() if sa.get("state") == "ESTABLISHED" and sa.get("child-sas")}
     except ViciError:
         return set()
@@ -76,7 +101,7 @@ def read_counters(state: LabState) -> paths.Counters:
         if h.role == "cloud":
             continue
         try:
-            with Charon(Path(state.directory) / "hosts" / h.name / "run" / "charon.vici", timeout=5) as charon:
+            with Charon(vici_path(state, h.name), timeout=5) as charon:
                 out.update(paths.counters(h.name, charon.ike_sas()))
         except ViciError:
             continue

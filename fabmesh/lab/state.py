@@ -67,6 +67,9 @@ class LabState(BaseModel):
     api_lab_url: str | None = None
     operator_namespace: str = "fabmesh-system"
     backend: Backend = Backend.LIBIPSEC  # the operator's tunnel.backend; every charon the lab starts uses it
+    # process: agents, connector and operator as processes, Nodes registered by the lab (bringup.py);
+    # real: every host a kubelet + containerd node, fabmesh installed by its Helm chart (realnodes.py).
+    nodes: str = "process"
     wan_cidr: str = "198.51.100.0/24"
     nats: list[LabNatRouter] = []
     hosts: list[LabHost] = []

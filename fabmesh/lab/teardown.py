@@ -2,8 +2,11 @@
 
 Only what :class:`LabState` names is touched: the recorded PIDs (their
 process groups) and the namespaces carrying the recorded prefix. The node
-side (operator, nodesim, charons, agents, connector) is stopped first, all at
-once, so none of it spends the grace period retrying a vanished API server.
+side (operator, nodesim, charons, agents, connector; with real nodes, kubelets,
+kube-proxies and flanneld) is stopped first, all at once, so none of it spends
+the grace period retrying a vanished API server. A real node is then removed
+from its paths alone (:func:`fabmesh.testenv.kubenode.clean_node`: every
+process in its cgroups, its mounts, Pod namespaces and cgroups).
 Then the control plane in reverse start order, kube-apiserver before etcd:
 signalled together, etcd's graceful stop waits about 7 s for the API server's
 watch streams while the API server never finishes without etcd (measured: it
@@ -23,10 +26,13 @@ from pathlib import Path
 from fabmesh.lab.processes import GRACE_S, Stopped, stop_all
 from fabmesh.lab.state import LabState
 from fabmesh.testenv.hosts import owned_namespaces
+from fabmesh.testenv.kubenode import clean_node, node_cgroup_root
+from fabmesh.testenv.nodeconfig import NodePaths
 
 log = logging.getLogger("fabmesh.lab")
 
 CONTROL_PLANE = "controlplane"
+RUNTIME = "containerd-"  # a real node's containerd: stopped with everything in its node's cgroups
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,14 @@ def down(directory: Path, grace: float = GRACE_S) -> Removed | None:
     state = LabState.load(directory)
     if state is None:
         return None
-    node_side = {n: p for n, p in state.pids.items() if not n.startswith(CONTROL_PLANE)}
+    node_side = {n: p for n, p in state.pids.items() if not n.startswith((CONTROL_PLANE, RUNTIME))}
+    runtimes = {n: p for n, p in state.pids.items() if n.startswith(RUNTIME)}
     control_plane = [(n, p) for n, p in state.pids.items() if n.startswith(CONTROL_PLANE)]
     stopped = stop_all(node_side, grace)
+    if state.nodes == "real":  # kubelets are stopped: nothing restarts what this removes
+        for h in state.hosts:
+            clean_node(NodePaths(directory / "hosts" / h.name / "kube"), node_cgroup_root(h.netns))
+    stopped += stop_all(runtimes, grace)  # killed with their node's cgroup: reported as gone
     for name, pid in reversed(control_plane):  # recorded in start order: etcd, then kube-apiserver
         stopped += stop_all({name: pid}, grace)
     for s in stopped:

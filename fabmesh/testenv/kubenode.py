@@ -36,6 +36,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from fabmesh.testenv.nodeconfig import (
 
 UNIX_PATH_MAX = 108  # sun_path, NUL included
 CONTAINER_LOGS = Path("/var/log/containers")  # kubelet's symlinks; a fixed path in kubelet
+HOST_LOCAL_DIR = Path("/var/lib/cni/networks")  # host-local IPAM's leases when a conflist names no dataDir
 
 
 class NodeError(RuntimeError):
@@ -165,19 +167,28 @@ class KubeNode:
     # False: no conflist is written, the node stays NotReady until a network plugin writes one
     # (on an edge, fabmesh's agent Pod does, as a DaemonSet-style CNI would).
     bridge_cni: bool = True
+    # A path that containerd, and so every container, sees the node's own CNI config directory at
+    # (a bind mount in containerd's private mount namespace): a hostPath naming it is the same string
+    # on every node, as on real machines, while each node keeps its own directory. None: no mount.
+    shared_cni_dir: Path | None = None
     paths: NodePaths = field(init=False)
     cgroup_root: str = field(init=False)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.paths = NodePaths(self.host.directory / "kube")
-        self.cgroup_root = f"/fabmesh-{self.host.netns}"
+        self.cgroup_root = node_cgroup_root(self.host.netns)
 
     def start(self, control_plane: ControlPlane, link: NodeLink) -> KubeNode:
         """containerd (images imported), then kubelet; returns once both run (Ready is the caller's wait)."""
         self._write_files(control_plane, link)
         cgroups.create(self.cgroup_root)
         try:
+            # Volumes kubelet mounts in its own mount namespace (Secrets are tmpfs) must reach runc in
+            # containerd's: shared before containerd starts, so a private namespace of its own
+            # (shared_cni_dir) is in the same peer group too.
+            sh("mount", "--bind", str(self.paths.kubelet_root), str(self.paths.kubelet_root))
+            sh("mount", "--make-shared", str(self.paths.kubelet_root))
             self._start_containerd()
             import_images(self.images, self.paths.containerd_socket)
             for archive in self.archives:
@@ -226,7 +237,10 @@ class KubeNode:
         return proc
 
     def _start_containerd(self) -> None:
-        proc = self._in_node("containerd", ["containerd", "--config", str(self.paths.containerd_config)])
+        cmd = ["containerd", "--config", str(self.paths.containerd_config)]
+        if self.shared_cni_dir is not None:
+            cmd = shared_dir_argv(self.paths.cni_conf_dir, self.shared_cni_dir, cmd)
+        proc = self._in_node("containerd", cmd)
         sock = self.paths.containerd_socket
         wait_for(lambda: proc.poll() is not None or _ctr_ok(sock), timeout=60, interval=0.2,
                  what=f"containerd on node {self.name}")
@@ -236,9 +250,6 @@ class KubeNode:
 
     def _start_kubelet(self) -> None:
         p = self.paths
-        # Volumes kubelet mounts in its own mount namespace must reach runc in the host's.
-        sh("mount", "--bind", str(p.kubelet_root), str(p.kubelet_root))
-        sh("mount", "--make-shared", str(p.kubelet_root))
         launcher = p.directory / "kubelet.sh"
         launcher.write_text(kubelet_launcher(
             p, netns=self.host.netns, cgroup_procs=cgroups.join_files(self.cgroup_root),
@@ -255,8 +266,12 @@ class KubeNode:
             raise NodeError(f"node {self.name}: kubelet exited ({proc.returncode}); "
                             f"see {p.directory / 'kubelet.log'}")
 
-    def start_kube_proxy(self, control_plane: ControlPlane, link: NodeLink, cluster_cidr: str) -> None:
+    def start_kube_proxy(self, control_plane: ControlPlane, link: NodeLink, cluster_cidr: str,
+                         local_bridge: str | None = None) -> None:
         """kube-proxy (iptables mode) in the node's namespace, as ``system:kube-proxy``.
+
+        ``local_bridge``: the Pods' bridge, by which kube-proxy tells local Pod traffic
+        (:func:`fabmesh.testenv.nodeconfig.kube_proxy_config`); None: by ``cluster_cidr``.
 
         Locally generated packets are routed before the nat OUTPUT chain rewrites them, so a
         ClusterIP needs a route to exist at all: a real node has a default route, a lab host only
@@ -271,7 +286,8 @@ class KubeNode:
         p.kube_proxy_kubeconfig.write_text(yaml.safe_dump(kubeconfig))
         p.kube_proxy_kubeconfig.chmod(0o600)
         p.kube_proxy_config.write_text(yaml.safe_dump(kube_proxy_config(
-            p, node_name=self.name, node_ip=self.host.wan_ip, cluster_cidr=cluster_cidr)))
+            p, node_name=self.name, node_ip=self.host.wan_ip, cluster_cidr=cluster_cidr,
+            local_bridge=local_bridge)))
         self.host.run("ip", "route", "replace", SERVICE_CIDR, "dev", "wan0")
         proc = self._in_node("kube-proxy", [str(self.binaries / "kube-proxy"), "--config", str(p.kube_proxy_config),
                                             "--v", "2"])
@@ -282,7 +298,11 @@ class KubeNode:
 
     def sandbox_netns(self) -> list[str]:
         """Names under /run/netns of this node's Pod sandboxes, read from its containerd."""
-        sock = self.paths.containerd_socket
+        return self.sandboxes_of(self.paths.containerd_socket)
+
+    @staticmethod
+    def sandboxes_of(sock: Path) -> list[str]:
+        """Names under /run/netns of the Pod sandboxes of the containerd at ``sock``."""
         if not sock.exists():
             return []
         ctr = ["ctr", "--address", str(sock), "-n", "k8s.io", "containers"]
@@ -305,20 +325,82 @@ class KubeNode:
         for component in ("kube-proxy", "kubelet"):
             if component in self.processes:
                 stop_pid(self.processes[component].pid, timeout=10)
-        netns = self.sandbox_netns()
-        cgroups.kill_all(self.cgroup_root)
-        for proc in self.processes.values():
-            stop_pid(proc.pid, timeout=5)
-        self.processes.clear()
-        _unmount_under(self.paths.directory)
-        for name in netns:
-            sh("ip", "netns", "del", name, check=False)
-        cgroups.remove(self.cgroup_root)
-        if CONTAINER_LOGS.is_dir():
-            for link in CONTAINER_LOGS.iterdir():
-                with contextlib.suppress(OSError):
-                    if link.is_symlink() and str(os.readlink(link)).startswith(str(self.paths.pod_logs)):
-                        link.unlink()
+        def reap() -> None:  # our own children, killed with the cgroup: wait for them
+            for proc in self.processes.values():
+                stop_pid(proc.pid, timeout=5)
+            self.processes.clear()
+
+        clean_node(self.paths, self.cgroup_root, after_kill=reap)
+
+
+def node_cgroup_root(netns: str) -> str:
+    """The cgroup (in every v1 hierarchy) a node on the host namespace ``netns`` runs in."""
+    return f"/fabmesh-{netns}"
+
+
+def clean_node(paths: NodePaths, cgroup_root: str, after_kill: Callable[[], None] | None = None) -> None:
+    """Remove what a node's runtime left, from its paths alone (``lab down`` runs in another process):
+    its Pod namespaces (read from its containerd while it runs), every process in its cgroups
+    (containers, shims, containerd), the mounts under its directory, its cgroups and log symlinks.
+    Stop kubelet first, or it starts what this kills again."""
+    netns = KubeNode.sandboxes_of(paths.containerd_socket)
+    containers = _containers(paths.containerd_socket)
+    cgroups.kill_all(cgroup_root)
+    release_leases(containers)
+    if after_kill is not None:
+        after_kill()
+    _unmount_under(paths.directory)
+    for name in netns:
+        sh("ip", "netns", "del", name, check=False)
+    cgroups.remove(cgroup_root)
+    if CONTAINER_LOGS.is_dir():
+        for link in CONTAINER_LOGS.iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and str(os.readlink(link)).startswith(str(paths.pod_logs)):
+                    link.unlink()
+
+
+def _containers(sock: Path) -> set[str]:
+    if not sock.exists():
+        return set()
+    listing = subprocess.run(["ctr", "--address", str(sock), "-n", "k8s.io", "containers", "ls", "-q"],
+                             capture_output=True, text=True)
+    return set(listing.stdout.split())
+
+
+def release_leases(containers: set[str], networks: Path = HOST_LOCAL_DIR) -> list[Path]:
+    """Delete host-local IPAM leases held by ``containers`` (a lease file holds its container's ID).
+
+    Killing a node skips CNI DEL, and a conflist without ``dataDir`` (fabmesh's, on edges) keeps its
+    leases in the box-wide ``/var/lib/cni/networks/<name>``: every run would leak its Pods'
+    addresses there until the range is exhausted. Only files naming one of ``containers`` go.
+    """
+    removed: list[Path] = []
+    if not containers or not networks.is_dir():
+        return removed
+    for lease in networks.glob("*/*"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if lease.is_file() and lease.read_text().split("\n", 1)[0].strip() in containers:
+                lease.unlink()
+                removed.append(lease)
+    return removed
+
+
+def shared_dir_argv(own: Path, shared: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` in a new mount namespace where ``own`` is also seen at ``shared``.
+
+    Propagation is kept (``--propagation unchanged``): the Pod namespaces containerd mounts under
+    the shared ``/run/netns`` and the volumes kubelet mounts under its shared root dir still cross.
+    The bind itself stays private as long as the mount holding ``shared`` is private in the box
+    (here ``/``, checked by :func:`shared_dir_stays_private`)."""
+    inner = f"mount --bind {shlex.quote(str(own))} {shlex.quote(str(shared))} && exec \"$@\""
+    return ["unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c", inner, "sh", *cmd]
+
+
+def shared_dir_stays_private(shared: Path) -> bool:
+    """Whether a bind mount at ``shared`` in a child mount namespace stays there (its mount is private)."""
+    done = subprocess.run(["findmnt", "-n", "-o", "PROPAGATION", "-T", str(shared)], capture_output=True, text=True)
+    return done.returncode == 0 and done.stdout.strip() == "private"
 
 
 def _healthz_in(netns: str, server: str) -> bool:

@@ -172,14 +172,22 @@ def kubelet_config(paths: NodePaths, *, node_ip: str, cgroup_root: str, client_c
     }
 
 
-def kube_proxy_config(paths: NodePaths, *, node_name: str, node_ip: str, cluster_cidr: str) -> dict[str, Any]:
+def kube_proxy_config(paths: NodePaths, *, node_name: str, node_ip: str, cluster_cidr: str,
+                      local_bridge: str | None = None) -> dict[str, Any]:
     """kube-proxy in iptables mode inside the node's namespace, touching no host-wide sysctl.
 
     ``nf_conntrack_max`` exists only in the initial network namespace, so ``maxPerCore: 0``
     (leave it alone); the TCP timeouts are left alone too (0s), and ``oomScoreAdj: 0`` because
     root here may not lower a score (no CAP_SYS_RESOURCE).
+
+    ``local_bridge``: tell local Pod traffic by the bridge it comes in on (``detectLocalMode:
+    BridgeInterface``) instead of by ``clusterCIDR``. An edge's Pods live in the edge pod pool,
+    outside the cloud's cluster CIDR: by CIDR, kube-proxy would masquerade every Service packet
+    they send, and the receiver would see the node's address instead of the Pod's.
     """
-    return {
+    detect: dict[str, Any] = {} if local_bridge is None else {
+        "detectLocalMode": "BridgeInterface", "detectLocal": {"bridgeInterface": local_bridge}}
+    return {**detect,
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
         "clientConnection": {"kubeconfig": str(paths.kube_proxy_kubeconfig)},

@@ -46,6 +46,7 @@ from fabmesh.testenv.hosts import Network, wait_for
 from fabmesh.testenv.images import LocalImages
 from fabmesh.testenv.kubenode import KubeNode, NodeLink
 from fabmesh.testenv.product_image import ProductImage, ensure_product_image
+from fabmesh.testenv.realcluster import install_values, node_ready, publish_api_endpoint
 from tests.api.test_chart import Helm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nodes]
@@ -79,10 +80,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, node_binaries: Path)
         cp.stop()
 
 
-def _ready(admin: Kube, name: str) -> bool:
-    node = admin.get("nodes", name)
-    conditions = (node or {}).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+_ready = node_ready
 
 
 @dataclass
@@ -123,15 +121,7 @@ def cluster(node_network: tuple[Network, NodeLink], control_plane: ControlPlane,
               f"{time.monotonic() - began:.1f}s")
         nodes.cloud.start_kube_proxy(control_plane, link, cluster_cidr="10.244.0.0/16")
         # The kubernetes Service's endpoint: the API relay on the WAN (its own reconciler is off).
-        api_port = int(link.server.rsplit(":", 1)[1])
-        admin._call("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", {
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "kubernetes", "labels": {
-                "kubernetes.io/service-name": "kubernetes",
-                "endpointslice.kubernetes.io/managed-by": "fabmesh-tests"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [link.address], "conditions": {"ready": True}}],
-            "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}]})
+        publish_api_endpoint(admin, link.address, int(link.server.rsplit(":", 1)[1]))
         # The WAN routes the cloud node's pod range to it, as a VPC route table does.
         subprocess.run(["ip", "-n", net.wan_netns, "route", "replace", CLOUD_POD_CIDR, "via",
                         hosts["cloud-1"].wan_ip], check=True)
@@ -161,14 +151,7 @@ def release(cluster: Cluster, helm: Helm, product_image: ProductImage) -> Iterat
     """``helm install`` with the built image; yields the install's start time (monotonic)."""
     started = time.monotonic()
     done = helm.cluster("install", "fabmesh", str(CHART), "--namespace", NAMESPACE, "--create-namespace",
-                        "--set", f"image.repository={product_image.repository}",
-                        "--set-string", f"image.tag={product_image.tag}",
-                        "--set", "image.pullPolicy=Never",
-                        "--set", "operator.replicas=1",
-                        # The host kernel here has no ESP: userspace ESP (charon's libipsec, a TUN device).
-                        "--set", "operator.settings.tunnel.backend=libipsec",
-                        # Each lab node has its own CNI directory (the box's /etc/cni is shared).
-                        "--set", f"operator.settings.node.cni_conf_dir={cluster.edge.paths.cni_conf_dir}")
+                        *install_values(product_image, str(cluster.edge.paths.cni_conf_dir)))
     assert done.returncode == 0, done.stdout + done.stderr
     yield started
     if helm.cluster("status", "fabmesh", "--namespace", NAMESPACE).returncode == 0:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from fabmesh.testenv.cgroups import v1_hierarchies
 from fabmesh.testenv.images import build_archive
+from fabmesh.testenv.kubenode import release_leases, shared_dir_argv
 from fabmesh.testenv.nodeconfig import (
     KUBELET_SYSCTLS,
     NodePaths,
     bridge_conflist,
+    kube_proxy_config,
     kubelet_config,
     kubelet_launcher,
     render_containerd_config,
@@ -92,3 +94,33 @@ def test_kubelet_launcher_masks_every_host_sysctl_and_enters_only_the_network_na
     assert "ip netns exec" not in script  # it would remount /sys and hide the cgroup v1 mounts
     assert "/sys/fs/cgroup/cpu/x/cgroup.procs" in script.splitlines()[2]
     assert "unshare --mount --propagation unchanged" in script
+
+
+def test_kube_proxy_tells_local_pods_by_cidr_unless_given_their_bridge() -> None:
+    paths = NodePaths(Path("/lab/hosts/edge-1/kube"))
+    by_cidr = kube_proxy_config(paths, node_name="edge-1", node_ip="172.16.1.2", cluster_cidr="10.244.0.0/16")
+    assert "detectLocalMode" not in by_cidr and by_cidr["clusterCIDR"] == "10.244.0.0/16"
+    by_bridge = kube_proxy_config(paths, node_name="edge-1", node_ip="172.16.1.2", cluster_cidr="10.244.0.0/16",
+                                  local_bridge="fabmesh0")
+    assert by_bridge["detectLocalMode"] == "BridgeInterface"
+    assert by_bridge["detectLocal"] == {"bridgeInterface": "fabmesh0"}
+
+
+def test_shared_dir_argv_binds_the_nodes_own_dir_then_execs_the_command() -> None:
+    argv = shared_dir_argv(Path("/lab/hosts/edge-1/kube/cni/net.d"), Path("/lab/cni"),
+                           ["containerd", "--config", "/lab/c.toml"])
+    assert argv[:5] == ["unshare", "--mount", "--propagation", "unchanged", "--"]
+    assert argv[5:7] == ["sh", "-c"]
+    assert argv[7] == 'mount --bind /lab/hosts/edge-1/kube/cni/net.d /lab/cni && exec "$@"'
+    assert argv[8:] == ["sh", "containerd", "--config", "/lab/c.toml"]
+
+
+def test_release_leases_deletes_only_the_leases_of_the_given_containers(tmp_path: Path) -> None:
+    network = tmp_path / "fabmesh"
+    network.mkdir()
+    (network / "10.233.0.2").write_text("a" * 64 + "\r\neth0")
+    (network / "10.233.0.3").write_text("b" * 64 + "\r\neth0")
+    (network / "last_reserved_ip.0").write_text("10.233.0.3")
+    removed = release_leases({"a" * 64}, tmp_path)
+    assert removed == [network / "10.233.0.2"]
+    assert sorted(p.name for p in network.iterdir()) == ["10.233.0.3", "last_reserved_ip.0"]
