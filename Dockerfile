@@ -9,12 +9,13 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
 # strongSwan 5.9 (charon; its VICI plugin ships in strongswan-swanctl), the libipsec backend and AEAD
-# (gcm) plugins; the tools the agent and connector drive. The node's container runtime runs the CNI
+# (gcm) plugins; the tools the agent and connector drive; ping, so `kubectl fabmesh ping node/NAME`
+# can probe from the agent Pod on the host network. The node's container runtime runs the CNI
 # plugins, so they are not needed here.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins \
-      iproute2 iptables ipset \
+      iproute2 iptables ipset iputils-ping \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
