@@ -65,10 +65,12 @@ def start_node_process(state: LabState, name: str) -> int:
     common = ["--config-dir", str(base / "mesh"), "--tls-dir", str(base / "tls"),
               "--vici-socket", str(base / "run" / "charon.vici"), "--state-dir", str(base / "state"),
               "--metrics-port", str(DEFAULT_METRICS_PORT), "--metrics-address", h.wan_ip,
-              # The node identity's token as kubelet would project it (nodesim), over the lab's API path.
-              "--status-token-file", str(base / "status" / "token"), "--status-server", API_SERVER,
-              "--status-ca-file", str(Path(state.directory) / "controlplane" / "pki" / "ca.crt"),
-              "--status-namespace", state.operator_namespace, "--charon-conf", str(base / "strongswan.conf")]
+              "--charon-conf", str(base / "strongswan.conf")]
+    if state.kubeconfig:  # a lab without Kubernetes (the kernel tier's) has no API to report to
+        # The node identity's token as kubelet would project it (nodesim), over the lab's API path.
+        common += ["--status-token-file", str(base / "status" / "token"), "--status-server", API_SERVER,
+                   "--status-ca-file", str(Path(state.directory) / "controlplane" / "pki" / "ca.crt"),
+                   "--status-namespace", state.operator_namespace]
     if state.backend is Backend.KERNEL:
         # Kernel ESP routes tunnel traffic into the uplink. A connector's peers have no endpoint (it
         # accepts them from anywhere) and lab hosts on the WAN have no default route, so it cannot be
