@@ -27,6 +27,13 @@ def v1_hierarchies(mounts: str | None = None) -> list[Path]:
                   if len(fields) > 2 and fields[2] == "cgroup")
 
 
+def all_hierarchies(mounts: str | None = None) -> list[Path]:
+    """The v1 hierarchies and the v2 ``unified`` mount: runc also makes the container's cgroup there."""
+    text = CGROUP_MOUNTS.read_text() if mounts is None else mounts
+    return sorted(Path(fields[1]) for fields in (line.split() for line in text.splitlines())
+                  if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2"))
+
+
 def create(root: str, children: tuple[str, ...] = ("runtime",)) -> None:
     """mkdir ``root`` (and ``children``) in every v1 hierarchy; cpuset gets its parent's cpus and mems."""
     for hierarchy in v1_hierarchies():
@@ -69,8 +76,8 @@ def kill_all(root: str, timeout: float = 10.0) -> None:
 
 
 def remove(root: str) -> None:
-    """rmdir the subtree bottom-up in every hierarchy (kernel cgroup dirs only go empty-first)."""
-    for hierarchy in v1_hierarchies():
+    """rmdir the subtree bottom-up in every hierarchy, ``unified`` too (cgroup dirs only go empty-first)."""
+    for hierarchy in all_hierarchies():
         base = hierarchy / root.strip("/")
         if not base.is_dir():
             continue

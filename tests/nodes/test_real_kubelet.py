@@ -251,7 +251,7 @@ def test_stop_leaves_no_process_cgroup_mount_or_namespace(node_network: tuple[Ne
         admin.delete("pods", "left-running", "default", grace_period_s=0)
         admin.delete("nodes", "node-2")
     assert cgroups.pids(kube_node.cgroup_root) == set()
-    assert not any((h / kube_node.cgroup_root.strip("/")).exists() for h in cgroups.v1_hierarchies())
+    assert not any((h / kube_node.cgroup_root.strip("/")).exists() for h in cgroups.all_hierarchies())
     assert not set(sandboxes) & set(owned_namespaces(""))
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(kube_node.paths.directory) not in mounts

@@ -10,7 +10,7 @@ import tarfile
 import tomllib
 from pathlib import Path
 
-from fabmesh.testenv.cgroups import v1_hierarchies
+from fabmesh.testenv.cgroups import all_hierarchies, v1_hierarchies
 from fabmesh.testenv.images import build_archive
 from fabmesh.testenv.kubenode import release_leases, shared_dir_argv
 from fabmesh.testenv.nodeconfig import (
@@ -61,6 +61,9 @@ def test_v1_hierarchies_skip_cgroup2() -> None:
               "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n"
               "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n")
     assert v1_hierarchies(mounts) == [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/memory")]
+    # Teardown also empties the unified hierarchy, where runc makes each container's cgroup too.
+    assert all_hierarchies(mounts) == [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/memory"),
+                                       Path("/sys/fs/cgroup/unified")]
 
 
 def _members(archive: bytes) -> dict[str, bytes]:
